@@ -1,0 +1,131 @@
+"""The exception hierarchy: every failure is either transient (worth retrying) or permanent.
+
+::
+
+    GptImageError
+    ├── InvalidRequestError          bad input, raised before any network call
+    ├── ConfigurationError           missing key, bad setting
+    ├── FalError                     something fal (or the way to it) said or did
+    │   ├── TransientFalError        429, 408/409, 5xx, timeouts, dropped connections
+    │   │   └── FalRequestTimeout    our own deadline passed (request cancelled)
+    │   ├── PermanentFalError        4xx (401, 403, 404, 422, ...), failed validation at fal
+    │   └── SubmitOutcomeUnknown     the submit was sent but no answer came back: NOT retried
+    └── DownloadError                fetching or verifying an image
+        ├── TransientDownloadError
+        └── PermanentDownloadError   wrong format/size, not https, host not allowed, too big
+
+Prefect retry policies look only at :attr:`GptImageError.transient`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+class GptImageError(Exception):
+    """Base of every error this package raises."""
+
+    transient: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(GptImageError, ValueError):
+    """Input that fal would reject (or silently mis-bill), caught before any network call.
+
+    ``field`` names the offending field, e.g. ``num_images``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError) -> InvalidRequestError:
+        errors = exc.errors()
+        first = errors[0]
+        field = ".".join(str(p) for p in first["loc"]) or "request"
+        parts = []
+        for err in errors:
+            loc = ".".join(str(p) for p in err["loc"]) or "request"
+            parts.append(f"{loc}: {err['msg']}")
+        result = cls(field, "; ".join(parts))
+        result.message = "; ".join(parts)
+        return result
+
+
+class ConfigurationError(GptImageError):
+    """Something in the environment or a block is missing or wrong."""
+
+
+class FalError(GptImageError):
+    """A failure reported by fal or met on the way to it.
+
+    Attributes:
+        status_code: HTTP status, when there was a response.
+        error_type: fal's ``error_type`` (body or ``X-Fal-Error-Type``), e.g. ``runner_server_error``.
+        request_id: the fal request concerned, when known.
+        detail: fal's ``detail`` (a string, or the list of validation errors).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        request_id: str | None = None,
+        detail: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+        self.request_id = request_id
+        self.detail = detail
+
+
+class TransientFalError(FalError):
+    """Worth retrying: rate limits, server errors, timeouts, dropped connections."""
+
+    transient = True
+
+
+class FalRequestTimeout(TransientFalError):
+    """Our own deadline passed while waiting; the fal request was cancelled."""
+
+
+class PermanentFalError(FalError):
+    """Retrying cannot help: bad key, validation failure at fal, content refused, not found."""
+
+
+class SubmitOutcomeUnknown(FalError):
+    """The submit reached the network but no answer came back.
+
+    fal may have accepted (and will bill) the request, and the queue API has no idempotency key,
+    so it is deliberately *not* retried: retrying could pay twice for one image.
+    """
+
+
+class DownloadError(GptImageError):
+    """Fetching or verifying a generated image failed."""
+
+
+class TransientDownloadError(DownloadError):
+    transient = True
+
+
+class PermanentDownloadError(DownloadError):
+    """The bytes are not what was promised, or the URL is not one we may fetch."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying ``exc`` may succeed (used by the Prefect retry conditions)."""
+    return isinstance(exc, GptImageError) and exc.transient
