@@ -7,8 +7,9 @@
     ├── ConfigurationError           missing key, bad setting
     ├── FalError                     something fal (or the way to it) said or did
     │   ├── TransientFalError        429, 408/409, 5xx, timeouts, dropped connections
-    │   │   └── FalRequestTimeout    our own deadline passed (request cancelled)
     │   ├── PermanentFalError        4xx (401, 403, 404, 422, ...), failed validation at fal
+    │   ├── FalRequestFailed         the request itself ended failed at fal (COMPLETED + error)
+    │   ├── FalRequestTimeout        our own deadline passed; the fal request was cancelled
     │   └── SubmitOutcomeUnknown     the submit was sent but no answer came back: NOT retried
     └── DownloadError                fetching or verifying an image
         ├── TransientDownloadError
@@ -71,7 +72,8 @@ class FalError(GptImageError):
 
     Attributes:
         status_code: HTTP status, when there was a response.
-        error_type: fal's ``error_type`` (body or ``X-Fal-Error-Type``), e.g. ``runner_server_error``.
+        error_type: fal's ``error_type`` (body or ``X-Fal-Error-Type``),
+            e.g. ``runner_server_error``.
         request_id: the fal request concerned, when known.
         detail: fal's ``detail`` (a string, or the list of validation errors).
     """
@@ -98,12 +100,27 @@ class TransientFalError(FalError):
     transient = True
 
 
-class FalRequestTimeout(TransientFalError):
-    """Our own deadline passed while waiting; the fal request was cancelled."""
-
-
 class PermanentFalError(FalError):
     """Retrying cannot help: bad key, validation failure at fal, content refused, not found."""
+
+
+class FalRequestFailed(FalError):
+    """The request ran at fal and ended failed (status COMPLETED with ``error``).
+
+    Polling it again cannot help, so it is never *retried*. :attr:`resubmittable` says whether a
+    fresh submit may succeed: fal does not bill 5xx failures (infrastructure, runner errors),
+    while a 4xx (e.g. ``content_policy_violation``) would fail again and may be billed.
+    """
+
+    @property
+    def resubmittable(self) -> bool:
+        if self.status_code is not None:
+            return self.status_code >= 500 or self.status_code == 429
+        return self.error_type in SERVER_SIDE_ERROR_TYPES
+
+
+class FalRequestTimeout(FalError):
+    """Our own deadline passed while waiting; the fal request was cancelled (not retried)."""
 
 
 class SubmitOutcomeUnknown(FalError):
@@ -124,6 +141,23 @@ class TransientDownloadError(DownloadError):
 
 class PermanentDownloadError(DownloadError):
     """The bytes are not what was promised, or the URL is not one we may fetch."""
+
+
+#: fal's infrastructure error types (fal-protocol §1.7): the request never really ran, not billed.
+SERVER_SIDE_ERROR_TYPES = frozenset(
+    {
+        "request_timeout",
+        "startup_timeout",
+        "runner_scheduling_failure",
+        "runner_connection_timeout",
+        "runner_disconnected",
+        "runner_connection_refused",
+        "runner_connection_error",
+        "runner_incomplete_response",
+        "runner_server_error",
+        "internal_error",
+    }
+)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -64,6 +64,20 @@ class _RequestBase(BaseModel):
     def content_type(self) -> str:
         return CONTENT_TYPES[self.output_format]
 
+    @property
+    def profile(self) -> str:
+        """What the latency depends on: endpoint, quality, size and image count."""
+        size = getattr(self, "image_size", "")
+        return f"{self.endpoint}/{self.quality}/{size}/{self.num_images}"
+
+    def expected_size(self) -> tuple[int, int] | None:
+        """(width, height) the images must have, or None when fal picks (edit ``auto``)."""
+        size = getattr(self, "image_size", "auto")
+        if size == "auto":
+            return None
+        w, h = size.split("x")
+        return int(w), int(h)
+
 
 class GptImageRequest(_RequestBase):
     """Input of ``fal-ai/gpt-image-1.5`` (text to image)."""
@@ -117,7 +131,9 @@ def request_for_endpoint(endpoint: str, arguments: dict[str, Any]) -> AnyRequest
         EDIT_ENDPOINT: GptImageEditRequest,
     }
     if endpoint not in models:
-        raise InvalidRequestError("endpoint", f"unknown endpoint {endpoint!r}; use one of {ENDPOINTS}")
+        raise InvalidRequestError(
+            "endpoint", f"unknown endpoint {endpoint!r}; use one of {ENDPOINTS}"
+        )
     try:
         return models[endpoint].model_validate(arguments)
     except ValidationError as exc:
@@ -159,13 +175,19 @@ class RequestHandle(BaseModel):
     status_url: str | None = None
     response_url: str | None = None
     cancel_url: str | None = None
+    submitted_at: float | None = Field(default=None, description="Unix time of the submit.")
+    profile: str | None = Field(
+        default=None, description="quality/size/n of the request, to learn its typical latency."
+    )
 
 
 class DownloadedImage(BaseModel):
     """An image verified on local disk: the unit that staging, manifests and artifacts consume."""
 
     path: str = Field(description="Local file path of the verified image.")
-    source_url: str = Field(description="Where it came from (a fal media URL, or 'data:' for sync_mode).")
+    source_url: str = Field(
+        description="Where it came from (a fal media URL, or 'data:' for sync_mode)."
+    )
     request_id: str
     endpoint: str
     index: int = Field(description="Position of the image within its request's output.")
@@ -184,3 +206,6 @@ class GenerationResult(BaseModel):
     request: dict[str, Any] = Field(description="The normalized request that was submitted.")
     output: GptImageOutput
     images: list[DownloadedImage]
+    from_cache: bool = Field(
+        default=False, description="True when no submit was paid for: the request was cached."
+    )

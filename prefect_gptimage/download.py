@@ -1,0 +1,229 @@
+"""Download a generated image to disk and prove it is what fal promised.
+
+* Streams to a temporary file beside the destination (never the whole body in memory), counting
+  bytes against ``max_download_bytes`` and hashing (sha256) as it goes, then renames atomically.
+* Accepts ``https://`` URLs on the allowed hosts only (``PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS``,
+  default fal's CDN ``*.fal.media``), every redirect hop included, and the ``data:`` URIs that
+  ``sync_mode`` returns.
+* Decodes the file with Pillow: the format must be the requested ``output_format`` and the size
+  the requested ``image_size`` (and the width/height fal reported).
+* Idempotent: a file already at the destination is verified locally and reused, with no network.
+
+Example:
+    >>> img = download_image_file(
+    ...     ImageFile(url="https://v3.fal.media/files/x.png"), dest_dir="out", request_id="r1",
+    ...     endpoint="fal-ai/gpt-image-1.5", index=0, expected_format="png",
+    ...     expected_size=(1024, 1024))
+    >>> img.sha256
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fnmatch
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from prefect_gptimage.client import RetryPolicy
+from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
+from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage, ImageFile, OutputFormat
+from prefect_gptimage.settings import GptImageSettings, get_settings
+
+PIL_FORMATS: dict[str, OutputFormat] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_DATA_URI = re.compile(r"^data:(?P<ctype>[\w/+.-]+)?(?P<params>(;[\w=.-]+)*?);base64,", re.I)
+_CHUNK = 1 << 16
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Whether ``host`` matches one of the allowed patterns (``*.fal.media`` style)."""
+    host = host.lower().rstrip(".")
+    return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in allowed)
+
+
+def check_url(url: str, settings: GptImageSettings) -> None:
+    """Refuse anything but https on an allowed host (data: URIs are handled separately)."""
+    parsed = httpx.URL(url)
+    if parsed.scheme != "https":
+        raise PermanentDownloadError(
+            f"refusing to download {parsed.scheme or 'a relative'} URL: only https is allowed"
+        )
+    if not host_allowed(parsed.host, settings.allowed_media_hosts):
+        raise PermanentDownloadError(
+            f"refusing to download from host {parsed.host!r}: not in "
+            "PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS "
+            f"({', '.join(settings.allowed_media_hosts)})"
+        )
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a request id."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:120] or "request"
+
+
+@contextlib.contextmanager
+def _temp_beside(final: Path) -> Iterator[tuple[Path, object]]:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".part-", dir=final.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield tmp, fh
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _stream_https(url: str, fh: object, settings: GptImageSettings) -> None:
+    def check_hop(request: httpx.Request) -> None:
+        check_url(str(request.url), settings)
+
+    limit = settings.max_download_bytes
+    write = fh.write  # type: ignore[attr-defined]
+    try:
+        with (
+            httpx.Client(
+                follow_redirects=True,
+                timeout=httpx.Timeout(60.0, connect=15.0),
+                event_hooks={"request": [check_hop]},
+            ) as http,
+            http.stream("GET", url) as response,
+        ):
+            if response.status_code in (404, 410):
+                raise PermanentDownloadError(
+                    f"image {url} is gone (HTTP {response.status_code}); "
+                    "fal keeps media at least 7 days"
+                )
+            if response.status_code in (408, 425, 429) or response.status_code >= 500:
+                raise TransientDownloadError(
+                    f"image download failed with HTTP {response.status_code}"
+                )
+            if response.status_code >= 400:
+                raise PermanentDownloadError(
+                    f"image download refused with HTTP {response.status_code}"
+                )
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > limit:
+                raise PermanentDownloadError(
+                    f"image is {declared} bytes, over the {limit}-byte limit"
+                )
+            received = 0
+            for chunk in response.iter_bytes(_CHUNK):
+                received += len(chunk)
+                if received > limit:
+                    raise PermanentDownloadError(f"image body exceeds the {limit}-byte limit")
+                write(chunk)
+            if declared and received != declared:
+                raise TransientDownloadError(
+                    f"image body truncated: {received} of {declared} bytes"
+                )
+    except (PermanentDownloadError, TransientDownloadError):
+        raise
+    except httpx.TransportError as exc:
+        raise TransientDownloadError(f"image download interrupted ({type(exc).__name__})") from None
+
+
+def _write_data_uri(url: str, fh: object, settings: GptImageSettings) -> None:
+    match = _DATA_URI.match(url)
+    if not match:
+        raise PermanentDownloadError("unsupported data: URI (expected data:<type>;base64,...)")
+    payload = url[match.end() :]
+    if len(payload) * 3 // 4 > settings.max_download_bytes:
+        raise PermanentDownloadError(
+            f"data: URI image exceeds the {settings.max_download_bytes}-byte limit"
+        )
+    try:
+        fh.write(base64.b64decode(payload, validate=True))  # type: ignore[attr-defined]
+    except (binascii.Error, ValueError):
+        raise PermanentDownloadError("data: URI is not valid base64") from None
+
+
+def verify_image(
+    path: Path, expected_format: OutputFormat, expected_size: tuple[int, int] | None
+) -> tuple[int, int]:
+    """Decode ``path`` fully; check format and size. Returns (width, height)."""
+    try:
+        with Image.open(path) as img:
+            fmt = PIL_FORMATS.get(img.format or "")
+            img.load()
+            size = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PermanentDownloadError(f"downloaded bytes are not a readable image: {exc}") from None
+    if fmt != expected_format:
+        raise PermanentDownloadError(
+            f"expected a {expected_format} image, got {fmt or 'an unknown format'}"
+        )
+    if expected_size is not None and size != expected_size:
+        raise PermanentDownloadError(
+            f"expected {expected_size[0]}x{expected_size[1]}, got {size[0]}x{size[1]}"
+        )
+    return size
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_image_file(
+    image: ImageFile,
+    *,
+    dest_dir: str | Path,
+    request_id: str,
+    endpoint: str,
+    index: int,
+    expected_format: OutputFormat,
+    expected_size: tuple[int, int] | None = None,
+    settings: GptImageSettings | None = None,
+    retry: RetryPolicy | None = None,
+) -> DownloadedImage:
+    """Download (or reuse) one image and verify it. See the module docstring."""
+    settings = settings or get_settings()
+    if image.width and image.height:
+        reported = (image.width, image.height)
+        if expected_size is not None and reported != expected_size:
+            raise PermanentDownloadError(
+                f"fal reported {reported}, but {expected_size} was requested"
+            )
+        expected_size = expected_size or reported
+    final = Path(dest_dir) / f"{safe_name(request_id)}-{index}.{EXTENSIONS[expected_format]}"
+    is_data = image.url.startswith("data:")
+    if not is_data:
+        check_url(image.url, settings)
+    if final.exists():
+        width, height = verify_image(final, expected_format, expected_size)
+    else:
+        for attempt in (retry or RetryPolicy()).retrying():
+            with attempt, _temp_beside(final) as (tmp, fh):
+                if is_data:
+                    _write_data_uri(image.url, fh, settings)
+                else:
+                    _stream_https(image.url, fh, settings)
+                fh.close()  # type: ignore[attr-defined]
+                width, height = verify_image(tmp, expected_format, expected_size)
+                os.replace(tmp, final)
+    return DownloadedImage(
+        path=str(final),
+        source_url="data:" if is_data else image.url,
+        request_id=request_id,
+        endpoint=endpoint,
+        index=index,
+        content_type=CONTENT_TYPES[expected_format],
+        format=expected_format,
+        width=width,
+        height=height,
+        bytes=final.stat().st_size,
+        sha256=sha256_file(final),
+    )

@@ -1,0 +1,49 @@
+"""What a flow run reports back: images produced, failures with their reasons, cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from prefect_gptimage.errors import FalError, GptImageError
+
+
+class Failure(BaseModel):
+    """One request that produced no image, and why."""
+
+    prompt: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    endpoint: str
+    request_id: str | None = None
+    reason: str
+    error_type: str | None = None
+
+    @classmethod
+    def from_exception(
+        cls, exc: BaseException, arguments: dict[str, Any], endpoint: str
+    ) -> Failure:
+        params = {k: v for k, v in arguments.items() if k != "prompt"}
+        return cls(
+            prompt=str(arguments.get("prompt", "")),
+            parameters=params,
+            endpoint=endpoint,
+            request_id=getattr(exc, "request_id", None),
+            reason=str(exc) if isinstance(exc, GptImageError) else f"{type(exc).__name__}: {exc}",
+            error_type=exc.error_type if isinstance(exc, FalError) else None,
+        )
+
+
+class RunSummary(BaseModel):
+    """The one-line JSON the CLI prints last (``--json``)."""
+
+    images: list[dict[str, Any]] = Field(default_factory=list)
+    failures: list[Failure] = Field(default_factory=list)
+    submitted: int = 0
+    estimated_cost_usd: float = 0.0
+    manifest_uri: str | None = None
+    gallery: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures

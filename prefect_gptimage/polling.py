@@ -1,0 +1,114 @@
+"""Request status, and an adaptive polling schedule that learns how long requests take.
+
+fal_client polls every 0.1 s, which costs ~10 status calls per second of generation. The
+:class:`LatencyModel` keeps a moving average of how long requests took (per endpoint, quality and
+size) and :func:`next_poll_delay` sleeps until just after the expected completion, then backs off
+with jitter. Before anything is learned it starts at ``initial`` seconds and grows by ``factor``.
+
+Example:
+    >>> model = LatencyModel()
+    >>> model.observe("k", 3.0)
+    >>> 2.9 < next_poll_delay(model.expected("k"), elapsed=0.0, polls=0) < 3.3
+    True
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class RequestState(str, Enum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+class RequestStatus(BaseModel):
+    """One status poll. A failed or cancelled request is COMPLETED with ``error`` set."""
+
+    state: RequestState
+    queue_position: int | None = None
+    logs: list[dict[str, Any]] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state is RequestState.COMPLETED
+
+    @classmethod
+    def from_fal(cls, status: Any) -> RequestStatus:
+        """Convert a ``fal_client`` ``Queued``/``InProgress``/``Completed`` object."""
+        name = type(status).__name__
+        logs = list(getattr(status, "logs", None) or [])
+        if name == "Queued":
+            return cls(state=RequestState.IN_QUEUE, queue_position=status.position)
+        if name == "InProgress":
+            return cls(state=RequestState.IN_PROGRESS, logs=logs)
+        return cls(
+            state=RequestState.COMPLETED,
+            logs=logs,
+            metrics=dict(getattr(status, "metrics", None) or {}),
+            error=getattr(status, "error", None),
+            error_type=getattr(status, "error_type", None),
+        )
+
+
+class LatencyModel:
+    """Thread-safe moving average of request durations, per key."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._alpha = alpha
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = {}
+
+    def observe(self, key: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        with self._lock:
+            old = self._values.get(key)
+            self._values[key] = seconds if old is None else old + self._alpha * (seconds - old)
+
+    def expected(self, key: str) -> float | None:
+        with self._lock:
+            return self._values.get(key)
+
+
+#: Shared by every wait in the process, so a batch learns from its first requests.
+LATENCY = LatencyModel()
+
+
+def next_poll_delay(
+    expected: float | None,
+    *,
+    elapsed: float,
+    polls: int,
+    queue_position: int | None = None,
+    initial: float = 0.5,
+    factor: float = 1.6,
+    max_delay: float = 10.0,
+    jitter: float = 0.1,
+) -> float:
+    """Seconds to sleep before the next status call.
+
+    ``expected`` is the learned duration of such a request (None when unknown), ``elapsed`` the
+    time since submit, ``polls`` the status calls made so far for this request.
+    """
+    if expected is None:
+        delay = initial * factor**polls
+    elif elapsed < expected:
+        delay = expected - elapsed + min(0.05 * expected, 0.25)
+    else:
+        overdue = elapsed - expected
+        delay = max(0.1 * expected, 0.1, overdue * (factor - 1))
+    if queue_position:
+        base = expected if expected is not None else initial
+        delay = max(delay, base * min(queue_position, 4) / 2)
+    delay = min(delay, max_delay)
+    return max(0.02, delay * random.uniform(1 - jitter, 1 + jitter))

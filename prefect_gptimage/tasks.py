@@ -1,0 +1,238 @@
+"""Prefect tasks: submit, wait, fetch result, download, cancel, and ``generate_images`` for all.
+
+Retries go through :func:`~prefect_gptimage.retry.retry_if_transient` (transient failures only,
+exponential backoff with jitter); a permanent failure fails at once with fal's own message.
+
+**Never pay twice.** :func:`submit_request` is cached on the endpoint and the normalized request
+(every default spelled out; credentials excluded) and its result is persisted, so a task retry, a
+flow retry or a later run of the same request gets the same fal request id back and resumes it
+instead of submitting again. :func:`fetch_result` is cached on the request id and persisted the
+moment it arrives (fal keeps results only 6 to 60 minutes). Both expire after
+``CACHE_EXPIRATION`` (6 days: fal keeps media URLs at least 7). ``refresh_cache=True`` submits
+anew; ``variant`` asks for a fresh image of an identical request.
+
+Example:
+    >>> from prefect import flow
+    >>> from prefect_gptimage import GptImageRequest, generate_images
+    >>> @flow
+    ... def poster() -> list[str]:
+    ...     result = generate_images(GptImageRequest(prompt="a tram in fog", quality="low"))
+    ...     return [img.path for img in result.images]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+
+from prefect_gptimage.credentials import FalCredentials, resolve_client
+from prefect_gptimage.download import download_image_file
+from prefect_gptimage.errors import FalRequestFailed, PermanentFalError
+from prefect_gptimage.polling import RequestStatus
+from prefect_gptimage.retry import TRANSIENT_RETRIES
+from prefect_gptimage.schemas import (
+    AnyRequest,
+    DownloadedImage,
+    GenerationResult,
+    GptImageOutput,
+    ImageFile,
+    RequestHandle,
+)
+from prefect_gptimage.settings import get_settings
+
+CACHE_EXPIRATION = timedelta(days=6)
+
+
+def request_fingerprint(request: AnyRequest, variant: int = 0) -> str:
+    """sha256 of the endpoint and the normalized request: the identity of a paid request."""
+    canonical = json.dumps(
+        {"endpoint": request.endpoint, "arguments": request.to_arguments(), "variant": variant},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _submit_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return "gptimage-submit-" + request_fingerprint(
+        parameters["request"], parameters.get("variant", 0)
+    )
+
+
+def _result_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    handle: RequestHandle = parameters["handle"]
+    return f"gptimage-result-{handle.endpoint.replace('/', '_')}-{handle.request_id}"
+
+
+@task(
+    name="gptimage-submit",
+    task_run_name="submit {request.endpoint}",
+    cache_key_fn=_submit_key,
+    cache_expiration=CACHE_EXPIRATION,
+    persist_result=True,
+    **TRANSIENT_RETRIES,
+)
+def submit_request(
+    request: AnyRequest,
+    credentials: FalCredentials | None = None,
+    variant: int = 0,
+    start_timeout: float | None = None,
+) -> RequestHandle:
+    """Submit one request to fal's queue (the only billable call); cached and persisted.
+
+    Example:
+        >>> handle = submit_request(GptImageRequest(prompt="a koi pond", quality="low"))
+        >>> handle.request_id
+    """
+    handle = resolve_client(credentials).submit(request, start_timeout=start_timeout)
+    get_run_logger().info(
+        "submitted %s to %s (%d image(s), %s quality)",
+        handle.request_id,
+        request.endpoint,
+        request.num_images,
+        request.quality,
+    )
+    return handle
+
+
+@task(name="gptimage-wait", task_run_name="wait {handle.request_id}", **TRANSIENT_RETRIES)
+def wait_for_request(
+    handle: RequestHandle,
+    credentials: FalCredentials | None = None,
+    timeout: float | None = None,
+) -> RequestStatus:
+    """Poll until the request completes, forwarding fal's logs and queue position.
+
+    Polls adaptively (learns the usual latency; see :mod:`prefect_gptimage.polling`). After
+    ``timeout`` seconds the fal request is cancelled and the task fails.
+
+    Example:
+        >>> status = wait_for_request(handle, timeout=600)
+    """
+    return resolve_client(credentials).wait(handle, timeout=timeout, log=get_run_logger())
+
+
+@task(
+    name="gptimage-fetch-result",
+    task_run_name="fetch {handle.request_id}",
+    cache_key_fn=_result_key,
+    cache_expiration=CACHE_EXPIRATION,
+    persist_result=True,
+    **TRANSIENT_RETRIES,
+)
+def fetch_result(
+    handle: RequestHandle,
+    credentials: FalCredentials | None = None,
+    wait: bool = True,
+    timeout: float | None = None,
+) -> GptImageOutput:
+    """Fetch (after waiting, by default) the output of a request; cached on its request id.
+
+    Example:
+        >>> output = fetch_result(handle)
+        >>> [img.url for img in output.images]
+    """
+    client = resolve_client(credentials)
+    if wait:
+        client.wait(handle, timeout=timeout, log=get_run_logger())
+    return client.result(handle)
+
+
+@task(name="gptimage-download", task_run_name="download {request_id}#{index}", **TRANSIENT_RETRIES)
+def download_image(
+    image: ImageFile,
+    request: AnyRequest,
+    request_id: str,
+    index: int = 0,
+    output_dir: str | None = None,
+) -> DownloadedImage:
+    """Stream one image to ``output_dir``, check it decodes as promised, record its sha256.
+
+    Example:
+        >>> files = [download_image(img, request, handle.request_id, i)
+        ...          for i, img in enumerate(output.images)]
+    """
+    return download_image_file(
+        image,
+        dest_dir=output_dir or get_settings().output_dir,
+        request_id=request_id,
+        endpoint=request.endpoint,
+        index=index,
+        expected_format=request.output_format,
+        expected_size=request.expected_size(),
+    )
+
+
+@task(name="gptimage-cancel", task_run_name="cancel {handle.request_id}", **TRANSIENT_RETRIES)
+def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = None) -> bool:
+    """Cancel a request; False if it had already completed.
+
+    Example:
+        >>> cancel_request(handle)
+    """
+    return resolve_client(credentials).cancel(handle)
+
+
+def _resubmit_reason(exc: Exception) -> str | None:
+    """Why a fresh submit may succeed where the cached request cannot, or None."""
+    if isinstance(exc, FalRequestFailed) and exc.resubmittable:
+        return f"it failed at fal on their side ({exc.error_type or exc.status_code}), not billed"
+    if isinstance(exc, PermanentFalError) and exc.status_code == 404:
+        return "fal no longer knows it (results are kept 6 to 60 minutes)"
+    return None
+
+
+@task(name="gptimage-generate", task_run_name="generate {request.endpoint}")
+def generate_images(
+    request: AnyRequest,
+    credentials: FalCredentials | None = None,
+    output_dir: str | None = None,
+    timeout: float | None = None,
+    refresh_cache: bool = False,
+    variant: int = 0,
+    resubmits: int = 1,
+) -> GenerationResult:
+    """The whole path for one request: submit → wait → fetch result → download each image.
+
+    Each step is its own task (cached and retried as above). A request that fails at fal with a
+    server-side error (not billed), or that fal has forgotten, is submitted anew up to
+    ``resubmits`` times; any other failure fails at once with fal's message.
+
+    Example:
+        >>> result = generate_images(GptImageRequest(prompt="a kite", num_images=2))
+        >>> [(i.path, i.width, i.height, i.sha256) for i in result.images]
+    """
+    log = get_run_logger()
+    submit = submit_request.with_options(refresh_cache=True) if refresh_cache else submit_request
+    for attempt in range(resubmits + 1):
+        state = submit(request, credentials, variant, return_state=True)
+        handle: RequestHandle = state.result()
+        from_cache = state.name == "Cached"
+        try:
+            output = fetch_result(handle, credentials, timeout=timeout)
+            break
+        except Exception as exc:
+            reason = _resubmit_reason(exc)
+            if reason is None or attempt == resubmits:
+                raise
+            log.warning("submitting %s again: %s", handle.request_id, reason)
+            submit = submit_request.with_options(refresh_cache=True)
+    dest = str(Path(output_dir or get_settings().output_dir))
+    images = [
+        download_image(image, request, handle.request_id, i, dest)
+        for i, image in enumerate(output.images)
+    ]
+    return GenerationResult(
+        handle=handle,
+        request=request.to_arguments(),
+        output=output,
+        images=images,
+        from_cache=from_cache,
+    )
