@@ -27,7 +27,13 @@ import httpx
 
 from prefect_gptimage.errors import SubmitOutcomeUnknown
 
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
 _UNKNOWN_OUTCOME_CODES = (502, 504)
 
 

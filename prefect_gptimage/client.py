@@ -51,7 +51,7 @@ from prefect_gptimage.errors import (
     TransientFalError,
     is_transient,
 )
-from prefect_gptimage.polling import LATENCY, RequestStatus, next_poll_delay
+from prefect_gptimage.polling import LATENCY, RequestStatus, next_poll_delay, observed_duration
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
 logger = logging.getLogger("prefect_gptimage.client")
@@ -73,9 +73,8 @@ class RetryPolicy(BaseModel):
         return {
             "retry": tenacity.retry_if_exception(is_transient),
             "stop": tenacity.stop_after_attempt(self.attempts),
-            "wait": tenacity.wait_exponential_jitter(
-                initial=self.initial_delay, max=self.max_delay
-            ),
+            "wait": tenacity.wait_exponential(multiplier=self.initial_delay, max=self.max_delay)
+            + tenacity.wait_random(0, self.initial_delay),
             "reraise": True,
             "before_sleep": _log_retry,
         }
@@ -223,6 +222,10 @@ class _WaitTracker:
         self.polls = 0
         self.logs_seen = 0
         self.position: int | None = None
+        self.last_pending: float | None = None
+        self.queued = False
+        # learn only from waits that watched the request from its submit on
+        self.learning = bool(handle.profile) and time.time() - self.submitted < 2.0
 
     def update(self, status: RequestStatus) -> None:
         self.polls += 1
@@ -236,8 +239,12 @@ class _WaitTracker:
         for entry in status.logs[self.logs_seen :]:
             self.log.info("fal [%s] %s", entry.get("level", "INFO"), entry.get("message", ""))
         self.logs_seen = max(self.logs_seen, len(status.logs))
-        if status.done and not status.error and self.handle.profile:
-            LATENCY.observe(self.handle.profile, time.time() - self.submitted)
+        elapsed = time.time() - self.submitted
+        self.queued = self.queued or status.queue_position is not None
+        if not status.done:
+            self.last_pending = elapsed
+        elif self.learning and not status.error and not self.queued and self.handle.profile:
+            LATENCY.observe(self.handle.profile, observed_duration(self.last_pending, elapsed))
 
     def timed_out(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

@@ -8,7 +8,7 @@ with jitter. Before anything is learned it starts at ``initial`` seconds and gro
 Example:
     >>> model = LatencyModel()
     >>> model.observe("k", 3.0)
-    >>> 2.9 < next_poll_delay(model.expected("k"), elapsed=0.0, polls=0) < 3.3
+    >>> 2.7 < next_poll_delay(model.expected("k"), elapsed=0.0, polls=0) < 3.5
     True
 """
 
@@ -60,10 +60,22 @@ class RequestStatus(BaseModel):
         )
 
 
+def observed_duration(last_pending: float | None, completed_seen: float) -> float:
+    """Best estimate of when a request completed, from what the polls saw (seconds since submit).
+
+    Completion happened between the last poll that saw it pending and the first that saw it done:
+    take the middle. Without a pending poll only the upper bound is known; shading it by 10% makes
+    the next wait poll a little early, which brackets the true time again.
+    """
+    if last_pending is None:
+        return 0.9 * completed_seen
+    return (last_pending + completed_seen) / 2
+
+
 class LatencyModel:
     """Thread-safe moving average of request durations, per key."""
 
-    def __init__(self, alpha: float = 0.3) -> None:
+    def __init__(self, alpha: float = 0.5) -> None:
         self._alpha = alpha
         self._lock = threading.Lock()
         self._values: dict[str, float] = {}
@@ -103,10 +115,9 @@ def next_poll_delay(
     if expected is None:
         delay = initial * factor**polls
     elif elapsed < expected:
-        delay = expected - elapsed + min(0.05 * expected, 0.25)
+        delay = expected - elapsed + min(0.03 * expected, 0.25)
     else:
-        overdue = elapsed - expected
-        delay = max(0.1 * expected, 0.1, overdue * (factor - 1))
+        delay = max(0.1 * expected, 0.05) * factor ** max(0, polls - 1)
     if queue_position:
         base = expected if expected is not None else initial
         delay = max(delay, base * min(queue_position, 4) / 2)

@@ -1,0 +1,102 @@
+"""Download guards: only https on allowed hosts, bounded size, bytes that decode as promised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from prefect_gptimage.client import FalQueueClient, RetryPolicy
+from prefect_gptimage.download import download_image_file, host_allowed
+from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
+from prefect_gptimage.schemas import GptImageRequest, ImageFile
+from prefect_gptimage.settings import GptImageSettings, get_settings
+from prefect_gptimage.testing import Fault, FalEmulator
+
+FAST = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.02)
+
+
+def _image(emulator: FalEmulator, unique: str, fmt: str = "png") -> ImageFile:
+    client = FalQueueClient(retry=FAST)
+    request = GptImageRequest(prompt=f"a fox {unique}", quality="low", output_format=fmt)  # type: ignore[arg-type]
+    return client.run(request)[1].images[0]
+
+
+def _get(
+    image: ImageFile, tmp_path: Path, settings: GptImageSettings | None = None, fmt: str = "png"
+) -> Path:
+    got = download_image_file(
+        image,
+        dest_dir=tmp_path,
+        request_id="req-1",
+        endpoint="fal-ai/gpt-image-1.5",
+        index=0,
+        expected_format=fmt,
+        expected_size=(1024, 1024),
+        settings=settings,
+        retry=FAST,  # type: ignore[arg-type]
+    )
+    return Path(got.path)
+
+
+def test_host_patterns() -> None:
+    assert host_allowed("v3.fal.media", ["*.fal.media"])
+    assert host_allowed("v3b.fal.media", ["*.fal.media"])
+    assert not host_allowed("fal.media.evil.com", ["*.fal.media"])
+    assert not host_allowed("evilfal.media", ["*.fal.media"])
+
+
+def test_refuses_http_and_unknown_hosts(tmp_path: Path) -> None:
+    with pytest.raises(PermanentDownloadError, match="only https"):
+        _get(ImageFile(url="http://v3.fal.media/files/a.png"), tmp_path)
+    with pytest.raises(PermanentDownloadError, match="not in PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS"):
+        _get(ImageFile(url="https://example.com/a.png"), tmp_path)
+
+
+def test_refuses_oversized_bodies(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:
+    small = get_settings().model_copy(update={"max_download_bytes": 1000})
+    with pytest.raises(PermanentDownloadError, match="limit"):
+        _get(_image(fal_emulator, unique), tmp_path, small)
+    assert not list(tmp_path.glob("*"))  # no partial file left behind
+
+
+def test_wrong_format_is_permanent(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:
+    image = _image(fal_emulator, unique)
+    fal_emulator.inject(Fault("media", "wrong_format", count=None))
+    with pytest.raises(PermanentDownloadError, match="expected a png"):
+        _get(image, tmp_path)
+
+
+def test_truncated_body_is_retried(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:
+    image = _image(fal_emulator, unique)
+    fal_emulator.inject(Fault("media", "truncate", count=1))
+    path = _get(image, tmp_path)
+    with Image.open(path) as im:
+        assert im.size == (1024, 1024)
+
+
+def test_persistent_truncation_is_transient(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    image = _image(fal_emulator, unique)
+    fal_emulator.inject(Fault("media", "truncate", count=None))
+    with pytest.raises(TransientDownloadError):
+        _get(image, tmp_path)
+
+
+def test_missing_media_is_permanent(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:
+    image = _image(fal_emulator, unique)
+    fal_emulator.inject(Fault("media", "404", count=None))
+    with pytest.raises(PermanentDownloadError, match="gone"):
+        _get(image, tmp_path)
+
+
+def test_existing_file_is_reused_without_network(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    image = _image(fal_emulator, unique)
+    first = _get(image, tmp_path)
+    media = fal_emulator.stats["media"]
+    assert _get(image, tmp_path) == first
+    assert fal_emulator.stats["media"] == media
