@@ -50,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "GptImageSettings": "settings",
     # client layer
     "FalQueueClient": "client",
-    "AsyncFalQueueClient": "client",
+    "AsyncFalQueueClient": "async_client",
     "RetryPolicy": "client",
     "RequestStatus": "polling",
     "FalCredentials": "credentials",
@@ -65,7 +65,46 @@ _EXPORTS: dict[str, str] = {
     "retry_if_transient": "retry",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "EDIT_ENDPOINT",
+    "TEXT_TO_IMAGE_ENDPOINT",
+    "AsyncFalQueueClient",
+    "ConfigurationError",
+    "DownloadError",
+    "DownloadedImage",
+    "FalCredentials",
+    "FalError",
+    "FalQueueClient",
+    "FalRequestFailed",
+    "FalRequestTimeout",
+    "GenerationResult",
+    "GptImageEditRequest",
+    "GptImageError",
+    "GptImageOutput",
+    "GptImageRequest",
+    "GptImageSettings",
+    "ImageFile",
+    "InvalidRequestError",
+    "PermanentDownloadError",
+    "PermanentFalError",
+    "RequestHandle",
+    "RequestStatus",
+    "RetryPolicy",
+    "SubmitOutcomeUnknown",
+    "TransientDownloadError",
+    "TransientFalError",
+    "__version__",
+    "cancel_request",
+    "download_image",
+    "download_image_file",
+    "estimate_cost",
+    "fetch_result",
+    "generate_images",
+    "parse_request",
+    "retry_if_transient",
+    "submit_request",
+    "wait_for_request",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -82,7 +121,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from prefect_gptimage.client import AsyncFalQueueClient, FalQueueClient, RetryPolicy
+    from prefect_gptimage.async_client import AsyncFalQueueClient
+    from prefect_gptimage.client import FalQueueClient, RetryPolicy
     from prefect_gptimage.credentials import FalCredentials
     from prefect_gptimage.download import download_image_file
     from prefect_gptimage.errors import (

@@ -85,7 +85,14 @@ class LatencyModel:
             return
         with self._lock:
             old = self._values.get(key)
-            self._values[key] = seconds if old is None else old + self._alpha * (seconds - old)
+            if old is None or not 0.5 <= seconds / old <= 2.0:
+                self._values[key] = seconds  # first sight, or the regime changed: start over
+            else:
+                self._values[key] = old + self._alpha * (seconds - old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
 
     def expected(self, key: str) -> float | None:
         with self._lock:
@@ -115,7 +122,9 @@ def next_poll_delay(
     if expected is None:
         delay = initial * factor**polls
     elif elapsed < expected:
-        delay = expected - elapsed + min(0.03 * expected, 0.25)
+        # aim just past the expected completion; jitter only ever later, never early
+        delay = expected - elapsed + min(0.02 * expected, 0.1)
+        return min(delay * random.uniform(1.0, 1.0 + jitter / 2), max_delay)
     else:
         delay = max(0.1 * expected, 0.05) * factor ** max(0, polls - 1)
     if queue_position:

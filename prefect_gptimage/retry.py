@@ -21,7 +21,8 @@ from prefect_gptimage.errors import is_transient
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """``retry_condition_fn``: True only when the failure is a transient one."""
-    exc = state.result(raise_on_failure=False)
+    # _sync: in an async flow or task, result() would otherwise hand back a coroutine
+    exc = state.result(raise_on_failure=False, _sync=True)
     return isinstance(exc, BaseException) and is_transient(exc)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from prefect_gptimage.testing import Fault, FalEmulator
+from prefect_gptimage.testing import FalEmulator, Fault
 
 SECRET = "cli-key-id:very-secret-cli-key-value"
 

@@ -12,7 +12,7 @@ from prefect_gptimage.download import download_image_file, host_allowed
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
 from prefect_gptimage.schemas import GptImageRequest, ImageFile
 from prefect_gptimage.settings import GptImageSettings, get_settings
-from prefect_gptimage.testing import Fault, FalEmulator
+from prefect_gptimage.testing import FalEmulator, Fault
 
 FAST = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.02)
 

@@ -14,7 +14,7 @@ from prefect import flow
 from prefect_gptimage.errors import FalRequestFailed, FalRequestTimeout
 from prefect_gptimage.schemas import GenerationResult, GptImageEditRequest, GptImageRequest
 from prefect_gptimage.tasks import generate_images, submit_request
-from prefect_gptimage.testing import Fault, FalEmulator
+from prefect_gptimage.testing import FalEmulator, Fault
 
 
 def req(unique: str, **kw: object) -> GptImageRequest:

@@ -1,0 +1,251 @@
+"""Run manifests: one JSON line per staged image or failed prompt, so a batch can be audited,
+priced and re-driven later.
+
+Lines are :class:`ImageLine` (``"kind": "image"``) or :class:`FailureLine` (``"kind":
+"failure"``). ``parameters`` is the normalized request minus the prompt; inline ``data:`` URIs
+are replaced by a short digest and the query string of presigned input URLs is dropped, so a
+manifest never carries megabytes of base64 or a live signature. Presigned *output* URLs are not
+stored either: they expire; the ``s3_uri`` does not.
+
+Example:
+    >>> m = Manifest()
+    >>> _ = m.add_failure("a cat", {"prompt": "a cat", "quality": "low"}, reason="content refused")
+    >>> m.totals().failures
+    1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from prefect_gptimage.pricing import estimate_cost
+from prefect_gptimage.s3 import StagedImage
+from prefect_gptimage.schemas import EDIT_ENDPOINT, TEXT_TO_IMAGE_ENDPOINT
+
+__all__ = [
+    "FailureLine",
+    "ImageLine",
+    "Manifest",
+    "ManifestLine",
+    "ManifestTotals",
+    "cost_per_image",
+    "manifest_parameters",
+]
+
+
+class ImageLine(BaseModel):
+    """One staged image."""
+
+    kind: Literal["image"] = "image"
+    prompt: str
+    parameters: dict[str, Any] = Field(description="Normalized request minus the prompt.")
+    endpoint: str
+    request_id: str
+    index: int
+    s3_uri: str
+    sha256: str
+    width: int
+    height: int
+    bytes: int
+    content_type: str
+    estimated_cost_usd: float | None = Field(description="Per image, from fal's price table.")
+
+
+class FailureLine(BaseModel):
+    """One prompt (or request) that produced no image."""
+
+    kind: Literal["failure"] = "failure"
+    prompt: str
+    parameters: dict[str, Any]
+    endpoint: str
+    request_id: str | None = None
+    reason: str
+    error_type: str | None = None
+
+
+ManifestLine = Annotated[ImageLine | FailureLine, Field(discriminator="kind")]
+_LINE: TypeAdapter[ImageLine | FailureLine] = TypeAdapter(ManifestLine)
+
+
+class ManifestTotals(BaseModel):
+    images: int = 0
+    failures: int = 0
+    estimated_cost_usd: float = 0.0
+    bytes: int = 0
+
+
+def cost_per_image(request: Mapping[str, Any]) -> float | None:
+    """Estimated USD of one output image of ``request`` (None when quality/size are unknown).
+
+    Example:
+        >>> cost_per_image({"quality": "medium", "image_size": "1024x1536", "num_images": 4})
+        0.051
+    """
+    try:
+        return estimate_cost({**request, "num_images": 1})
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+_PRESIGNED = re.compile(r"[?&](X-Amz-Signature|Signature|X-Amz-Credential|sig|se)=", re.I)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        if value.startswith("data:"):
+            head = value[: value.find(",")] if "," in value else value[:40]
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            return f"{head[:80]},<{len(value)} chars sha256:{digest}>"
+        if _PRESIGNED.search(value):
+            return value.split("?", 1)[0] + "?<presigned query redacted>"
+        return value
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    return value
+
+
+def manifest_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The request as stored in a manifest: without ``prompt``, data URIs and signatures redacted.
+
+    Example:
+        >>> manifest_parameters({"prompt": "x", "image_urls": ["data:image/png;base64,AAAA"]})
+        ... # doctest: +ELLIPSIS
+        {'image_urls': ['data:image/png;base64,<26 chars sha256:...>']}
+    """
+    return {k: _redact_value(v) for k, v in request.items() if k != "prompt"}
+
+
+def _endpoint_for(request: Mapping[str, Any]) -> str:
+    return EDIT_ENDPOINT if request.get("image_urls") else TEXT_TO_IMAGE_ENDPOINT
+
+
+class Manifest:
+    """Collects manifest lines (thread-safe) and writes/reads them as JSONL.
+
+    Example:
+        >>> m = Manifest()
+        >>> line = m.add_image(staged, "a lighthouse", request)  # doctest: +SKIP
+        >>> m.write("out/manifest.jsonl")  # doctest: +SKIP
+        >>> Manifest.from_jsonl("out/manifest.jsonl").totals()  # doctest: +SKIP
+    """
+
+    def __init__(self, lines: list[ImageLine | FailureLine] | None = None) -> None:
+        self._lines: list[ImageLine | FailureLine] = list(lines or [])
+        self._lock = threading.Lock()
+
+    @property
+    def lines(self) -> list[ImageLine | FailureLine]:
+        with self._lock:
+            return list(self._lines)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __iter__(self) -> Iterator[ImageLine | FailureLine]:
+        return iter(self.lines)
+
+    def _append(self, line: ImageLine | FailureLine) -> None:
+        with self._lock:
+            self._lines.append(line)
+
+    def add_image(self, staged: StagedImage, prompt: str, request: Mapping[str, Any]) -> ImageLine:
+        """Record a staged image; the cost is fal's per-image price for the request's settings."""
+        line = ImageLine(
+            prompt=prompt,
+            parameters=manifest_parameters(request),
+            endpoint=staged.endpoint,
+            request_id=staged.request_id,
+            index=staged.index,
+            s3_uri=staged.s3_uri,
+            sha256=staged.sha256,
+            width=staged.width,
+            height=staged.height,
+            bytes=staged.bytes,
+            content_type=staged.content_type,
+            estimated_cost_usd=cost_per_image(request),
+        )
+        self._append(line)
+        return line
+
+    def add_failure(
+        self,
+        prompt: str,
+        request: Mapping[str, Any],
+        *,
+        reason: str | BaseException,
+        endpoint: str | None = None,
+        request_id: str | None = None,
+        error_type: str | None = None,
+    ) -> FailureLine:
+        """Record a failure. Pass the exception as ``reason`` to fill ``error_type`` from it.
+
+        ``endpoint`` defaults to the one the request would go to (edit when it has
+        ``image_urls``); ``request_id`` is None when the request never reached fal.
+        """
+        if isinstance(reason, BaseException):
+            request_id = request_id or getattr(reason, "request_id", None)
+            error_type = error_type or type(reason).__name__
+            reason = str(reason) or type(reason).__name__
+        line = FailureLine(
+            prompt=prompt,
+            parameters=manifest_parameters(request),
+            endpoint=endpoint or _endpoint_for(request),
+            request_id=request_id,
+            reason=reason[:2000],
+            error_type=error_type,
+        )
+        self._append(line)
+        return line
+
+    def totals(self) -> ManifestTotals:
+        """Counts, bytes and estimated cost (images only; failures cost nothing to estimate)."""
+        totals = ManifestTotals()
+        cost = 0.0
+        for line in self.lines:
+            if isinstance(line, ImageLine):
+                totals.images += 1
+                totals.bytes += line.bytes
+                cost += line.estimated_cost_usd or 0.0
+            else:
+                totals.failures += 1
+        totals.estimated_cost_usd = round(cost, 6)
+        return totals
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write one JSON object per line, streaming; atomic (temp file, then rename)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+            for line in self.lines:
+                fh.write(line.model_dump_json())
+                fh.write("\n")
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> Manifest:
+        """Read a manifest back (blank lines ignored; a bad line raises naming its number)."""
+        lines: list[ImageLine | FailureLine] = []
+        with Path(path).open(encoding="utf-8") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    lines.append(_LINE.validate_python(json.loads(raw)))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{os.fspath(path)}:{number}: not a manifest line: {exc}"
+                    ) from exc
+        return cls(lines)
