@@ -31,6 +31,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
+from prefect.results import ResultStore, get_result_store
 
 from prefect_gptimage.credentials import FalCredentials, resolve_client
 from prefect_gptimage.download import download_image_file
@@ -60,10 +61,13 @@ def request_fingerprint(request: AnyRequest, variant: int = 0) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def submit_cache_key(request: AnyRequest, variant: int = 0) -> str:
+    """The cache key of :func:`submit_request` for this request."""
+    return "gptimage-submit-" + request_fingerprint(request, variant)
+
+
 def _submit_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return "gptimage-submit-" + request_fingerprint(
-        parameters["request"], parameters.get("variant", 0)
-    )
+    return submit_cache_key(parameters["request"], parameters.get("variant", 0))
 
 
 def _result_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -100,6 +104,13 @@ def submit_request(
         request.quality,
     )
     return handle
+
+
+def is_submit_cached(request: AnyRequest, variant: int = 0) -> bool:
+    """Whether this request was already submitted (and cached): re-running it is free."""
+    # _sync: update_for_task is async-dispatched; this helper runs in sync code (flows, the CLI)
+    store: ResultStore = get_result_store().update_for_task(submit_request, _sync=True)  # type: ignore[call-arg,assignment]
+    return store.exists(submit_cache_key(request, variant))
 
 
 @task(name="gptimage-wait", task_run_name="wait {handle.request_id}", **TRANSIENT_RETRIES)

@@ -1,0 +1,213 @@
+"""``batch_to_s3``: a prompt file (JSONL or CSV) in, images in S3 with a manifest out.
+
+One request per row, fanned out under a concurrency cap, in chunks so a 10,000-row file never
+becomes one giant flow state. Every row is validated before anything is paid for; ``dry_run``
+prints the estimated cost and submits nothing; ``max_cost`` refuses a batch whose uncached rows
+would cost more (cached rows are free). Running the same batch again submits nothing and writes
+no duplicate object; a batch killed half way resumes where it was.
+
+Example:
+    >>> batch_to_s3("prompts.jsonl", bucket="my-images", concurrency=8)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.client.schemas.objects import State
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from prefect_gptimage.artifacts import (
+    BatchProgress,
+    artifact_key,
+    publish_results,
+    write_html_gallery,
+)
+from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.flows.generate import finish
+from prefect_gptimage.flows.rows import RowOutcome, generate_and_stage
+from prefect_gptimage.flows.summary import Failure, RunSummary
+from prefect_gptimage.manifest import Manifest
+from prefect_gptimage.pricing import estimate_cost
+from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.s3 import S3Target, manifest_key, slugify, stage_file
+from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks import is_submit_cached, request_fingerprint
+
+#: Rows whose tasks are in flight at once are bounded by ``concurrency``; rows are *submitted* to
+#: the task runner this many at a time, so the flow never holds every future of a huge file.
+CHUNK_SIZE = 256
+#: The summary lists at most this many images (the manifest lists them all).
+SUMMARY_IMAGES = 1000
+
+
+def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:
+    """A deterministic name for a batch: the file's stem and a hash of its content and defaults."""
+    path = Path(prompt_file)
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(json.dumps(defaults or {}, sort_keys=True).encode())
+    return f"batch-{slugify(path.stem, 40, default='prompts')}-{digest.hexdigest()[:10]}"
+
+
+def unique_rows(rows: list[PromptRow]) -> list[PromptRow]:
+    """Drop rows identical to an earlier one (same request, same variant): they'd pay twice."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = request_fingerprint(row.request, row.variant)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
+def plan_cost(rows: list[PromptRow]) -> tuple[float, int]:
+    """Estimated USD of the rows not already cached, and how many rows are cached (free)."""
+    cost, cached = 0.0, 0
+    for row in rows:
+        if is_submit_cached(row.request, row.variant):
+            cached += 1
+        else:
+            cost += estimate_cost(row.request.to_arguments())
+    return round(cost, 6), cached
+
+
+@flow(name="gptimage-batch-to-s3", log_prints=False)
+def batch_to_s3(
+    prompt_file: str,
+    bucket: str | None = None,
+    prefix: str = "gptimage",
+    concurrency: int = 8,
+    output_dir: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    max_cost: float | None = None,
+    dry_run: bool = False,
+    timeout: float | None = None,
+    refresh: bool = False,
+    presign_expires: int = 86400,
+    credentials: FalCredentials | None = None,
+) -> State[RunSummary]:
+    """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
+
+    Without a bucket the images and manifest stay in ``output_dir`` only.
+    """
+    log = get_run_logger()
+    rows = unique_rows(load_prompt_file(prompt_file, defaults))
+    run_key = run_key_for(prompt_file, defaults)
+    estimate, cached = plan_cost(rows)
+    summary = RunSummary(estimated_cost_usd=estimate)
+    log.info(
+        "%s: %d request(s), %d cached, estimated cost $%.3f", run_key, len(rows), cached, estimate
+    )
+    if dry_run:
+        return Completed(
+            data=summary, message=f"dry run: ${estimate:.3f} for {len(rows) - cached} request(s)"
+        )
+    if max_cost is not None and estimate > max_cost:
+        return Failed(
+            data=summary,
+            message=f"estimated cost ${estimate:.3f} exceeds max_cost ${max_cost:.3f}: "
+            "nothing submitted",
+        )
+    target = (
+        S3Target(bucket=bucket, prefix=prefix, presign_expires=presign_expires) if bucket else None
+    )
+    out = Path(output_dir or get_settings().output_dir) / run_key
+    manifest = Manifest()
+    outcomes: list[RowOutcome] = []
+    progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
+    started = time.monotonic()
+    runner: ThreadPoolTaskRunner[Any]
+    with ThreadPoolTaskRunner(max_workers=max(1, concurrency)) as runner:
+        for start in range(0, len(rows), CHUNK_SIZE):
+            chunk = rows[start : start + CHUNK_SIZE]
+            futures: dict[Any, PromptRow] = {
+                runner.submit(
+                    generate_and_stage,  # type: ignore[arg-type]  # (overloads favour async tasks)
+                    parameters={
+                        "request": row.request,
+                        "target": target,
+                        "output_dir": str(out),
+                        "credentials": credentials,
+                        "timeout": timeout,
+                        "refresh": refresh,
+                        "variant": row.variant,
+                    },
+                ): row
+                for row in chunk
+            }
+            for future in as_completed(list(futures)):
+                row = futures[future]
+                future.wait()
+                result = future.state.result(raise_on_failure=False)
+                if isinstance(result, RowOutcome):
+                    outcomes.append(result)
+                    for staged in result.staged:
+                        manifest.add_image(staged, row.request.prompt, result.request)
+                else:
+                    failure = Failure.from_exception(
+                        result if isinstance(result, BaseException) else RuntimeError(str(result)),
+                        row.request.to_arguments(),
+                        row.request.endpoint,
+                    )
+                    summary.failures.append(failure)
+                    manifest.add_failure(
+                        failure.prompt,
+                        row.request.to_arguments(),
+                        reason=failure.reason,
+                        endpoint=failure.endpoint,
+                        request_id=failure.request_id,
+                        error_type=failure.error_type,
+                    )
+                progress.advance()
+            log.info(
+                "%s: %s (%.0fs elapsed)", run_key, progress.status(), time.monotonic() - started
+            )
+    progress.finish()
+    return _wrap_up(summary, outcomes, manifest, out, run_key, target)
+
+
+def _wrap_up(
+    summary: RunSummary,
+    outcomes: list[RowOutcome],
+    manifest: Manifest,
+    out: Path,
+    run_key: str,
+    target: S3Target | None,
+) -> State[RunSummary]:
+    """Write the manifest and gallery, publish artifacts, and settle the flow's final state."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary.submitted = sum(1 for o in outcomes if not o.from_cache)
+    summary.estimated_cost_usd = round(sum(o.cost for o in outcomes), 6)
+    summary.images = [rec for o in outcomes for rec in o.image_records()][:SUMMARY_IMAGES]
+    gallery = write_html_gallery(
+        [img for o in outcomes for img in o.images],
+        out / "index.html",
+        title=run_key,
+        prompts={o.request_id: str(o.request.get("prompt", "")) for o in outcomes},
+        failures=summary.failures,
+    )
+    summary.gallery = str(gallery)
+    manifest_path = manifest.write(out / "manifest.jsonl")
+    if target is not None:
+        staged_manifest = stage_file(
+            manifest_path, manifest_key(target, run_key), "application/x-ndjson", target
+        )
+        summary.manifest_uri = staged_manifest.s3_uri
+        publish_results(
+            [s for o in outcomes for s in o.staged],
+            summary.failures,
+            key_prefix=run_key,
+            requests={o.request_id: o.request for o in outcomes},
+        )
+    else:
+        summary.manifest_uri = str(manifest_path)
+    return finish(summary)
