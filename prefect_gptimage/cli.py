@@ -69,6 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_options(gen)
     _add_run_options(gen)
 
+    batch = sub.add_parser("batch", help="generate every row of a prompt file (JSONL or CSV)")
+    batch.add_argument("file", help="prompt file: .jsonl or .csv, one request per row")
+    batch.add_argument(
+        "--concurrency", type=int, default=8, metavar="C", help="requests in flight (default 8)"
+    )
+    batch.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="refuse the batch if its uncached rows would cost more (cached rows are free)",
+    )
+    batch.add_argument(
+        "--dry-run", action="store_true", help="print the estimated cost and submit nothing"
+    )
+    _add_run_options(batch)
+
+    demo = sub.add_parser("demo", help="run a sample batch offline: bundled emulator, local S3")
+    demo.add_argument("--output-dir", default="demo-output", metavar="DIR")
+    demo.add_argument("--prompt-file", metavar="FILE", help="default: the bundled sample")
+    demo.add_argument("--latency", type=float, default=1.0, help="emulated generation seconds")
+
     emu = sub.add_parser(
         "emulator", help="run the bundled fal emulator (HTTPS) in the foreground", add_help=False
     )
@@ -98,16 +119,18 @@ def _fail_usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _emit(summary: Any, as_json: bool) -> int:
+def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
     for img in summary.images:
         print(img.get("s3_uri") or img.get("path"))
         if img.get("url") and img.get("s3_uri"):
             print(f"  {img['url']}")
     for failure in summary.failures:
         print(f"FAILED: {failure.reason}", file=sys.stderr)
+    if summary.manifest_uri:
+        print(f"manifest: {summary.manifest_uri}")
     if as_json:
         print(summary.model_dump_json())
-    return EXIT_OK if summary.ok else EXIT_FAILED
+    return EXIT_OK if ok and summary.ok else EXIT_FAILED
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -117,10 +140,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = parse_request(request_fields(args))
     except InvalidRequestError as exc:
         return _fail_usage(str(exc))
-    from prefect_gptimage.flows.generate import generate_flow
+    from prefect_gptimage.flows.generate import generate_to_s3
 
-    state = generate_flow(
+    state = generate_to_s3(
         request,
+        bucket=args.bucket,
+        prefix=args.prefix,
         output_dir=args.output_dir,
         timeout=args.timeout,
         refresh=args.refresh,
@@ -129,13 +154,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _emit(state.result(raise_on_failure=False), args.json)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from prefect_gptimage.prompts import load_prompt_file
+
+    if args.concurrency < 1:
+        return _fail_usage("--concurrency: must be at least 1")
+    try:
+        load_prompt_file(args.file)
+    except InvalidRequestError as exc:
+        return _fail_usage(str(exc))
+    if not args.bucket and not args.dry_run:
+        return _fail_usage("--bucket: required (where the images and the manifest go)")
+    from prefect_gptimage.flows.batch import batch_to_s3
+
+    state = batch_to_s3(
+        args.file,
+        bucket=args.bucket,
+        prefix=args.prefix,
+        concurrency=args.concurrency,
+        output_dir=args.output_dir,
+        max_cost=args.max_cost,
+        dry_run=args.dry_run,
+        timeout=args.timeout,
+        refresh=args.refresh,
+        return_state=True,
+    )
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        print(f"prefect-gptimage: error: {summary}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.dry_run or not state.is_completed():
+        print(state.message, file=sys.stderr)
+    return _emit(summary, args.json, ok=state.is_completed())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "emulator":
         from prefect_gptimage.testing.emulator import serve_forever_cli
 
         return serve_forever_cli(args.args)
-    commands = {"generate": cmd_generate}
+    if args.command == "demo":
+        from prefect_gptimage.demo import run_demo
+
+        return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
+    commands = {"generate": cmd_generate, "batch": cmd_batch}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

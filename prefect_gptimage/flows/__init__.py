@@ -6,6 +6,7 @@ entrypoints; the CLI runs them too.
 
 from __future__ import annotations
 
-from prefect_gptimage.flows.generate import generate_flow
+from prefect_gptimage.flows.batch import batch_to_s3
+from prefect_gptimage.flows.generate import generate_to_s3
 
-__all__ = ["generate_flow"]
+__all__ = ["batch_to_s3", "generate_to_s3"]

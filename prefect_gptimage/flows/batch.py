@@ -28,25 +28,21 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_gptimage.artifacts import (
     BatchProgress,
     artifact_key,
-    publish_results,
-    write_html_gallery,
 )
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.generate import finish
+from prefect_gptimage.flows.report import record, record_failure, wrap_up
 from prefect_gptimage.flows.rows import RowOutcome, generate_and_stage
-from prefect_gptimage.flows.summary import Failure, RunSummary
+from prefect_gptimage.flows.summary import RunSummary
 from prefect_gptimage.manifest import Manifest
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file
-from prefect_gptimage.s3 import S3Target, manifest_key, slugify, stage_file
+from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks import is_submit_cached, request_fingerprint
 
 #: Rows whose tasks are in flight at once are bounded by ``concurrency``; rows are *submitted* to
 #: the task runner this many at a time, so the flow never holds every future of a huge file.
 CHUNK_SIZE = 256
-#: The summary lists at most this many images (the manifest lists them all).
-SUMMARY_IMAGES = 1000
 
 
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:
@@ -150,64 +146,15 @@ def batch_to_s3(
                 result = future.state.result(raise_on_failure=False)
                 if isinstance(result, RowOutcome):
                     outcomes.append(result)
-                    for staged in result.staged:
-                        manifest.add_image(staged, row.request.prompt, result.request)
+                    record(manifest, result, row.request.prompt)
                 else:
-                    failure = Failure.from_exception(
-                        result if isinstance(result, BaseException) else RuntimeError(str(result)),
-                        row.request.to_arguments(),
-                        row.request.endpoint,
+                    error = (
+                        result if isinstance(result, BaseException) else RuntimeError(str(result))
                     )
-                    summary.failures.append(failure)
-                    manifest.add_failure(
-                        failure.prompt,
-                        row.request.to_arguments(),
-                        reason=failure.reason,
-                        endpoint=failure.endpoint,
-                        request_id=failure.request_id,
-                        error_type=failure.error_type,
-                    )
+                    record_failure(manifest, summary, error, row.request)
                 progress.advance()
             log.info(
                 "%s: %s (%.0fs elapsed)", run_key, progress.status(), time.monotonic() - started
             )
     progress.finish()
-    return _wrap_up(summary, outcomes, manifest, out, run_key, target)
-
-
-def _wrap_up(
-    summary: RunSummary,
-    outcomes: list[RowOutcome],
-    manifest: Manifest,
-    out: Path,
-    run_key: str,
-    target: S3Target | None,
-) -> State[RunSummary]:
-    """Write the manifest and gallery, publish artifacts, and settle the flow's final state."""
-    out.mkdir(parents=True, exist_ok=True)
-    summary.submitted = sum(1 for o in outcomes if not o.from_cache)
-    summary.estimated_cost_usd = round(sum(o.cost for o in outcomes), 6)
-    summary.images = [rec for o in outcomes for rec in o.image_records()][:SUMMARY_IMAGES]
-    gallery = write_html_gallery(
-        [img for o in outcomes for img in o.images],
-        out / "index.html",
-        title=run_key,
-        prompts={o.request_id: str(o.request.get("prompt", "")) for o in outcomes},
-        failures=summary.failures,
-    )
-    summary.gallery = str(gallery)
-    manifest_path = manifest.write(out / "manifest.jsonl")
-    if target is not None:
-        staged_manifest = stage_file(
-            manifest_path, manifest_key(target, run_key), "application/x-ndjson", target
-        )
-        summary.manifest_uri = staged_manifest.s3_uri
-        publish_results(
-            [s for o in outcomes for s in o.staged],
-            summary.failures,
-            key_prefix=run_key,
-            requests={o.request_id: o.request for o in outcomes},
-        )
-    else:
-        summary.manifest_uri = str(manifest_path)
-    return finish(summary)
+    return wrap_up(summary, outcomes, manifest, out, run_key, target)

@@ -1,59 +1,59 @@
-"""``generate_flow``: one request (a prompt, or an edit), N images, written to a local folder.
+"""``generate_to_s3``: one request (a prompt, or an edit), N images, to a folder and to S3.
 
 Example:
     >>> from prefect_gptimage import GptImageRequest
-    >>> summary = generate_flow(GptImageRequest(prompt="a lighthouse", quality="low"))
-    >>> summary.images[0]["path"]
+    >>> generate_to_s3(GptImageRequest(prompt="a lighthouse", quality="low"), bucket="my-images")
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.client.schemas.objects import State
-from prefect.states import Completed, Failed
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.summary import Failure, RunSummary
-from prefect_gptimage.pricing import estimate_cost
+from prefect_gptimage.flows.report import record, record_failure, wrap_up
+from prefect_gptimage.flows.rows import generate_and_stage
+from prefect_gptimage.flows.summary import RunSummary
+from prefect_gptimage.manifest import Manifest
+from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks import generate_images
+from prefect_gptimage.tasks import request_fingerprint
 
 
-def finish(summary: RunSummary) -> State[RunSummary]:
-    """The flow's final state: Failed (carrying the summary) when any image failed."""
-    if summary.ok:
-        return Completed(data=summary)
-    return Failed(message=f"{len(summary.failures)} request(s) failed", data=summary)
-
-
-@flow(name="gptimage-generate", log_prints=False)
-def generate_flow(
+@flow(name="gptimage-generate-to-s3", log_prints=False)
+def generate_to_s3(
     request: GptImageRequest | GptImageEditRequest,
+    bucket: str | None = None,
+    prefix: str = "gptimage",
     output_dir: str | None = None,
     credentials: FalCredentials | None = None,
     timeout: float | None = None,
     refresh: bool = False,
     variant: int = 0,
+    presign_expires: int = 86400,
+    run_key: str | None = None,
 ) -> State[RunSummary]:
-    """Generate the images of one request into ``output_dir`` (default ``gptimage-output``)."""
-    summary = RunSummary()
+    """Generate the images of one request into ``output_dir``; stage them to ``bucket`` if given.
+
+    The run writes a manifest and an HTML gallery beside the images, and (with a bucket) stages
+    the manifest and publishes the table, gallery and link artifacts.
+    """
+    fingerprint = request_fingerprint(request, variant)[:10]
+    run_key = run_key or f"generate-{slugify(request.prompt, 40)}-{fingerprint}"
+    out = Path(output_dir or get_settings().output_dir) / run_key
+    target = (
+        S3Target(bucket=bucket, prefix=prefix, presign_expires=presign_expires) if bucket else None
+    )
+    summary, manifest = RunSummary(), Manifest()
     try:
-        result = generate_images(
-            request,
-            credentials=credentials,
-            output_dir=output_dir or get_settings().output_dir,
-            timeout=timeout,
-            refresh_cache=refresh,
-            variant=variant,
+        outcome = generate_and_stage(
+            request, target, str(out), credentials, timeout, refresh, variant
         )
     except Exception as exc:
-        summary.failures.append(
-            Failure.from_exception(exc, request.to_arguments(), request.endpoint)
-        )
-        return finish(summary)
-    summary.images = [img.model_dump() for img in result.images]
-    if not result.from_cache:
-        summary.submitted = 1
-        summary.estimated_cost_usd = estimate_cost(result.request)
-    return finish(summary)
+        record_failure(manifest, summary, exc, request)
+        return wrap_up(summary, [], manifest, out, run_key, target)
+    record(manifest, outcome, request.prompt)
+    return wrap_up(summary, [outcome], manifest, out, run_key, target)

@@ -37,9 +37,13 @@ class Failure(BaseModel):
 class RunSummary(BaseModel):
     """The one-line JSON the CLI prints last (``--json``)."""
 
-    images: list[dict[str, Any]] = Field(default_factory=list)
+    images: list[dict[str, Any]] = Field(
+        default_factory=list, description="The images (at most 1000; the manifest has all)."
+    )
     failures: list[Failure] = Field(default_factory=list)
-    submitted: int = 0
+    images_total: int = Field(default=0, description="Images produced.")
+    staged: int = Field(default=0, description="Images staged to S3.")
+    submitted: int = Field(default=0, description="Requests paid for by this run (not cached).")
     estimated_cost_usd: float = 0.0
     manifest_uri: str | None = None
     gallery: str | None = None
