@@ -7,6 +7,8 @@ entrypoints; the CLI runs them too.
 from __future__ import annotations
 
 from prefect_gptimage.flows.batch import batch_to_s3
+from prefect_gptimage.flows.edit import generate_then_edit
 from prefect_gptimage.flows.generate import generate_to_s3
+from prefect_gptimage.flows.scheduled import scheduled_content
 
-__all__ = ["batch_to_s3", "generate_to_s3"]
+__all__ = ["batch_to_s3", "generate_then_edit", "generate_to_s3", "scheduled_content"]

@@ -1,0 +1,76 @@
+"""``scheduled_content``: a templated prompt filled with the run date, idempotent per date.
+
+The template may use ``{date}`` (ISO, e.g. 2026-11-24), ``{weekday}`` and ``{month}``. The date
+is the flow run's scheduled date (or ``date`` when given), so a re-run of the same day builds the
+same request, hits the cache, and pays nothing.
+
+Example:
+    >>> scheduled_content("A poster for {weekday}, {date}: autumn in the city", bucket="my-images")
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from prefect import flow, runtime
+from prefect.client.schemas.objects import State
+
+from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.flows.generate import generate_to_s3
+from prefect_gptimage.flows.summary import RunSummary
+from prefect_gptimage.schemas import parse_request
+
+
+def run_date(date: str | None = None) -> dt.date:
+    """``date`` if given, else the flow run's scheduled start (else today), as a date."""
+    if date:
+        return dt.date.fromisoformat(date)
+    scheduled = runtime.flow_run.scheduled_start_time
+    return scheduled.date() if scheduled else dt.date.today()
+
+
+def fill_template(template: str, day: dt.date) -> str:
+    """Fill ``{date}``, ``{weekday}`` and ``{month}``; any other placeholder is an error."""
+    try:
+        return template.format(
+            date=day.isoformat(), weekday=day.strftime("%A"), month=day.strftime("%B")
+        )
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InvalidRequestError("template", f"unknown placeholder or bad format: {exc}") from None
+
+
+@flow(name="gptimage-scheduled-content", log_prints=False)
+def scheduled_content(
+    template: str,
+    bucket: str | None = None,
+    prefix: str = "scheduled",
+    date: str | None = None,
+    quality: str = "low",
+    image_size: str = "1024x1024",
+    num_images: int = 1,
+    output_format: str = "png",
+    output_dir: str | None = None,
+    credentials: FalCredentials | None = None,
+) -> State[RunSummary]:
+    """Generate the day's images from ``template`` and stage them under ``{prefix}/``."""
+    day = run_date(date)
+    request = parse_request(
+        {
+            "prompt": fill_template(template, day),
+            "quality": quality,
+            "image_size": image_size,
+            "num_images": num_images,
+            "output_format": output_format,
+        }
+    )
+    state: State[RunSummary] = generate_to_s3(  # type: ignore[assignment]
+        request,
+        bucket=bucket,
+        prefix=prefix,
+        output_dir=output_dir,
+        credentials=credentials,
+        run_key=f"scheduled-{day.isoformat()}",
+        return_state=True,
+    )
+    return state
