@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore, get_result_store
 
+from prefect_gptimage.concurrency import fal_request_slot
 from prefect_gptimage.credentials import FalCredentials, resolve_client
 from prefect_gptimage.download import download_image_file
 from prefect_gptimage.errors import FalRequestFailed, PermanentFalError
@@ -96,9 +98,13 @@ def _submit_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return submit_cache_key(parameters["request"], parameters.get("variant", 0))
 
 
-def _result_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    handle: RequestHandle = parameters["handle"]
+def result_cache_key(handle: RequestHandle) -> str:
+    """The cache key of :func:`fetch_result` for this request."""
     return f"gptimage-result-{handle.endpoint.replace('/', '_')}-{handle.request_id}"
+
+
+def _result_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return result_cache_key(parameters["handle"])
 
 
 @task(
@@ -132,11 +138,20 @@ def submit_request(
     return handle
 
 
+def _cached(task: Any, key: str) -> bool:
+    # _sync: update_for_task is async-dispatched; this helper runs in sync code (flows, the CLI)
+    store: ResultStore = get_result_store().update_for_task(task, _sync=True)  # type: ignore[call-arg,assignment]
+    return store.exists(key)
+
+
 def is_submit_cached(request: AnyRequest, variant: int = 0) -> bool:
     """Whether this request was already submitted (and cached): re-running it is free."""
-    # _sync: update_for_task is async-dispatched; this helper runs in sync code (flows, the CLI)
-    store: ResultStore = get_result_store().update_for_task(submit_request, _sync=True)  # type: ignore[call-arg,assignment]
-    return store.exists(submit_cache_key(request, variant))
+    return _cached(submit_request, submit_cache_key(request, variant))
+
+
+def is_result_cached(handle: RequestHandle) -> bool:
+    """Whether the output of this request was already fetched and persisted."""
+    return _cached(fetch_result, result_cache_key(handle))
 
 
 @task(name="gptimage-wait", task_run_name="wait {handle.request_id}", **TRANSIENT_RETRIES)
@@ -248,19 +263,33 @@ def generate_images(
     """
     log = get_run_logger()
     submit = submit_request.with_options(refresh_cache=True) if refresh_cache else submit_request
-    for attempt in range(resubmits + 1):
-        state = submit(request, credentials, variant, return_state=True)
-        handle: RequestHandle = state.result()
-        from_cache = state.name == "Cached"
-        try:
-            output = fetch_result(handle, credentials, timeout=timeout)
-            break
-        except Exception as exc:
-            reason = _resubmit_reason(exc)
-            if reason is None or attempt == resubmits:
-                raise
-            log.warning("submitting %s again: %s", handle.request_id, reason)
-            submit = submit_request.with_options(refresh_cache=True)
+    with ExitStack() as slot:
+        held = False
+
+        def hold() -> None:  # a fal slot, from submit to fetched result; none for cache hits
+            nonlocal held
+            if not held:
+                slot.enter_context(fal_request_slot())
+                held = True
+
+        if refresh_cache or not is_submit_cached(request, variant):
+            hold()
+        for attempt in range(resubmits + 1):
+            state = submit(request, credentials, variant, return_state=True)
+            handle: RequestHandle = state.result()
+            from_cache = state.name == "Cached"
+            if not is_result_cached(handle):
+                hold()
+            try:
+                output = fetch_result(handle, credentials, timeout=timeout)
+                break
+            except Exception as exc:
+                reason = _resubmit_reason(exc)
+                if reason is None or attempt == resubmits:
+                    raise
+                log.warning("submitting %s again: %s", handle.request_id, reason)
+                submit = submit_request.with_options(refresh_cache=True)
+                hold()
     dest = str(Path(output_dir or get_settings().output_dir))
     images = [
         download_image(image, request, handle.request_id, i, dest)

@@ -1,0 +1,91 @@
+"""Cap the fal requests in flight: a Prefect global concurrency limit, or a local one.
+
+fal counts only running requests against an account's limit and queues the rest, so sending
+more than the limit only makes requests wait in fal's queue (and costs status polls). Every
+:func:`~prefect_gptimage.tasks.generate_images` holds one slot from its submit until its result
+is fetched (not while downloading, and not at all for a cached request).
+
+* If a Prefect **global concurrency limit** named ``PREFECT_GPTIMAGE_CONCURRENCY_LIMIT_NAME``
+  (default ``fal-gpt-image``) exists, slots come from it: the cap holds across every task, flow
+  run and worker talking to that Prefect API. Create it once with::
+
+      prefect gcl create fal-gpt-image --limit 16
+
+  (set the limit to your fal account's concurrency: 2 for new accounts, up to 40).
+* Otherwise a process-local semaphore of ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY`` (default 16) caps
+  the requests of this process.
+
+Example:
+    >>> with fal_request_slot():
+    ...     handle = client.submit(request)
+    ...     client.wait(handle)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+from prefect_gptimage.settings import get_settings
+
+logger = logging.getLogger("prefect_gptimage.concurrency")
+
+#: How long the answer "does the global limit exist?" is trusted.
+LOOKUP_TTL = 60.0
+
+_lock = threading.Lock()
+_semaphores: dict[int, threading.BoundedSemaphore] = {}
+_lookups: dict[str, tuple[bool, float]] = {}
+
+
+def global_limit_exists(name: str) -> bool:
+    """Whether the Prefect API has an active global concurrency limit ``name`` (cached 60 s)."""
+    with _lock:
+        known = _lookups.get(name)
+        if known is not None and time.monotonic() - known[1] < LOOKUP_TTL:
+            return known[0]
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        exists = bool(limit.active)
+    except ObjectNotFound:
+        exists = False
+    except Exception as exc:  # no API reachable: fall back to the local cap
+        logger.debug("global concurrency limit lookup failed: %s", exc)
+        exists = False
+    with _lock:
+        _lookups[name] = (exists, time.monotonic())
+    return exists
+
+
+def forget_lookups() -> None:
+    """Drop cached lookups (after creating or deleting a limit)."""
+    with _lock:
+        _lookups.clear()
+
+
+def _local_semaphore(size: int) -> threading.BoundedSemaphore:
+    with _lock:
+        if size not in _semaphores:
+            _semaphores[size] = threading.BoundedSemaphore(size)
+        return _semaphores[size]
+
+
+@contextmanager
+def fal_request_slot(name: str | None = None) -> Iterator[str]:
+    """Hold one fal request slot; yields ``"global:<name>"`` or ``"local:<size>"``."""
+    settings = get_settings()
+    name = name or settings.concurrency_limit_name
+    if global_limit_exists(name):
+        with concurrency(name, occupy=1, strict=True):
+            yield f"global:{name}"
+    else:
+        with _local_semaphore(settings.local_concurrency):
+            yield f"local:{settings.local_concurrency}"

@@ -1,0 +1,77 @@
+"""The cap on fal requests in flight: a Prefect global concurrency limit, or the local fallback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+from prefect_gptimage.concurrency import fal_request_slot, forget_lookups
+from prefect_gptimage.flows.batch import batch_to_s3
+from prefect_gptimage.testing import FalEmulator
+
+
+def max_overlap(emulator: FalEmulator, marker: str) -> int:
+    """Most of our requests alive at fal at once (submitted, not yet completed)."""
+    events = []
+    for info in emulator.requests():
+        if marker in str(info.arguments.get("prompt", "")):
+            assert info.completed_at is not None
+            events += [(info.submitted_at, 1), (info.completed_at, -1)]
+    alive = peak = 0
+    for _, delta in sorted(events):
+        alive += delta
+        peak = max(peak, alive)
+    return peak
+
+
+def prompts(tmp_path: Path, unique: str, n: int) -> str:
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"tile {i} {unique}", "quality": "low"}) + "\n" for i in range(n)
+        )
+    )
+    return str(path)
+
+
+@pytest.fixture
+def global_limit() -> Iterator[str]:
+    name = "fal-gpt-image"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
+    forget_lookups()
+    yield name
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(name)
+    forget_lookups()
+
+
+def test_global_limit_caps_requests_in_flight(
+    fal_emulator: FalEmulator, global_limit: str, unique: str, tmp_path: Path
+) -> None:
+    fal_emulator.set_latency(0.4)
+    with fal_request_slot() as slot:
+        assert slot == f"global:{global_limit}"
+    batch_to_s3(
+        prompt_file=prompts(tmp_path, unique, 6), concurrency=6, output_dir=str(tmp_path / "o")
+    )
+    assert max_overlap(fal_emulator, unique) == 2
+
+
+def test_local_cap_without_a_global_limit(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_GPTIMAGE_LOCAL_CONCURRENCY", "3")
+    forget_lookups()
+    fal_emulator.set_latency(0.4)
+    with fal_request_slot() as slot:
+        assert slot == "local:3"
+    batch_to_s3(
+        prompt_file=prompts(tmp_path, unique, 7), concurrency=7, output_dir=str(tmp_path / "o")
+    )
+    assert max_overlap(fal_emulator, unique) == 3
