@@ -1,0 +1,50 @@
+"""Helpers for code that may run inside or outside a Prefect flow/task run.
+
+S3 staging, artifact publishing and batch progress are called from flows and tasks, but also from
+plain scripts and tests. They share three needs, gathered here so each is written once:
+
+* log through the Prefect run logger when there is a run (so lines reach the UI), else through a
+  plain module logger (:func:`run_logger`);
+* know whether there is a run at all: artifacts may only be created inside one (:func:`in_run`);
+* call Prefect's ``async_dispatch`` artifact functions synchronously, even from an async flow
+  (:func:`call_sync`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["call_sync", "in_run", "run_logger"]
+
+
+def run_logger(fallback: logging.Logger) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run logger inside a flow/task run (so lines reach the UI), else ``fallback``."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return fallback
+
+
+def in_run() -> bool:
+    """True inside a Prefect flow or task run."""
+    from prefect.context import get_run_context
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_context()
+    except MissingContextError:
+        return False
+    return True
+
+
+def call_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a Prefect ``async_dispatch`` artifact function synchronously, even from an async flow.
+
+    Without ``_sync=True`` these functions return a coroutine when the current flow is async.
+    """
+    return fn(*args, _sync=True, **kwargs)

@@ -1,0 +1,221 @@
+"""Galleries of a batch's images: the markdown gallery artifact and a standalone HTML page.
+
+Both render the same records (staged or downloaded images, failures) for people to look at, so
+they share the escaping rules kept here: prompts and reasons are user input and are always
+HTML-escaped (and markdown-neutralized in markdown); only ``http(s)`` URLs become links. The
+markdown gallery uses raw ``<img src="presigned-url" width="160">`` tags (the Prefect UI honours
+the width, which makes thumbnails; ``![](url)`` would be drawn full size), each wrapped in a link
+to the full image. The HTML page shows downloaded images through relative paths and staged ones
+through their presigned URLs, which expire (``S3Target.presign_expires``).
+
+Example:
+    >>> escape_text("<b>*hi*</b>")
+    '&lt;b&gt;&#42;hi&#42;&lt;/b&gt;'
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from prefect_gptimage.manifest import cost_per_image
+from prefect_gptimage.s3 import StagedImage
+from prefect_gptimage.schemas import DownloadedImage
+
+__all__ = [
+    "THUMB_WIDTH",
+    "FailureLike",
+    "escape_text",
+    "gallery_markdown",
+    "lookup_request",
+    "safe_url",
+    "write_html_gallery",
+]
+
+
+class FailureLike(Protocol):
+    """A failure record: :class:`~prefect_gptimage.manifest.FailureLine` or anything shaped so."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def error_type(self) -> str | None: ...
+
+
+THUMB_WIDTH = 160
+
+_MD_SPECIAL = {c: f"&#{ord(c)};" for c in "\\`*_{}[]()#+!|~$"}
+
+
+def escape_text(value: str, limit: int | None = 300) -> str:
+    """Untrusted text for markdown/HTML: escaped, markdown specials neutralized, one line."""
+    text = " ".join(str(value).split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    escaped = html.escape(text, quote=True)
+    return "".join(_MD_SPECIAL.get(c, c) for c in escaped)
+
+
+def safe_url(value: str) -> str:
+    """An http(s) URL escaped for an HTML attribute; anything else (``javascript:``) becomes #."""
+    scheme = urllib.parse.urlsplit(value).scheme.lower()
+    if scheme not in ("http", "https"):
+        return "#"
+    return html.escape(value, quote=True)
+
+
+def lookup_request(
+    request_id: str,
+    prompts: Mapping[str, str] | None,
+    requests: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[str, Mapping[str, Any]]:
+    """``(prompt, normalized request)`` of a request id; ``prompts`` wins over the request."""
+    request: Mapping[str, Any] = (requests or {}).get(request_id, {})
+    prompt = (prompts or {}).get(request_id) or str(request.get("prompt", ""))
+    return prompt, request
+
+
+def gallery_markdown(
+    staged: Sequence[StagedImage],
+    failures: Sequence[FailureLike] = (),
+    *,
+    title: str = "Generated images",
+    prompts: Mapping[str, str] | None = None,
+    requests: Mapping[str, Mapping[str, Any]] | None = None,
+    max_images: int = 60,
+    thumb_width: int = THUMB_WIDTH,
+) -> str:
+    """The markdown gallery: a table of linked thumbnails with escaped prompts, then failures."""
+    cost = sum(
+        cost_per_image(lookup_request(s.request_id, prompts, requests)[1]) or 0.0 for s in staged
+    )
+    out = [
+        f"# {escape_text(title, 200)}",
+        "",
+        f"**{len(staged)}** images, **{len(failures)}** failures, estimated cost "
+        f"**${cost:.3f}**. Thumbnails use presigned links, which expire.",
+        "",
+    ]
+    if staged:
+        out += ["| Image | Prompt | Details |", "|---|---|---|"]
+        for image in staged[:max_images]:
+            prompt, request = lookup_request(image.request_id, prompts, requests)
+            url = safe_url(image.url)
+            price = cost_per_image(request) if request else None
+            details = (
+                f"{image.width}x{image.height} {escape_text(image.format, 10)}"
+                + (f" &middot; ${price:.3f}" if price is not None else "")
+                + f" &middot; {escape_text(image.request_id, 80)} &#35;{image.index}"
+            )
+            out.append(
+                f'| <a href="{url}"><img src="{url}" width="{thumb_width}" '
+                f'alt="{escape_text(prompt, 100)}"></a> | {escape_text(prompt)} | {details} |'
+            )
+        if len(staged) > max_images:
+            out += ["", f"… and {len(staged) - max_images} more in the results table."]
+    if failures:
+        out += ["", "## Failures", ""]
+        for failure in failures:
+            kind = f" ({escape_text(failure.error_type, 60)})" if failure.error_type else ""
+            out.append(
+                f"- {escape_text(failure.prompt, 200)}: {escape_text(failure.reason, 300)}{kind}"
+            )
+    return "\n".join(out) + "\n"
+
+
+_HTML_HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{title}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}}
+.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:1rem}}
+figure{{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:.5rem}}
+img{{width:100%;height:auto;display:block;border-radius:4px}}
+figcaption{{font-size:.85rem;margin-top:.4rem;word-wrap:break-word}}
+.meta{{color:#666;font-size:.75rem}} .fail{{color:#a00}}
+</style></head><body>
+<h1>{title}</h1>
+<p>{summary}</p>
+<div class="grid">
+"""
+
+
+def _local_src(path: str, gallery_dir: Path) -> str:
+    try:
+        rel = os.path.relpath(Path(path).resolve(), gallery_dir.resolve())
+    except ValueError:  # another drive on Windows
+        return Path(path).resolve().as_uri()
+    return urllib.parse.quote(rel.replace(os.sep, "/"))
+
+
+def write_html_gallery(
+    images: Sequence[StagedImage | DownloadedImage],
+    path: str | os.PathLike[str],
+    title: str,
+    *,
+    prompts: Mapping[str, str] | None = None,
+    requests: Mapping[str, Mapping[str, Any]] | None = None,
+    failures: Sequence[FailureLike] = (),
+) -> Path:
+    """Write a self-contained HTML page of the images a person can open in a browser.
+
+    :class:`DownloadedImage` items are shown through paths relative to the page (so the folder
+    can be moved or zipped as a whole); :class:`StagedImage` items through their presigned URLs
+    (which expire). Prompts and every other text are HTML-escaped. Written line by line.
+
+    Example:
+        >>> write_html_gallery(downloaded, "out/index.html", "Nightly batch",
+        ...                    requests={rid: req})  # doctest: +SKIP
+        PosixPath('out/index.html')
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    esc = html.escape
+    with target.open("w", encoding="utf-8") as fh:
+        fh.write(
+            _HTML_HEAD.format(
+                title=esc(title),
+                summary=esc(f"{len(images)} images, {len(failures)} failures"),
+            )
+        )
+        for image in images:
+            prompt, request = lookup_request(image.request_id, prompts, requests)
+            if isinstance(image, DownloadedImage):
+                src = esc(_local_src(image.path, target.parent), quote=True)
+                where = Path(image.path).name
+            else:
+                src = safe_url(image.url)
+                where = image.s3_uri
+            price = cost_per_image(request) if request else None
+            meta = f"{image.width}x{image.height} {image.format}" + (
+                f" · ${price:.3f}" if price is not None else ""
+            )
+            fh.write(
+                f'<figure><a href="{src}"><img src="{src}" loading="lazy" '
+                f'alt="{esc(prompt[:200], quote=True)}"></a>'
+                f"<figcaption>{esc(prompt)}<div class=meta>{esc(meta)}<br>"
+                f"{esc(image.request_id)} #{image.index} · {esc(where)}</div>"
+                "</figcaption></figure>\n"
+            )
+        fh.write("</div>\n")
+        if failures:
+            fh.write("<h2>Failures</h2><ul>\n")
+            for failure in failures:
+                fh.write(
+                    f"<li class=fail>{esc(failure.prompt)}: {esc(failure.reason)}"
+                    + (f" ({esc(failure.error_type)})" if failure.error_type else "")
+                    + "</li>\n"
+                )
+            fh.write("</ul>\n")
+        fh.write("</body></html>\n")
+    return target

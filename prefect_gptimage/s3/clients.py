@@ -1,0 +1,164 @@
+"""S3 clients: one shared, thread-safe boto3 client per configuration, or one per prefect-aws block.
+
+Credentials, region and endpoint come from boto3's standard chain only: ``AWS_*`` environment
+variables, profiles, instance roles, and ``AWS_ENDPOINT_URL_S3`` (which points the client at MinIO,
+moto or LocalStack without any code change). One client per process is built and reused (boto3
+clients are thread-safe, sessions are not); see :func:`get_s3_client`. When the optional
+``prefect-aws`` extra is installed, a prefect-aws ``AwsCredentials``/``MinIOCredentials`` or
+``S3Bucket`` block may be passed wherever a ``client`` is accepted (used by duck typing, never
+imported).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+import boto3
+from botocore.config import Config
+
+from prefect_gptimage.s3.models import S3Target
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = [
+    "ClientSource",
+    "client_from_block",
+    "get_s3_client",
+    "reset_s3_clients",
+    "resolve_client",
+    "target_from_bucket_block",
+]
+
+
+class _SessionSource(Protocol):
+    """prefect-aws ``AwsCredentials`` / ``MinIOCredentials`` (duck typed)."""
+
+    def get_boto3_session(self) -> Any: ...
+
+
+class _BucketBlock(Protocol):
+    """prefect-aws ``S3Bucket`` (duck typed)."""
+
+    bucket_name: str
+    credentials: Any
+
+
+ClientSource = Union["S3Client", _SessionSource, _BucketBlock, None]
+
+_CLIENTS: dict[tuple[Any, ...], tuple[object, S3Client]] = {}
+_CLIENTS_LOCK = threading.Lock()
+_ENV_KEYS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def _botocore_config(max_attempts: int, max_pool_connections: int) -> Config:
+    return Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        max_pool_connections=max_pool_connections,
+        signature_version="s3v4",
+        connect_timeout=10,
+        read_timeout=60,
+    )
+
+
+def get_s3_client(*, max_attempts: int = 5, max_pool_connections: int = 64) -> S3Client:
+    """The process-wide S3 client from boto3's standard configuration chain.
+
+    Built once per distinct configuration (the relevant ``AWS_*`` environment variables,
+    ``max_attempts``, ``max_pool_connections``) under a lock and shared by all threads: boto3
+    clients are thread-safe, sessions are not. botocore's own ``standard`` retries
+    (``max_attempts`` tries in all, with backoff) absorb brief throttling before an error reaches
+    the Prefect task's retry policy. ``max_pool_connections`` should cover the task runner's
+    threads times ``S3Target.max_concurrency``.
+
+    Example:
+        >>> client = get_s3_client()
+        >>> client is get_s3_client()
+        True
+    """
+    env = tuple(os.environ.get(name) for name in _ENV_KEYS)
+    cache_key = ("env", env, max_attempts, max_pool_connections)
+    with _CLIENTS_LOCK:
+        hit = _CLIENTS.get(cache_key)
+        if hit is None:
+            client = boto3.session.Session().client(
+                "s3", config=_botocore_config(max_attempts, max_pool_connections)
+            )
+            hit = (env, client)
+            _CLIENTS[cache_key] = hit
+        return hit[1]
+
+
+def client_from_block(
+    block: _SessionSource | _BucketBlock, *, max_attempts: int = 5, max_pool_connections: int = 64
+) -> S3Client:
+    """An S3 client from a prefect-aws ``AwsCredentials``, ``MinIOCredentials`` or ``S3Bucket``.
+
+    prefect-aws is optional and never imported here: the block is used by duck typing
+    (``get_boto3_session()`` and ``aws_client_parameters.get_params_override()``). The block's own
+    client parameters (endpoint URL, TLS, a botocore config) win over this module's defaults.
+    One client is cached per block object.
+
+    Example:
+        >>> from prefect_aws import S3Bucket  # doctest: +SKIP
+        >>> client = client_from_block(S3Bucket.load("images"))  # doctest: +SKIP
+    """
+    creds: Any = getattr(block, "credentials", None) or block
+    if not hasattr(creds, "get_boto3_session"):
+        raise TypeError(
+            f"{type(block).__name__} is not a prefect-aws credentials or S3Bucket block"
+        )
+    cache_key = ("block", id(creds), max_attempts, max_pool_connections)
+    with _CLIENTS_LOCK:
+        hit = _CLIENTS.get(cache_key)
+        if hit is None or hit[0] is not creds:
+            params: dict[str, Any] = {}
+            client_params = getattr(creds, "aws_client_parameters", None)
+            if client_params is not None and hasattr(client_params, "get_params_override"):
+                params = dict(client_params.get_params_override())
+            config = _botocore_config(max_attempts, max_pool_connections)
+            theirs = params.pop("config", None)
+            if isinstance(theirs, Config):
+                config = config.merge(theirs)
+            client = creds.get_boto3_session().client("s3", config=config, **params)
+            hit = (creds, client)
+            _CLIENTS[cache_key] = hit
+        return hit[1]
+
+
+def reset_s3_clients() -> None:
+    """Forget cached clients (tests, or after rotating credentials in-process)."""
+    with _CLIENTS_LOCK:
+        _CLIENTS.clear()
+
+
+def resolve_client(client: ClientSource) -> S3Client:
+    """The client to use: the shared default, one built from a prefect-aws block, or ``client``."""
+    if client is None:
+        return get_s3_client()
+    if hasattr(client, "get_boto3_session") or hasattr(client, "bucket_name"):
+        return client_from_block(client)  # type: ignore[arg-type]
+    return client  # type: ignore[return-value]
+
+
+def target_from_bucket_block(
+    block: _BucketBlock, *, presign_expires: int = 24 * 3600, prefix: str | None = None
+) -> S3Target:
+    """An :class:`S3Target` from a prefect-aws ``S3Bucket`` block (bucket name and folder).
+
+    Example:
+        >>> target = target_from_bucket_block(S3Bucket.load("images"))  # doctest: +SKIP
+    """
+    folder = prefix if prefix is not None else (getattr(block, "bucket_folder", "") or "gptimage")
+    return S3Target(bucket=block.bucket_name, prefix=folder, presign_expires=presign_expires)

@@ -1,0 +1,240 @@
+"""Stage verified images (and run manifests) in S3, privately, idempotently, with presigned links.
+
+The operations of the :mod:`prefect_gptimage.s3` package: plain functions that do the work (the
+Prefect tasks in :mod:`prefect_gptimage.s3.tasks` are thin wrappers that add retries). Uploads go
+through boto3's managed transfer (``client.upload_file`` with a
+:class:`boto3.s3.transfer.TransferConfig`), which streams from the local file and switches to a
+multipart upload above ``S3Target.multipart_threshold``: no image, and no batch, is ever held in
+memory whole. Keys follow :mod:`prefect_gptimage.s3.keys`; failures raise the errors of
+:mod:`prefect_gptimage.s3.errors`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import unicodedata
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from prefect_gptimage._run_context import run_logger
+from prefect_gptimage.s3.clients import ClientSource, resolve_client
+from prefect_gptimage.s3.errors import PermanentS3StagingError, S3StagingError
+from prefect_gptimage.s3.keys import check_key, image_key
+from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage, validate_expires
+from prefect_gptimage.schemas import DownloadedImage
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["MANIFEST_CONTENT_TYPE", "presign", "stage_file", "stage_image"]
+
+MANIFEST_CONTENT_TYPE = "application/x-ndjson"
+
+_log = logging.getLogger(__name__)
+
+
+def presign(bucket: str, key: str, expires: int, client: ClientSource = None) -> str:
+    """A presigned GET URL for ``s3://bucket/key`` valid ``expires`` seconds (1 .. 7 days).
+
+    Signed locally (no network call) with SigV4. Anyone holding the URL can read the object until
+    it expires, so treat it like a short-lived password.
+
+    Example:
+        >>> url = presign("my-images", "gptimage/x.png", 3600)  # doctest: +SKIP
+    """
+    validate_expires(expires)
+    return resolve_client(client).generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
+    )
+
+
+def _expiry(expires: int) -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expires)
+
+
+def _ascii(value: object, limit: int = 128) -> str:
+    """S3 user metadata must be ASCII (and short): fold, drop control chars, truncate."""
+    text = unicodedata.normalize("NFKD", str(value)).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[\x00-\x1f\x7f]", "", text)[:limit]
+
+
+def _head(s3: S3Client, bucket: str, key: str) -> dict[str, Any] | None:
+    """HeadObject, or None when the object is missing (or HEAD is not permitted: then upload)."""
+    try:
+        return dict(s3.head_object(Bucket=bucket, Key=key))
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchKey", "NotFound") and status != 403:
+            return None
+        if code in ("403", "AccessDenied", "Forbidden") or status == 403:
+            # Write-only credentials: we cannot check, so upload (a missing bucket or real denial
+            # will surface from the PUT with a precise code).
+            return None
+        raise S3StagingError.from_exception(exc, bucket=bucket, key=key, operation="HEAD") from exc
+    except Exception as exc:
+        raise S3StagingError.from_exception(exc, bucket=bucket, key=key, operation="HEAD") from exc
+
+
+def _local_size(path: str | os.PathLike[str], bucket: str, key: str) -> int:
+    """Size of the local file to stage; a missing or unreadable file is a permanent error."""
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise PermanentS3StagingError(
+            f"cannot stage s3://{bucket}/{key}: local file {os.fspath(path)!r} unreadable ({exc})",
+            bucket=bucket,
+            key=key,
+            code=type(exc).__name__,
+        ) from exc
+
+
+def _upload(
+    s3: S3Client,
+    path: str | os.PathLike[str],
+    bucket: str,
+    key: str,
+    extra_args: dict[str, Any],
+    target: S3Target,
+) -> None:
+    """Managed, streamed (multipart when large) upload; failures become S3StagingErrors."""
+    try:
+        s3.upload_file(
+            os.fspath(path), bucket, key, ExtraArgs=extra_args, Config=target.transfer_config()
+        )
+    except Exception as exc:
+        raise S3StagingError.from_exception(
+            exc, bucket=bucket, key=key, operation="upload"
+        ) from exc
+
+
+def stage_image(
+    image: DownloadedImage,
+    *,
+    prompt: str,
+    request: dict[str, Any],
+    target: S3Target,
+    client: ClientSource = None,
+) -> StagedImage:
+    """Upload one verified image to S3 (private, streamed) and return where it is.
+
+    The key follows the module's layout. The object gets ``ContentType`` from the image and ASCII
+    metadata: ``request-id``, ``endpoint``, ``index``, ``prompt-sha256``, ``sha256``, ``quality``,
+    ``image-size``, ``format``, ``width``, ``height`` (never the prompt itself). Idempotent: when
+    the key already holds an object whose ``sha256`` metadata matches, nothing is uploaded and
+    ``uploaded`` is False, so a re-run writes no duplicate. No ACL is set: objects stay private
+    and are shared through the presigned ``url``.
+
+    Raises:
+        TransientS3StagingError: throttling, 5xx, connection trouble (retry).
+        PermanentS3StagingError: missing bucket, access denied, local file changed, ...
+
+    Example:
+        >>> staged = stage_image(img, prompt="a lighthouse", request=req.to_arguments(),
+        ...                      target=S3Target(bucket="my-images"))  # doctest: +SKIP
+        >>> staged.s3_uri  # doctest: +SKIP
+        's3://my-images/gptimage/fal-ai-gpt-image-1-5/<request id>/00-a-lighthouse.png'
+    """
+    key = image_key(
+        target,
+        endpoint=image.endpoint,
+        request_id=image.request_id,
+        index=image.index,
+        prompt=prompt,
+        fmt=image.format,
+    )
+    bucket = target.bucket
+    size = _local_size(image.path, bucket, key)
+    if size != image.bytes:
+        raise PermanentS3StagingError(
+            f"cannot stage s3://{bucket}/{key}: {image.path!r} has {size} bytes, "
+            f"the verified image had {image.bytes}",
+            bucket=bucket,
+            key=key,
+            code="LocalFileChanged",
+        )
+
+    s3 = resolve_client(client)
+    head = _head(s3, bucket, key)
+    existing_sha = (head or {}).get("Metadata", {}).get("sha256")
+    if head is not None and existing_sha == image.sha256 and head.get("ContentLength") == size:
+        uploaded = False
+        run_logger(_log).info(
+            "s3://%s/%s already holds this image (sha256 match); skipped", bucket, key
+        )
+    else:
+        if head is not None:
+            run_logger(_log).warning("s3://%s/%s holds different bytes; overwriting", bucket, key)
+        metadata = {
+            "request-id": _ascii(image.request_id),
+            "endpoint": _ascii(image.endpoint),
+            "index": str(image.index),
+            "prompt-sha256": hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(),
+            "sha256": _ascii(image.sha256, 64),
+            "quality": _ascii(request.get("quality", "high"), 16),
+            "image-size": _ascii(
+                request.get("image_size", "auto" if request.get("image_urls") else "1024x1024"),
+                16,
+            ),
+            "format": _ascii(image.format, 8),
+            "width": str(int(image.width)),
+            "height": str(int(image.height)),
+        }
+        extra = {"ContentType": image.content_type, "Metadata": metadata}
+        _upload(s3, image.path, bucket, key, extra, target)
+        uploaded = True
+
+    return StagedImage(
+        bucket=bucket,
+        key=key,
+        s3_uri=f"s3://{bucket}/{key}",
+        url=presign(bucket, key, target.presign_expires, s3),
+        url_expires_at=_expiry(target.presign_expires),
+        content_type=image.content_type,
+        format=image.format,
+        bytes=image.bytes,
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        request_id=image.request_id,
+        endpoint=image.endpoint,
+        index=image.index,
+        uploaded=uploaded,
+    )
+
+
+def stage_file(
+    path: str | os.PathLike[str],
+    key: str,
+    content_type: str,
+    target: S3Target,
+    client: ClientSource = None,
+) -> StagedFile:
+    """Upload a local file (a manifest, an HTML gallery) to ``s3://{target.bucket}/{key}``.
+
+    ``key`` is a full object key and must be safe (``[A-Za-z0-9._-]`` segments; build it with
+    :func:`manifest_key` or :func:`gallery_key`). Always uploads (overwrites), streamed.
+
+    Example:
+        >>> stage_file("run.jsonl", manifest_key(target, "nightly"), MANIFEST_CONTENT_TYPE,
+        ...            target)  # doctest: +SKIP
+    """
+    check_key(key)
+    bucket = target.bucket
+    size = _local_size(path, bucket, key)
+    s3 = resolve_client(client)
+    _upload(s3, path, bucket, key, {"ContentType": content_type}, target)
+    return StagedFile(
+        bucket=bucket,
+        key=key,
+        s3_uri=f"s3://{bucket}/{key}",
+        url=presign(bucket, key, target.presign_expires, s3),
+        url_expires_at=_expiry(target.presign_expires),
+        content_type=content_type,
+        bytes=size,
+    )

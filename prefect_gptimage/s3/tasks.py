@@ -1,0 +1,72 @@
+"""Prefect tasks for S3 staging: thin wrappers over :mod:`prefect_gptimage.s3.staging`.
+
+They add what Prefect contributes and nothing else: 3 retries with exponential backoff (1, 2, 4 s,
+jittered) for transient failures only (:func:`~prefect_gptimage.retry.retry_if_transient`), and
+no result caching (an upload must happen when asked; idempotency comes from the deterministic key
+and the SHA-256 check in :func:`~prefect_gptimage.s3.staging.stage_image`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from prefect_gptimage.retry import retry_if_transient
+from prefect_gptimage.s3.clients import ClientSource
+from prefect_gptimage.s3.keys import manifest_key
+from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage
+from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, stage_file, stage_image
+from prefect_gptimage.schemas import DownloadedImage
+
+__all__ = ["stage_image_task", "stage_manifest_task"]
+
+#: 3 retries, 1 s, 2 s, 4 s (plus up to 50% jitter), transient failures only; never cached.
+_STAGING_TASK_OPTIONS: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(name="stage-image-s3", **_STAGING_TASK_OPTIONS)
+def stage_image_task(
+    image: DownloadedImage,
+    prompt: str,
+    request: dict[str, Any],
+    target: S3Target,
+    client: ClientSource = None,
+) -> StagedImage:
+    """Prefect task around :func:`stage_image`: 3 retries (1, 2, 4 s, jittered), transient only.
+
+    Example:
+        >>> @flow  # doctest: +SKIP
+        ... def publish(images, prompt, request):
+        ...     target = S3Target(bucket="my-images")
+        ...     return [stage_image_task(i, prompt, request, target) for i in images]
+    """
+    return stage_image(image, prompt=prompt, request=request, target=target, client=client)
+
+
+@task(name="stage-manifest-s3", **_STAGING_TASK_OPTIONS)
+def stage_manifest_task(
+    path: str,
+    run_key: str,
+    target: S3Target,
+    client: ClientSource = None,
+) -> StagedFile:
+    """Prefect task: upload a JSONL manifest to ``{prefix}/manifests/{run_key}.jsonl``.
+
+    Example:
+        >>> staged = stage_manifest_task("out/run.jsonl", "nightly-1", target)  # doctest: +SKIP
+        >>> staged.s3_uri  # doctest: +SKIP
+        's3://my-images/gptimage/manifests/nightly-1.jsonl'
+    """
+    return stage_file(
+        Path(path), manifest_key(target, run_key), MANIFEST_CONTENT_TYPE, target, client
+    )
