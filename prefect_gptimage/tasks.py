@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore, get_result_store
+from prefect.transactions import CommitMode, Transaction, transaction
 
 from prefect_gptimage.concurrency import fal_request_slot
 from prefect_gptimage.credentials import FalCredentials, resolve_client
@@ -232,6 +233,16 @@ def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = N
     return resolve_client(credentials).cancel(handle)
 
 
+def durable() -> AbstractContextManager[Transaction]:
+    """A transaction that commits its tasks' cache records the moment they complete.
+
+    Prefect commits a nested task's records only when the outermost transaction commits (when the
+    whole row is done). A paid submit must be on disk at once, so that a process killed with
+    ``kill -9`` half way resumes the request on the next run instead of paying for it again.
+    """
+    return transaction(commit_mode=CommitMode.EAGER)
+
+
 def _resubmit_reason(exc: Exception) -> str | None:
     """Why a fresh submit may succeed where the cached request cannot, or None."""
     if isinstance(exc, FalRequestFailed) and exc.resubmittable:
@@ -275,13 +286,15 @@ def generate_images(
         if refresh_cache or not is_submit_cached(request, variant):
             hold()
         for attempt in range(resubmits + 1):
-            state = submit(request, credentials, variant, return_state=True)
+            with durable():
+                state = submit(request, credentials, variant, return_state=True)
             handle: RequestHandle = state.result()
             from_cache = state.name == "Cached"
             if not is_result_cached(handle):
                 hold()
             try:
-                output = fetch_result(handle, credentials, timeout=timeout)
+                with durable():
+                    output = fetch_result(handle, credentials, timeout=timeout)
                 break
             except Exception as exc:
                 reason = _resubmit_reason(exc)

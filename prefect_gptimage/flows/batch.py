@@ -140,10 +140,13 @@ def batch_to_s3(
                 ): row
                 for row in chunk
             }
+            done: list[tuple[PromptRow, Any]] = []
             for future in as_completed(list(futures)):
-                row = futures[future]
                 future.wait()
-                result = future.state.result(raise_on_failure=False)
+                done.append((futures[future], future.state.result(raise_on_failure=False)))
+                progress.advance()
+            # manifest lines in file order, so the same batch always writes the same manifest
+            for row, result in sorted(done, key=lambda item: item[0].line):
                 if isinstance(result, RowOutcome):
                     outcomes.append(result)
                     record(manifest, result, row.request.prompt)
@@ -152,7 +155,6 @@ def batch_to_s3(
                         result if isinstance(result, BaseException) else RuntimeError(str(result))
                     )
                     record_failure(manifest, summary, error, row.request)
-                progress.advance()
             log.info(
                 "%s: %s (%.0fs elapsed)", run_key, progress.status(), time.monotonic() - started
             )
