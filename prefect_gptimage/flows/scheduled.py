@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import State
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import InvalidRequestError
 from prefect_gptimage.flows.generate import generate_to_s3
+from prefect_gptimage.flows.report import finish
 from prefect_gptimage.flows.summary import RunSummary
 from prefect_gptimage.schemas import parse_request
 
@@ -64,7 +65,7 @@ def scheduled_content(
             "output_format": output_format,
         }
     )
-    state: State[RunSummary] = generate_to_s3(  # type: ignore[assignment]
+    state = generate_to_s3(
         request,
         bucket=bucket,
         prefix=prefix,
@@ -73,4 +74,7 @@ def scheduled_content(
         run_key=f"scheduled-{day.isoformat()}",
         return_state=True,
     )
-    return state
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):
+        raise summary
+    return finish(summary)  # type: ignore[arg-type]
