@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore, get_result_store
@@ -155,7 +156,12 @@ def is_result_cached(handle: RequestHandle) -> bool:
     return _cached(fetch_result, result_cache_key(handle))
 
 
-@task(name="gptimage-wait", task_run_name="wait {handle.request_id}", **TRANSIENT_RETRIES)
+@task(
+    name="gptimage-wait",
+    task_run_name="wait {handle.request_id}",
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def wait_for_request(
     handle: RequestHandle,
     credentials: FalCredentials | None = None,
@@ -198,7 +204,12 @@ def fetch_result(
     return client.result(handle)
 
 
-@task(name="gptimage-download", task_run_name="download {request_id}#{index}", **TRANSIENT_RETRIES)
+@task(
+    name="gptimage-download",
+    cache_policy=NO_CACHE,
+    task_run_name="download {request_id}#{index}",
+    **TRANSIENT_RETRIES,
+)
 def download_image(
     image: ImageFile,
     request: AnyRequest,
@@ -223,7 +234,12 @@ def download_image(
     )
 
 
-@task(name="gptimage-cancel", task_run_name="cancel {handle.request_id}", **TRANSIENT_RETRIES)
+@task(
+    name="gptimage-cancel",
+    cache_policy=NO_CACHE,
+    task_run_name="cancel {handle.request_id}",
+    **TRANSIENT_RETRIES,
+)
 def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = None) -> bool:
     """Cancel a request; False if it had already completed.
 
@@ -252,7 +268,7 @@ def _resubmit_reason(exc: Exception) -> str | None:
     return None
 
 
-@task(name="gptimage-generate", task_run_name="generate {request.endpoint}")
+@task(name="gptimage-generate", cache_policy=NO_CACHE, task_run_name="generate {request.endpoint}")
 def generate_images(
     request: AnyRequest,
     credentials: FalCredentials | None = None,
