@@ -26,11 +26,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped,unused-ignore]
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import Deployment
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
-from prefect.flows import load_flow_from_entrypoint
+from prefect.exceptions import ObjectNotFound
+from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_gptimage.testing import FalEmulator
@@ -109,11 +112,11 @@ def wait_for(
     pytest.fail(f"{what}: not ready after {timeout:.0f}s\n{tail(log)}")
 
 
-def read_deployment(api_url: str, name: str) -> Deployment | None:
+def read_deployment(api_url: str, name: str) -> DeploymentResponse | None:
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         try:
             return client.read_deployment_by_name(name)
-        except Exception:
+        except (ObjectNotFound, httpx.HTTPError):
             return None
 
 
@@ -177,7 +180,7 @@ def test_prefect_yaml_entrypoints_load_and_take_its_parameters() -> None:
         entrypoint, flow_name = expected[name]
         assert deployment["entrypoint"] == entrypoint
         path, _, function = entrypoint.partition(":")
-        flow = load_flow_from_entrypoint(f"{REPO / path}:{function}")
+        flow: Flow[..., Any] = load_flow_from_entrypoint(f"{REPO / path}:{function}")
         assert flow.name == flow_name
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(deployment["parameters"]) <= accepted, set(deployment["parameters"]) - accepted
@@ -198,8 +201,6 @@ def test_prefect_deploy_creates_both_deployments(
         temporary_settings({PREFECT_API_URL: prefect_server}),
         get_client(sync_client=True) as client,
     ):
-        from prefect.client.schemas.actions import WorkPoolCreate
-
         client.create_work_pool(WorkPoolCreate(name="gptimage-process", type="process"))
     env = clean_env(
         PREFECT_API_URL=prefect_server,
@@ -307,7 +308,7 @@ def test_serve_script_runs_the_batch_deployment(
             flow_run = run_deployment(
                 batch_name, parameters={"concurrency": 4}, timeout=90, poll_interval=1
             )
-        assert flow_run.state is not None
+        assert isinstance(flow_run, FlowRun) and flow_run.state is not None
         assert flow_run.state.is_completed(), f"{flow_run.state}\n{tail(log)}"
         assert flow_run.parameters["prompt_file"] == str(prompts)
         assert fal_emulator.stats["accepted"] == before + 2
