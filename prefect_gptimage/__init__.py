@@ -61,7 +61,7 @@ _EXPORTS: dict[str, str] = {
     "fetch_result": "tasks",
     "download_image": "tasks",
     "cancel_request": "tasks",
-    "generate_images": "tasks",
+    "generate_images": "generation",
     "retry_if_transient": "retry",
 }
 
@@ -139,6 +139,7 @@ if TYPE_CHECKING:
         TransientDownloadError,
         TransientFalError,
     )
+    from prefect_gptimage.generation import generate_images
     from prefect_gptimage.polling import RequestStatus
     from prefect_gptimage.pricing import estimate_cost
     from prefect_gptimage.retry import retry_if_transient
@@ -159,7 +160,6 @@ if TYPE_CHECKING:
         cancel_request,
         download_image,
         fetch_result,
-        generate_images,
         submit_request,
         wait_for_request,
     )

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--dry-run", action="store_true", help="print the estimated cost and submit nothing"
+    )
+    batch.add_argument(
+        "--verbose", action="store_true", help="log every task run (default: warnings only)"
     )
     _add_run_options(batch)
 
@@ -167,6 +171,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return _fail_usage("--bucket: required (where the images and the manifest go)")
     from prefect_gptimage.flows.batch import batch_to_s3
 
+    if not args.verbose:  # thousands of "Finished in state Completed()" lines help no one
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     state = batch_to_s3(
         args.file,
         bucket=args.bucket,

@@ -11,6 +11,7 @@ anything imports fal_client or Prefect.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -48,6 +49,8 @@ def run_demo(
         print(f"fal emulator: {emulator.base_url}  S3: {s3.endpoint_url}  bucket: {DEMO_BUCKET}")
 
         from prefect_gptimage.flows.batch import batch_to_s3  # after the environment is set
+
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
         source = prompt_file or str(sample_prompt_file())
         state = batch_to_s3(

@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -35,18 +33,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore, get_result_store
-from prefect.transactions import CommitMode, Transaction, transaction
 
-from prefect_gptimage.concurrency import fal_request_slot
 from prefect_gptimage.credentials import FalCredentials, resolve_client
 from prefect_gptimage.download import download_image_file
-from prefect_gptimage.errors import FalRequestFailed, PermanentFalError
 from prefect_gptimage.polling import RequestStatus
 from prefect_gptimage.retry import TRANSIENT_RETRIES
 from prefect_gptimage.schemas import (
     AnyRequest,
     DownloadedImage,
-    GenerationResult,
     GptImageOutput,
     ImageFile,
     RequestHandle,
@@ -140,10 +134,28 @@ def submit_request(
     return handle
 
 
+def _store(task: Any) -> ResultStore:
+    # _sync: update_for_task is async-dispatched; these helpers run in sync code (flows, the CLI)
+    return get_result_store().update_for_task(task, _sync=True)  # type: ignore[call-arg,return-value]
+
+
 def _cached(task: Any, key: str) -> bool:
-    # _sync: update_for_task is async-dispatched; this helper runs in sync code (flows, the CLI)
-    store: ResultStore = get_result_store().update_for_task(task, _sync=True)  # type: ignore[call-arg,assignment]
-    return store.exists(key)
+    return _store(task).exists(key)
+
+
+def cached_value(task: Any, key: str) -> Any | None:
+    """The value ``task`` cached under ``key``, read straight from the result store, or None.
+
+    Lets a pipeline serve a cache hit without the cost of a task run (a 1000-row re-run is
+    mostly cache hits).
+    """
+    store = _store(task)
+    if not store.exists(key):
+        return None
+    try:
+        return store.read(key).result
+    except Exception:  # unreadable or expired between the two calls: treat as a miss
+        return None
 
 
 def is_submit_cached(request: AnyRequest, variant: int = 0) -> bool:
@@ -247,87 +259,3 @@ def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = N
         >>> cancel_request(handle)
     """
     return resolve_client(credentials).cancel(handle)
-
-
-def durable() -> AbstractContextManager[Transaction]:
-    """A transaction that commits its tasks' cache records the moment they complete.
-
-    Prefect commits a nested task's records only when the outermost transaction commits (when the
-    whole row is done). A paid submit must be on disk at once, so that a process killed with
-    ``kill -9`` half way resumes the request on the next run instead of paying for it again.
-    """
-    return transaction(commit_mode=CommitMode.EAGER)
-
-
-def _resubmit_reason(exc: Exception) -> str | None:
-    """Why a fresh submit may succeed where the cached request cannot, or None."""
-    if isinstance(exc, FalRequestFailed) and exc.resubmittable:
-        return f"it failed at fal on their side ({exc.error_type or exc.status_code}), not billed"
-    if isinstance(exc, PermanentFalError) and exc.status_code == 404:
-        return "fal no longer knows it (results are kept 6 to 60 minutes)"
-    return None
-
-
-@task(name="gptimage-generate", cache_policy=NO_CACHE, task_run_name="generate {request.endpoint}")
-def generate_images(
-    request: AnyRequest,
-    credentials: FalCredentials | None = None,
-    output_dir: str | None = None,
-    timeout: float | None = None,
-    refresh_cache: bool = False,
-    variant: int = 0,
-    resubmits: int = 1,
-) -> GenerationResult:
-    """The whole path for one request: submit → wait → fetch result → download each image.
-
-    Each step is its own task (cached and retried as above). A request that fails at fal with a
-    server-side error (not billed), or that fal has forgotten, is submitted anew up to
-    ``resubmits`` times; any other failure fails at once with fal's message.
-
-    Example:
-        >>> result = generate_images(GptImageRequest(prompt="a kite", num_images=2))
-        >>> [(i.path, i.width, i.height, i.sha256) for i in result.images]
-    """
-    log = get_run_logger()
-    submit = submit_request.with_options(refresh_cache=True) if refresh_cache else submit_request
-    with ExitStack() as slot:
-        held = False
-
-        def hold() -> None:  # a fal slot, from submit to fetched result; none for cache hits
-            nonlocal held
-            if not held:
-                slot.enter_context(fal_request_slot())
-                held = True
-
-        if refresh_cache or not is_submit_cached(request, variant):
-            hold()
-        for attempt in range(resubmits + 1):
-            with durable():
-                state = submit(request, credentials, variant, return_state=True)
-            handle: RequestHandle = state.result()
-            from_cache = state.name == "Cached"
-            if not is_result_cached(handle):
-                hold()
-            try:
-                with durable():
-                    output = fetch_result(handle, credentials, timeout=timeout)
-                break
-            except Exception as exc:
-                reason = _resubmit_reason(exc)
-                if reason is None or attempt == resubmits:
-                    raise
-                log.warning("submitting %s again: %s", handle.request_id, reason)
-                submit = submit_request.with_options(refresh_cache=True)
-                hold()
-    dest = str(Path(output_dir or get_settings().output_dir))
-    images = [
-        download_image(image, request, handle.request_id, i, dest)
-        for i, image in enumerate(output.images)
-    ]
-    return GenerationResult(
-        handle=handle,
-        request=request.to_arguments(),
-        output=output,
-        images=images,
-        from_cache=from_cache,
-    )

@@ -100,3 +100,15 @@ def test_existing_file_is_reused_without_network(
     media = fal_emulator.stats["media"]
     assert _get(image, tmp_path) == first
     assert fal_emulator.stats["media"] == media
+
+
+def test_corrupt_image_without_a_length_to_check_is_refused(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.effect_noise((1024, 1024), 60).convert("RGB").save(buf, "PNG")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]  # a data: URI has no Content-Length
+    image = ImageFile(url="data:image/png;base64," + base64.b64encode(cut).decode())
+    with pytest.raises(PermanentDownloadError, match="not a readable image"):
+        _get(image, tmp_path)

@@ -9,10 +9,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.generation import generate
 from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.s3 import S3Target, StagedImage, stage_image_task
+from prefect_gptimage.retry import TRANSIENT_RETRIES
+from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
-from prefect_gptimage.tasks import generate_images
 
 
 class RowOutcome(BaseModel):
@@ -43,6 +44,7 @@ class RowOutcome(BaseModel):
     name="gptimage-generate-and-stage",
     task_run_name="row: {request.endpoint}",
     cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
 )
 def generate_and_stage(
     request: AnyRequest,
@@ -53,18 +55,27 @@ def generate_and_stage(
     refresh: bool = False,
     variant: int = 0,
 ) -> RowOutcome:
-    """Generate one request's images (cached, retried) and stage them to ``target`` if given."""
-    result = generate_images(
+    """Generate one request's images and stage them to ``target`` if given.
+
+    Only the paid steps (submit, fetch) run as their own cached tasks; downloads and uploads are
+    plain calls, and this task retries transient failures: a retry finds the paid steps cached,
+    the files on disk and the objects already in S3, so it redoes only what failed.
+    """
+    result = generate(
         request,
         credentials=credentials,
         output_dir=output_dir,
         timeout=timeout,
         refresh_cache=refresh,
         variant=variant,
+        download_tasks=False,
     )
     arguments = request.to_arguments()
     staged = (
-        [stage_image_task(image, request.prompt, arguments, target) for image in result.images]
+        [
+            stage_image(image, prompt=request.prompt, request=arguments, target=target)
+            for image in result.images
+        ]
         if target is not None
         else []
     )
