@@ -79,13 +79,18 @@ def _local_semaphore(size: int) -> threading.BoundedSemaphore:
 
 
 @contextmanager
-def fal_request_slot(name: str | None = None) -> Iterator[str]:
-    """Hold one fal request slot; yields ``"global:<name>"`` or ``"local:<size>"``."""
+def fal_request_slot(name: str | None = None, local_limit: int | None = None) -> Iterator[str]:
+    """Hold one fal request slot; yields ``"global:<name>"`` or ``"local:<size>"``.
+
+    ``local_limit`` (e.g. a batch's ``concurrency``) lowers the local cap for this caller; it
+    never raises it above ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY``.
+    """
     settings = get_settings()
     name = name or settings.concurrency_limit_name
     if global_limit_exists(name):
         with concurrency(name, occupy=1, strict=True):
             yield f"global:{name}"
     else:
-        with _local_semaphore(settings.local_concurrency):
-            yield f"local:{settings.local_concurrency}"
+        size = min(settings.local_concurrency, local_limit or settings.local_concurrency)
+        with _local_semaphore(max(1, size)):
+            yield f"local:{size}"

@@ -81,6 +81,7 @@ def _submit_and_fetch(
     refresh_cache: bool,
     variant: int,
     resubmits: int,
+    max_in_flight: int | None,
 ) -> tuple[RequestHandle, GptImageOutput, bool]:
     """The paid steps as cached tasks under a fal request slot: (handle, output, was cached)."""
     log = get_run_logger()
@@ -91,7 +92,7 @@ def _submit_and_fetch(
         def hold() -> None:  # a fal slot, from submit to fetched result
             nonlocal held
             if not held:
-                slot.enter_context(fal_request_slot())
+                slot.enter_context(fal_request_slot(local_limit=max_in_flight))
                 held = True
 
         if refresh_cache or not is_submit_cached(request, variant):
@@ -124,18 +125,20 @@ def generate(
     resubmits: int = 1,
     *,
     download_tasks: bool = True,
+    max_in_flight: int | None = None,
 ) -> GenerationResult:
     """Submit, wait, fetch and download one request (call inside a flow or task).
 
     With ``download_tasks=False`` images are downloaded by plain calls (the caller's task retries
-    transient failures), which keeps task runs per request to the paid steps.
+    transient failures), which keeps task runs per request to the paid steps. ``max_in_flight``
+    lowers the local cap on fal requests (see :mod:`prefect_gptimage.concurrency`).
     """
     cached = None if refresh_cache else _from_cache(request, variant)
     if cached is not None:
         (handle, output), from_cache = cached, True
     else:
         handle, output, from_cache = _submit_and_fetch(
-            request, credentials, timeout, refresh_cache, variant, resubmits
+            request, credentials, timeout, refresh_cache, variant, resubmits, max_in_flight
         )
     dest = str(Path(output_dir or get_settings().output_dir))
     images: list[DownloadedImage] = []

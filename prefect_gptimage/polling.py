@@ -110,7 +110,7 @@ def next_poll_delay(
     polls: int,
     queue_position: int | None = None,
     initial: float = 0.5,
-    factor: float = 1.6,
+    factor: float = 1.3,
     max_delay: float = 10.0,
     jitter: float = 0.1,
 ) -> float:

@@ -122,7 +122,8 @@ def batch_to_s3(
     progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
     started = time.monotonic()
     runner: ThreadPoolTaskRunner[Any]
-    with ThreadPoolTaskRunner(max_workers=max(1, concurrency)) as runner:
+    # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
+    with ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency)) as runner:
         for start in range(0, len(rows), CHUNK_SIZE):
             chunk = rows[start : start + CHUNK_SIZE]
             futures: dict[Any, PromptRow] = {
@@ -136,6 +137,7 @@ def batch_to_s3(
                         "timeout": timeout,
                         "refresh": refresh,
                         "variant": row.variant,
+                        "max_in_flight": concurrency,
                     },
                 ): row
                 for row in chunk

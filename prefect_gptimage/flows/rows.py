@@ -54,6 +54,7 @@ def generate_and_stage(
     timeout: float | None = None,
     refresh: bool = False,
     variant: int = 0,
+    max_in_flight: int | None = None,
 ) -> RowOutcome:
     """Generate one request's images and stage them to ``target`` if given.
 
@@ -69,6 +70,7 @@ def generate_and_stage(
         refresh_cache=refresh,
         variant=variant,
         download_tasks=False,
+        max_in_flight=max_in_flight,
     )
     arguments = request.to_arguments()
     staged = (
