@@ -139,7 +139,7 @@ def publish_results(
     requests: Mapping[str, Mapping[str, Any]] | None = None,
     prompts: Mapping[str, str] | None = None,
     title: str | None = None,
-    max_links: int = 50,
+    max_links: int = 20,
     max_gallery: int = 60,
     max_table_rows: int = 2000,
     key_links: bool = False,

@@ -45,6 +45,8 @@ def run_demo(
         os.environ.update(emulator.env())
         os.environ.update(s3.env())
         os.environ.update({"FAL_KEY": "demo-key-id:demo-key-secret", "PREFECT_HOME": home})
+        # a throwaway ephemeral API: no telemetry (its heartbeat also trips over SQLite locks)
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         s3.create_bucket(DEMO_BUCKET)
         print(f"fal emulator: {emulator.base_url}  S3: {s3.endpoint_url}  bucket: {DEMO_BUCKET}")
 
