@@ -20,3 +20,18 @@ def _prefect(prefect_harness: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def unique() -> str:
     """A short unique text, to keep prompts (and so cache keys) apart between tests."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> None:
+    """The session's Prefect API (the autouse harness above); named for the tests that need it."""
+
+
+@pytest.fixture(scope="session")
+def s3(local_s3: Any) -> Iterator[Any]:
+    """The session's S3 server, with boto3 clients rebuilt for its endpoint."""
+    from prefect_gptimage.s3 import reset_s3_clients
+
+    reset_s3_clients()
+    yield local_s3
+    reset_s3_clients()

@@ -9,7 +9,6 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,47 +43,9 @@ from prefect_gptimage.manifest import (
     cost_per_image,
     manifest_parameters,
 )
-from prefect_gptimage.s3 import S3Target, StagedImage, reset_s3_clients, stage_image
+from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage
 from prefect_gptimage.testing.s3 import LocalS3Server
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures: the suite's conftest/plugin provide `prefect_harness` and `local_s3`; when absent
-# (module run on its own) these start their own, once per module.
-# ---------------------------------------------------------------------------------------------
-
-
-def _optional_fixture(request: pytest.FixtureRequest, name: str) -> Any:
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:
-        return None
-
-
-@pytest.fixture(scope="module")
-def prefect_api(request: pytest.FixtureRequest) -> Iterator[None]:
-    if _optional_fixture(request, "prefect_harness") is not None:
-        yield
-        return
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
-def s3(request: pytest.FixtureRequest) -> Iterator[LocalS3Server]:
-    shared = _optional_fixture(request, "local_s3")
-    if shared is not None:
-        reset_s3_clients()
-        yield shared
-        return
-    with LocalS3Server() as server, pytest.MonkeyPatch.context() as mp:
-        for key, value in server.env().items():
-            mp.setenv(key, value)
-        reset_s3_clients()
-        yield server
-    reset_s3_clients()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,6 @@ from prefect_gptimage.s3 import (
     manifest_key,
     normalize_prefix,
     presign,
-    reset_s3_clients,
     safe_id,
     slugify,
     stage_file,
@@ -64,44 +62,6 @@ from prefect_gptimage.testing.s3 import LocalS3Server
 MiB = 1024 * 1024
 T2I = "fal-ai/gpt-image-1.5"
 EDIT = "fal-ai/gpt-image-1.5/edit"
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures. The suite's conftest/plugin provide `prefect_harness` and `local_s3`; when they are
-# absent (module run on its own) these fall back to starting their own, once per module.
-# ---------------------------------------------------------------------------------------------
-
-
-def _optional_fixture(request: pytest.FixtureRequest, name: str) -> Any:
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:
-        return None
-
-
-@pytest.fixture(scope="module")
-def prefect_api(request: pytest.FixtureRequest) -> Iterator[None]:
-    if _optional_fixture(request, "prefect_harness") is not None:
-        yield
-        return
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
-def s3(request: pytest.FixtureRequest) -> Iterator[LocalS3Server]:
-    shared = _optional_fixture(request, "local_s3")
-    if shared is not None:
-        reset_s3_clients()
-        yield shared
-        return
-    with LocalS3Server() as server, pytest.MonkeyPatch.context() as mp:
-        for key, value in server.env().items():
-            mp.setenv(key, value)
-        reset_s3_clients()
-        yield server
-    reset_s3_clients()
 
 
 @pytest.fixture
