@@ -424,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench {now()}] work dir {work}", file=sys.stderr, flush=True)
 
     emulator = Emulator(args.latency, args.limit, logs)
-    s3 = S3Server(logs)
+    try:
+        s3 = S3Server(logs)
+    except BaseException:
+        emulator.stop()
+        raise
     problems: list[str] = []
     try:
         s3.client().create_bucket(Bucket="bench-raw")

@@ -195,11 +195,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "emulator":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulator"]:  # its options belong to the emulator's own parser
         from prefect_gptimage.testing.emulator import serve_forever_cli
 
-        return serve_forever_cli(args.args)
+        return serve_forever_cli(argv[1:])
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from prefect_gptimage.demo import run_demo
 

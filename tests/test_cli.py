@@ -107,3 +107,34 @@ def test_failed_image_gives_nonzero_exit(
     assert proc.returncode == 1
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["failures"][0]["error_type"] == "content_policy_violation"
+
+
+def test_emulator_command_takes_its_options(tmp_path: Path) -> None:
+    """`prefect-gptimage emulator --port P --latency L` starts and prints what to export."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect_gptimage.cli",
+            "emulator",
+            "--port",
+            str(port),
+            "--latency",
+            "0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert any(f"FAL_QUEUE_RUN_HOST=localhost:{port}" in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
