@@ -25,11 +25,9 @@ from prefect.transactions import CommitMode, Transaction, transaction
 
 from prefect_gptimage.concurrency import fal_request_slot
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.download import download_image_file
 from prefect_gptimage.errors import FalRequestFailed, PermanentFalError
 from prefect_gptimage.schemas import (
     AnyRequest,
-    DownloadedImage,
     GenerationResult,
     GptImageOutput,
     RequestHandle,
@@ -141,22 +139,11 @@ def generate(
             request, credentials, timeout, refresh_cache, variant, resubmits, max_in_flight
         )
     dest = str(Path(output_dir or get_settings().output_dir))
-    images: list[DownloadedImage] = []
-    for i, image in enumerate(output.images):
-        if download_tasks:
-            images.append(download_image(image, request, handle.request_id, i, dest))
-        else:
-            images.append(
-                download_image_file(
-                    image,
-                    dest_dir=dest,
-                    request_id=handle.request_id,
-                    endpoint=request.endpoint,
-                    index=i,
-                    expected_format=request.output_format,
-                    expected_size=request.expected_size(),
-                )
-            )
+    # the task, or its plain function when the caller's own task handles retries
+    step = download_image if download_tasks else download_image.fn
+    images = [
+        step(image, request, handle.request_id, i, dest) for i, image in enumerate(output.images)
+    ]
     return GenerationResult(
         handle=handle,
         request=request.to_arguments(),

@@ -163,11 +163,6 @@ def is_submit_cached(request: AnyRequest, variant: int = 0) -> bool:
     return _cached(submit_request, submit_cache_key(request, variant))
 
 
-def is_result_cached(handle: RequestHandle) -> bool:
-    """Whether the output of this request was already fetched and persisted."""
-    return _cached(fetch_result, result_cache_key(handle))
-
-
 @task(
     name="gptimage-wait",
     task_run_name="wait {handle.request_id}",
