@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from prefect_gptimage._early_api import EarlyApi
 from prefect_gptimage.errors import InvalidRequestError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -137,7 +138,13 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
     return EXIT_OK if ok and summary.ok else EXIT_FAILED
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _prefect_api(early: EarlyApi | None) -> None:
+    """Before the first flow call: use the API server started at launch, if Prefect would."""
+    if early is not None:
+        early.adopt()
+
+
+def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
     from prefect_gptimage.schemas import parse_request
 
     try:
@@ -146,6 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail_usage(str(exc))
     from prefect_gptimage.flows.generate import generate_to_s3
 
+    _prefect_api(early)
     state = generate_to_s3(
         request,
         bucket=args.bucket,
@@ -158,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _emit(state.result(raise_on_failure=False), args.json)
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
+def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
     from prefect_gptimage.prompts import load_prompt_file
 
     if args.concurrency < 1:
@@ -173,6 +181,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if not args.verbose:  # thousands of "Finished in state Completed()" lines help no one
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    _prefect_api(early)
     state = batch_to_s3(
         args.file,
         bucket=args.bucket,
@@ -206,8 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
     commands = {"generate": cmd_generate, "batch": cmd_batch}
+    early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
     try:
-        return commands[args.command](args)
+        return commands[args.command](args, early)
     except KeyboardInterrupt:
         return 130
 

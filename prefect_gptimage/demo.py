@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from prefect_gptimage._early_api import EarlyApi
 from prefect_gptimage.testing.emulator import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 
@@ -47,12 +48,15 @@ def run_demo(
         os.environ.update({"FAL_KEY": "demo-key-id:demo-key-secret", "PREFECT_HOME": home})
         # a throwaway ephemeral API: no telemetry (its heartbeat also trips over SQLite locks)
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        early = EarlyApi.start()  # Prefect's temporary API boots while we import Prefect
         s3.create_bucket(DEMO_BUCKET)
         print(f"fal emulator: {emulator.base_url}  S3: {s3.endpoint_url}  bucket: {DEMO_BUCKET}")
 
         from prefect_gptimage.flows.batch import batch_to_s3  # after the environment is set
 
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+        if early is not None:
+            early.adopt()
 
         source = prompt_file or str(sample_prompt_file())
         state = batch_to_s3(

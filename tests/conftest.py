@@ -3,11 +3,25 @@ the local S3 server and the Prefect harness; here they are wired together for th
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+
+def run_cli_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``prefect-gptimage ARGS`` as a user runs it: a fresh process, configured only by ``env``
+    (fal_client reads its hosts at import, so the CLI never runs inside the test process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_gptimage.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

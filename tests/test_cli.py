@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_cli_process
 from PIL import Image
 
 from prefect_gptimage.testing import FalEmulator, Fault
@@ -27,13 +28,7 @@ def run_cli(
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
         "PREFECT_GPTIMAGE_OUTPUT_DIR": str(tmp_path / "images"),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "prefect_gptimage.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_cli_process(args, env)
 
 
 def test_generate_survives_faults_with_one_submit(

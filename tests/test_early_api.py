@@ -1,0 +1,100 @@
+"""The CLI with no Prefect server configured: one temporary API, started early, gone at exit.
+
+These run the CLI as a user without a Prefect server runs it: no ``PREFECT_API_URL``, a Prefect
+home of its own. Prefect would start its temporary API on the first flow call; the CLI starts the
+same server at launch, so it boots while Prefect is imported, and hands it to Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from conftest import run_cli_process
+
+from prefect_gptimage.testing import FalEmulator
+from prefect_gptimage.testing.s3 import LocalS3Server
+
+
+def processes_with(variable: str, value: str) -> list[int]:
+    """PIDs of live processes (of this user) whose environment has ``variable=value``."""
+    needle = f"{variable}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ:
+            found.append(int(entry))
+    return found
+
+
+def user_env(home: Path, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+            "PREFECT_GPTIMAGE_OUTPUT_DIR": str(tmp_path / "images"),
+        }
+    )
+    return env
+
+
+def test_batch_without_a_server_runs_on_one_temporary_api_and_stops_it(
+    fal_emulator: FalEmulator, local_s3: LocalS3Server, s3_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"{unique} {i}", "quality": "low"}) + "\n" for i in range(2))
+    )
+    home = tmp_path / "prefect-home"
+    env = user_env(home, tmp_path)
+
+    done = run_cli_process(["batch", str(rows), "--bucket", s3_bucket, "--json"], env)
+
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(summary["images"]) == 2
+    assert all(i["s3_uri"].startswith(f"s3://{s3_bucket}/") for i in summary["images"])
+    # Prefect found its API ready: it did not boot a second temporary server of its own
+    assert "Starting temporary server" not in done.stderr
+    assert processes_with("PREFECT_HOME", str(home)) == []  # nothing left running
+
+    # invalid input: exit 2 at once, and the server started at launch is stopped too
+    bad = run_cli_process(["batch", str(tmp_path / "missing.jsonl"), "--bucket", s3_bucket], env)
+    assert bad.returncode == 2
+    assert "missing.jsonl" in bad.stderr
+    assert processes_with("PREFECT_HOME", str(home)) == []
+
+
+def test_api_url_in_the_users_profile_wins_over_a_temporary_server(
+    prefect_harness: dict[str, Any], unique: str, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    rows = tmp_path / f"profile-{unique}.jsonl"
+    rows.write_text(json.dumps({"prompt": f"{unique} via profile", "quality": "low"}) + "\n")
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "team"\n\n[profiles.team]\n'
+        f'PREFECT_API_URL = "{prefect_harness["api_url"]}"\n'
+        'PREFECT_SERVER_ANALYTICS_ENABLED = "false"\n'
+    )
+
+    done = run_cli_process(["batch", str(rows), "--dry-run"], user_env(home, tmp_path))
+
+    assert done.returncode == 0, done.stderr
+    assert "$0.009 for 1 request(s)" in done.stderr
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    # the run is recorded on the profile's server, not on a throwaway one
+    assert any(r.parameters.get("prompt_file") == str(rows) for r in runs)
+    assert processes_with("PREFECT_HOME", str(home)) == []
