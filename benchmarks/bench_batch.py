@@ -215,12 +215,8 @@ class Emulator:
         self._stderr = (logs / "emulator.stderr").open("w")
         self.proc = subprocess.Popen(
             [
-                # ``prefect-gptimage emulator --port ...`` rejects every option (the CLI's
-                # REMAINDER subparser never sees them), so call the same entry point directly.
-                sys.executable,
-                "-c",
-                "import sys; from prefect_gptimage.testing.emulator import serve_forever_cli; "
-                "sys.exit(serve_forever_cli(sys.argv[1:]))",
+                *plugin_command(),
+                "emulator",
                 "--port",
                 "0",
                 "--latency",

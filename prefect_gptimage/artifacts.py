@@ -47,7 +47,7 @@ from prefect_gptimage.gallery import (
     lookup_request,
     write_html_gallery,
 )
-from prefect_gptimage.manifest import cost_per_image
+from prefect_gptimage.manifest import ManifestTotals, cost_per_image
 from prefect_gptimage.progress import BatchProgress, format_duration
 from prefect_gptimage.s3 import StagedImage
 
@@ -143,6 +143,7 @@ def publish_results(
     max_gallery: int = 60,
     max_table_rows: int = 2000,
     key_links: bool = False,
+    totals: ManifestTotals | None = None,
 ) -> PublishedArtifacts:
     """Create the table, gallery and link artifacts of a batch (in the current flow run).
 
@@ -161,6 +162,8 @@ def publish_results(
         key_links: give link artifacts keys (``{key_prefix}-image-{request}-{index}``). Off by
             default: each key is a separate entry on the global Artifacts page, while keyless
             links still show on the flow run's Artifacts tab.
+        totals: the whole run's counts and cost, when ``staged`` holds only its first images
+            (a large batch keeps only what the table shows); by default counted from ``staged``.
 
     Example:
         >>> @flow  # doctest: +SKIP
@@ -185,8 +188,9 @@ def publish_results(
     rows = results_table(
         staged, failures, prompts=prompts, requests=requests, max_rows=max_table_rows
     )
-    total_rows = len(staged) + len(failures)
-    table_desc = f"{len(staged)} images, {len(failures)} failures"
+    n_images = len(staged) if totals is None else totals.images
+    total_rows = n_images + len(failures)
+    table_desc = f"{n_images} images, {len(failures)} failures"
     if total_rows > len(rows):
         table_desc += f"; first {len(rows)} rows shown, the run manifest has all {total_rows}"
     table_id = call_sync(create_table_artifact, table=rows, key=table_key, description=table_desc)
@@ -199,9 +203,10 @@ def publish_results(
             prompts=prompts,
             requests=requests,
             max_images=max_gallery,
+            totals=totals,
         ),
         key=gallery_key,
-        description=f"Thumbnail gallery of {len(staged)} images",
+        description=f"Thumbnail gallery of {n_images} images",
     )
     link_ids: list[UUID] = []
     for image in staged[:max_links]:
@@ -221,7 +226,7 @@ def publish_results(
                 description=f"{image.s3_uri} (presigned link, expires {image.url_expires_at:%c})",
             )
         )
-    omitted = max(0, len(staged) - max_links)
+    omitted = max(0, n_images - max_links)
     if omitted:
         run_logger(_log).info(
             "%d images have no link artifact (cap %d); see table %r", omitted, max_links, table_key

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
+import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from prefect_gptimage.manifest import cost_per_image
+from prefect_gptimage.manifest import ManifestTotals, cost_per_image
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import DownloadedImage
 
 __all__ = [
     "THUMB_WIDTH",
     "FailureLike",
+    "HtmlGallery",
     "escape_text",
     "gallery_markdown",
     "lookup_request",
@@ -92,15 +95,24 @@ def gallery_markdown(
     requests: Mapping[str, Mapping[str, Any]] | None = None,
     max_images: int = 60,
     thumb_width: int = THUMB_WIDTH,
+    totals: ManifestTotals | None = None,
 ) -> str:
-    """The markdown gallery: a table of linked thumbnails with escaped prompts, then failures."""
-    cost = sum(
-        cost_per_image(lookup_request(s.request_id, prompts, requests)[1]) or 0.0 for s in staged
-    )
+    """The markdown gallery: a table of linked thumbnails with escaped prompts, then failures.
+
+    ``totals`` gives the whole run's image count and cost when ``staged`` is only its start.
+    """
+    if totals is None:
+        n_images = len(staged)
+        cost = sum(
+            cost_per_image(lookup_request(s.request_id, prompts, requests)[1]) or 0.0
+            for s in staged
+        )
+    else:
+        n_images, cost = totals.images, totals.estimated_cost_usd
     out = [
         f"# {escape_text(title, 200)}",
         "",
-        f"**{len(staged)}** images, **{len(failures)}** failures, estimated cost "
+        f"**{n_images}** images, **{len(failures)}** failures, estimated cost "
         f"**${cost:.3f}**. Thumbnails use presigned links, which expire.",
         "",
     ]
@@ -119,8 +131,8 @@ def gallery_markdown(
                 f'| <a href="{url}"><img src="{url}" width="{thumb_width}" '
                 f'alt="{escape_text(prompt, 100)}"></a> | {escape_text(prompt)} | {details} |'
             )
-        if len(staged) > max_images:
-            out += ["", f"… and {len(staged) - max_images} more in the results table."]
+        if n_images > max_images:
+            out += ["", f"… and {n_images - max_images} more in the results table and manifest."]
     if failures:
         out += ["", "## Failures", ""]
         for failure in failures:
@@ -158,6 +170,95 @@ def _local_src(path: str, gallery_dir: Path) -> str:
     return urllib.parse.quote(rel.replace(os.sep, "/"))
 
 
+class HtmlGallery:
+    """A standalone HTML page of a run's images, written as they arrive (memory stays flat).
+
+    :class:`DownloadedImage` items are shown through paths relative to the page (so the folder
+    can be moved or zipped as a whole); :class:`StagedImage` items through their presigned URLs
+    (which expire). Prompts and every other text are HTML-escaped. Figures go to a temporary file
+    beside the page; :meth:`close` writes the page (its heading counts the images) and removes
+    it. Failures are listed after the images.
+
+    Example:
+        >>> page = HtmlGallery("out/index.html", "Nightly batch")  # doctest: +SKIP
+        >>> page.add_image(downloaded, prompt="a lighthouse", request=req)  # doctest: +SKIP
+        >>> page.close()  # doctest: +SKIP
+        PosixPath('out/index.html')
+    """
+
+    def __init__(self, path: str | os.PathLike[str], title: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.images = 0
+        self._failures: list[str] = []
+        self._body_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.body")
+        self._body = self._body_path.open("w", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def add_image(
+        self,
+        image: StagedImage | DownloadedImage,
+        prompt: str,
+        request: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add one image's figure (thread-safe)."""
+        esc = html.escape
+        if isinstance(image, DownloadedImage):
+            src = esc(_local_src(image.path, self.path.parent), quote=True)
+            where = Path(image.path).name
+        else:
+            src = safe_url(image.url)
+            where = image.s3_uri
+        price = cost_per_image(request) if request else None
+        meta = f"{image.width}x{image.height} {image.format}" + (
+            f" · ${price:.3f}" if price is not None else ""
+        )
+        figure = (
+            f'<figure><a href="{src}"><img src="{src}" loading="lazy" '
+            f'alt="{esc(prompt[:200], quote=True)}"></a>'
+            f"<figcaption>{esc(prompt)}<div class=meta>{esc(meta)}<br>"
+            f"{esc(image.request_id)} #{image.index} · {esc(where)}</div>"
+            "</figcaption></figure>\n"
+        )
+        with self._lock:
+            self._body.write(figure)
+            self.images += 1
+
+    def add_failure(self, failure: FailureLike) -> None:
+        """List a failed prompt, with its reason, below the images."""
+        esc = html.escape
+        kind = f" ({esc(failure.error_type)})" if failure.error_type else ""
+        with self._lock:
+            self._failures.append(
+                f"<li class=fail>{esc(failure.prompt)}: {esc(failure.reason)}{kind}</li>\n"
+            )
+
+    def close(self) -> Path:
+        """Write the page and drop the temporary file. Returns the page's path."""
+        with self._lock:
+            self._body.close()
+            summary = f"{self.images} images, {len(self._failures)} failures"
+            with self.path.open("w", encoding="utf-8") as fh:
+                fh.write(_HTML_HEAD.format(title=html.escape(self.title), summary=summary))
+                with self._body_path.open(encoding="utf-8") as body:
+                    shutil.copyfileobj(body, fh)
+                fh.write("</div>\n")
+                if self._failures:
+                    fh.write("<h2>Failures</h2><ul>\n")
+                    fh.writelines(self._failures)
+                    fh.write("</ul>\n")
+                fh.write("</body></html>\n")
+            self._body_path.unlink(missing_ok=True)
+        return self.path
+
+    def discard(self) -> None:
+        """Drop the unfinished page (the run failed before it could be closed)."""
+        with self._lock:
+            self._body.close()
+            self._body_path.unlink(missing_ok=True)
+
+
 def write_html_gallery(
     images: Sequence[StagedImage | DownloadedImage],
     path: str | os.PathLike[str],
@@ -167,55 +268,17 @@ def write_html_gallery(
     requests: Mapping[str, Mapping[str, Any]] | None = None,
     failures: Sequence[FailureLike] = (),
 ) -> Path:
-    """Write a self-contained HTML page of the images a person can open in a browser.
-
-    :class:`DownloadedImage` items are shown through paths relative to the page (so the folder
-    can be moved or zipped as a whole); :class:`StagedImage` items through their presigned URLs
-    (which expire). Prompts and every other text are HTML-escaped. Written line by line.
+    """Write the :class:`HtmlGallery` page of ``images`` in one call.
 
     Example:
         >>> write_html_gallery(downloaded, "out/index.html", "Nightly batch",
         ...                    requests={rid: req})  # doctest: +SKIP
         PosixPath('out/index.html')
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    esc = html.escape
-    with target.open("w", encoding="utf-8") as fh:
-        fh.write(
-            _HTML_HEAD.format(
-                title=esc(title),
-                summary=esc(f"{len(images)} images, {len(failures)} failures"),
-            )
-        )
-        for image in images:
-            prompt, request = lookup_request(image.request_id, prompts, requests)
-            if isinstance(image, DownloadedImage):
-                src = esc(_local_src(image.path, target.parent), quote=True)
-                where = Path(image.path).name
-            else:
-                src = safe_url(image.url)
-                where = image.s3_uri
-            price = cost_per_image(request) if request else None
-            meta = f"{image.width}x{image.height} {image.format}" + (
-                f" · ${price:.3f}" if price is not None else ""
-            )
-            fh.write(
-                f'<figure><a href="{src}"><img src="{src}" loading="lazy" '
-                f'alt="{esc(prompt[:200], quote=True)}"></a>'
-                f"<figcaption>{esc(prompt)}<div class=meta>{esc(meta)}<br>"
-                f"{esc(image.request_id)} #{image.index} · {esc(where)}</div>"
-                "</figcaption></figure>\n"
-            )
-        fh.write("</div>\n")
-        if failures:
-            fh.write("<h2>Failures</h2><ul>\n")
-            for failure in failures:
-                fh.write(
-                    f"<li class=fail>{esc(failure.prompt)}: {esc(failure.reason)}"
-                    + (f" ({esc(failure.error_type)})" if failure.error_type else "")
-                    + "</li>\n"
-                )
-            fh.write("</ul>\n")
-        fh.write("</body></html>\n")
-    return target
+    page = HtmlGallery(path, title)
+    for image in images:
+        prompt, request = lookup_request(image.request_id, prompts, requests)
+        page.add_image(image, prompt, request)
+    for failure in failures:
+        page.add_failure(failure)
+    return page.close()

@@ -37,6 +37,7 @@ __all__ = [
     "Manifest",
     "ManifestLine",
     "ManifestTotals",
+    "ManifestWriter",
     "cost_per_image",
     "manifest_parameters",
 ]
@@ -130,34 +131,11 @@ def _endpoint_for(request: Mapping[str, Any]) -> str:
     return EDIT_ENDPOINT if request.get("image_urls") else TEXT_TO_IMAGE_ENDPOINT
 
 
-class Manifest:
-    """Collects manifest lines (thread-safe) and writes/reads them as JSONL.
-
-    Example:
-        >>> m = Manifest()
-        >>> line = m.add_image(staged, "a lighthouse", request)  # doctest: +SKIP
-        >>> m.write("out/manifest.jsonl")  # doctest: +SKIP
-        >>> Manifest.from_jsonl("out/manifest.jsonl").totals()  # doctest: +SKIP
-    """
-
-    def __init__(self, lines: list[ImageLine | FailureLine] | None = None) -> None:
-        self._lines: list[ImageLine | FailureLine] = list(lines or [])
-        self._lock = threading.Lock()
-
-    @property
-    def lines(self) -> list[ImageLine | FailureLine]:
-        with self._lock:
-            return list(self._lines)
-
-    def __len__(self) -> int:
-        return len(self._lines)
-
-    def __iter__(self) -> Iterator[ImageLine | FailureLine]:
-        return iter(self.lines)
+class _Lines:
+    """Builds manifest lines; subclasses decide where a line goes (``_append``)."""
 
     def _append(self, line: ImageLine | FailureLine) -> None:
-        with self._lock:
-            self._lines.append(line)
+        raise NotImplementedError
 
     def add_image(self, staged: StagedImage, prompt: str, request: Mapping[str, Any]) -> ImageLine:
         """Record a staged image; the cost is fal's per-image price for the request's settings."""
@@ -208,17 +186,44 @@ class Manifest:
         self._append(line)
         return line
 
+
+class Manifest(_Lines):
+    """Collects manifest lines (thread-safe) and writes/reads them as JSONL.
+
+    Example:
+        >>> m = Manifest()
+        >>> line = m.add_image(staged, "a lighthouse", request)  # doctest: +SKIP
+        >>> m.write("out/manifest.jsonl")  # doctest: +SKIP
+        >>> Manifest.from_jsonl("out/manifest.jsonl").totals()  # doctest: +SKIP
+    """
+
+    def __init__(self, lines: list[ImageLine | FailureLine] | None = None) -> None:
+        self._lines: list[ImageLine | FailureLine] = list(lines or [])
+        self._lock = threading.Lock()
+
+    @property
+    def lines(self) -> list[ImageLine | FailureLine]:
+        with self._lock:
+            return list(self._lines)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __iter__(self) -> Iterator[ImageLine | FailureLine]:
+        return iter(self.lines)
+
+    def _append(self, line: ImageLine | FailureLine) -> None:
+        with self._lock:
+            self._lines.append(line)
+
     def totals(self) -> ManifestTotals:
         """Counts, bytes and estimated cost (images only; failures cost nothing to estimate)."""
         totals = ManifestTotals()
         cost = 0.0
         for line in self.lines:
+            _count(totals, line)
             if isinstance(line, ImageLine):
-                totals.images += 1
-                totals.bytes += line.bytes
                 cost += line.estimated_cost_usd or 0.0
-            else:
-                totals.failures += 1
         totals.estimated_cost_usd = round(cost, 6)
         return totals
 
@@ -226,7 +231,7 @@ class Manifest:
         """Write one JSON object per line, streaming; atomic (temp file, then rename)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = _temp_path(target)
         with tmp.open("w", encoding="utf-8", newline="\n") as fh:
             for line in self.lines:
                 fh.write(line.model_dump_json())
@@ -249,3 +254,62 @@ class Manifest:
                         f"{os.fspath(path)}:{number}: not a manifest line: {exc}"
                     ) from exc
         return cls(lines)
+
+
+class ManifestWriter(_Lines):
+    """A manifest written to disk line by line as it is added: memory stays flat however long
+    the run. The file appears at ``path`` (atomically) on :meth:`close`; :meth:`discard` drops it.
+
+    Example:
+        >>> w = ManifestWriter("out/manifest.jsonl")  # doctest: +SKIP
+        >>> _ = w.add_failure("a cat", {"prompt": "a cat"}, reason="refused")  # doctest: +SKIP
+        >>> w.close(), w.totals().failures  # doctest: +SKIP
+        (PosixPath('out/manifest.jsonl'), 1)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = _temp_path(self.path)
+        self._fh = self._tmp.open("w", encoding="utf-8", newline="\n")
+        self._totals = ManifestTotals()
+        self._cost = 0.0
+        self._lock = threading.Lock()
+
+    def _append(self, line: ImageLine | FailureLine) -> None:
+        text = line.model_dump_json() + "\n"
+        with self._lock:
+            self._fh.write(text)
+            _count(self._totals, line)
+            if isinstance(line, ImageLine):
+                self._cost += line.estimated_cost_usd or 0.0
+
+    def totals(self) -> ManifestTotals:
+        """Counts, bytes and estimated cost of the lines written so far."""
+        with self._lock:
+            return self._totals.model_copy(update={"estimated_cost_usd": round(self._cost, 6)})
+
+    def close(self) -> Path:
+        """Finish the file and move it into place. Returns its path."""
+        with self._lock:
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Drop the unfinished file (the run failed before it could be closed)."""
+        with self._lock:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def _temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _count(totals: ManifestTotals, line: ImageLine | FailureLine) -> None:
+    if isinstance(line, ImageLine):
+        totals.images += 1
+        totals.bytes += line.bytes
+    else:
+        totals.failures += 1

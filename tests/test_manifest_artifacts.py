@@ -40,6 +40,7 @@ from prefect_gptimage.manifest import (
     FailureLine,
     ImageLine,
     Manifest,
+    ManifestWriter,
     cost_per_image,
     manifest_parameters,
 )
@@ -187,6 +188,24 @@ def test_manifest_round_trip_and_totals(batch: dict[str, Any], tmp_path: Path) -
     assert isinstance(unsent, FailureLine)
     assert unsent.request_id is None and unsent.endpoint == "fal-ai/gpt-image-1.5"
     assert "X-Amz-Signature" not in path.read_text()  # presigned output URLs are not stored
+
+
+def test_manifest_writer_streams_the_same_file_and_totals(
+    batch: dict[str, Any], tmp_path: Path
+) -> None:
+    in_memory, writer = Manifest(), ManifestWriter(tmp_path / "streamed" / "manifest.jsonl")
+    for sink in (in_memory, writer):
+        for staged in batch["staged"]:
+            request = batch["requests"][staged.request_id]
+            sink.add_image(staged, request["prompt"], request)
+        sink.add_failure("never sent", {"prompt": "never sent"}, reason="invalid request")
+    assert not writer.path.exists()  # only a finished manifest is ever at its path
+
+    path = writer.close()
+
+    assert path.read_text() == in_memory.write(tmp_path / "memory.jsonl").read_text()
+    assert writer.totals() == in_memory.totals()
+    assert [p.name for p in path.parent.iterdir()] == ["manifest.jsonl"]  # no temp file left
 
 
 def test_manifest_parameters_redact_data_uris_and_signatures() -> None:

@@ -1,10 +1,12 @@
 """``batch_to_s3``: a prompt file (JSONL or CSV) in, images in S3 with a manifest out.
 
-One request per row, fanned out under a concurrency cap, in chunks so a 10,000-row file never
-becomes one giant flow state. Every row is validated before anything is paid for; ``dry_run``
-prints the estimated cost and submits nothing; ``max_cost`` refuses a batch whose uncached rows
-would cost more (cached rows are free). Running the same batch again submits nothing and writes
-no duplicate object; a batch killed half way resumes where it was.
+One request per row, fanned out under a concurrency cap through a bounded window (at most 256
+rows in flight, results back in file order), and reported as it goes: each image's manifest
+line and gallery figure go to disk at once, so a 10,000-row file never becomes one giant flow
+state. Every row is validated before anything is paid for; ``dry_run`` prints the estimated cost
+and submits nothing; ``max_cost`` refuses a batch whose uncached rows would cost more (cached
+rows are free). Running the same batch again submits nothing and writes no duplicate object; a
+batch killed half way resumes where it was.
 
 Example:
     >>> batch_to_s3("prompts.jsonl", bucket="my-images", concurrency=8)
@@ -20,7 +22,6 @@ from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -30,19 +31,18 @@ from prefect_gptimage.artifacts import (
     artifact_key,
 )
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.report import record, record_failure, wrap_up
+from prefect_gptimage.flows.report import RunReport
 from prefect_gptimage.flows.rows import RowOutcome, generate_and_stage
 from prefect_gptimage.flows.summary import RunSummary
-from prefect_gptimage.manifest import Manifest
+from prefect_gptimage.flows.window import in_order
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file
 from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks import is_submit_cached, request_fingerprint
 
-#: Rows whose tasks are in flight at once are bounded by ``concurrency``; rows are *submitted* to
-#: the task runner this many at a time, so the flow never holds every future of a huge file.
-CHUNK_SIZE = 256
+#: How often (seconds) the flow logs its progress and ETA.
+LOG_EVERY_S = 15.0
 
 
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:
@@ -117,48 +117,43 @@ def batch_to_s3(
         S3Target(bucket=bucket, prefix=prefix, presign_expires=presign_expires) if bucket else None
     )
     out = Path(output_dir or get_settings().output_dir) / run_key
-    manifest = Manifest()
-    outcomes: list[RowOutcome] = []
     progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
     started = time.monotonic()
+    last_log = started
     runner: ThreadPoolTaskRunner[Any]
+
+    def submit(row: PromptRow) -> Any:
+        return runner.submit(
+            generate_and_stage,  # type: ignore[arg-type]  # (overloads favour async tasks)
+            parameters={
+                "request": row.request,
+                "target": target,
+                "output_dir": str(out),
+                "credentials": credentials,
+                "timeout": timeout,
+                "refresh": refresh,
+                "variant": row.variant,
+                "max_in_flight": concurrency,
+            },
+        )
+
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
-    with ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency)) as runner:
-        for start in range(0, len(rows), CHUNK_SIZE):
-            chunk = rows[start : start + CHUNK_SIZE]
-            futures: dict[Any, PromptRow] = {
-                runner.submit(
-                    generate_and_stage,  # type: ignore[arg-type]  # (overloads favour async tasks)
-                    parameters={
-                        "request": row.request,
-                        "target": target,
-                        "output_dir": str(out),
-                        "credentials": credentials,
-                        "timeout": timeout,
-                        "refresh": refresh,
-                        "variant": row.variant,
-                        "max_in_flight": concurrency,
-                    },
-                ): row
-                for row in chunk
-            }
-            done: list[tuple[PromptRow, Any]] = []
-            for future in as_completed(list(futures)):
-                future.wait()
-                done.append((futures[future], future.state.result(raise_on_failure=False)))
-                progress.advance()
-            # manifest lines in file order, so the same batch always writes the same manifest
-            for row, result in sorted(done, key=lambda item: item[0].line):
-                if isinstance(result, RowOutcome):
-                    outcomes.append(result)
-                    record(manifest, result, row.request.prompt)
-                else:
-                    error = (
-                        result if isinstance(result, BaseException) else RuntimeError(str(result))
-                    )
-                    record_failure(manifest, summary, error, row.request)
-            log.info(
-                "%s: %s (%.0fs elapsed)", run_key, progress.status(), time.monotonic() - started
-            )
-    progress.finish()
-    return wrap_up(summary, outcomes, manifest, out, run_key, target)
+    with (
+        RunReport(out, run_key, target, summary) as report,
+        ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency)) as runner,
+    ):
+        # rows come back in file order, so the same batch always writes the same manifest
+        for row, result in in_order(rows, submit, on_finished=progress.advance):
+            if isinstance(result, RowOutcome):
+                report.add(result, row.request.prompt)
+            else:
+                report.fail(
+                    result if isinstance(result, BaseException) else RuntimeError(str(result)),
+                    row.request,
+                )
+            if time.monotonic() - last_log >= LOG_EVERY_S:
+                last_log = time.monotonic()
+                log.info("%s: %s (%.0fs elapsed)", run_key, progress.status(), last_log - started)
+        progress.finish()
+        log.info("%s: %s (%.0fs elapsed)", run_key, progress.status(), time.monotonic() - started)
+        return report.close()

@@ -18,10 +18,9 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.report import record, record_failure, wrap_up
-from prefect_gptimage.flows.rows import RowOutcome, generate_and_stage
+from prefect_gptimage.flows.report import RunReport
+from prefect_gptimage.flows.rows import generate_and_stage
 from prefect_gptimage.flows.summary import RunSummary
-from prefect_gptimage.manifest import Manifest
 from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest, Quality
 from prefect_gptimage.settings import get_settings
@@ -45,22 +44,20 @@ def generate_then_edit(
     run_key = f"edit-{slugify(prompt, 30)}-{slugify(edit_prompt, 30)}"
     out = Path(output_dir or get_settings().output_dir) / run_key
     target = S3Target(bucket=bucket, prefix=prefix, presign_expires=presign_expires)
-    summary, manifest, outcomes = RunSummary(), Manifest(), list[RowOutcome]()
     request: GptImageRequest | GptImageEditRequest = first
-    try:
-        base = generate_and_stage(first, target, str(out), credentials, timeout)
-        outcomes.append(base)
-        record(manifest, base, first.prompt)
-        request = GptImageEditRequest(
-            prompt=edit_prompt,
-            image_urls=[base.staged[0].url],
-            quality=quality,
-            input_fidelity=input_fidelity,  # type: ignore[arg-type]
-            output_format=first.output_format,
-        )
-        edited = generate_and_stage(request, target, str(out), credentials, timeout)
-        outcomes.append(edited)
-        record(manifest, edited, edit_prompt)
-    except Exception as exc:
-        record_failure(manifest, summary, exc, request)
-    return wrap_up(summary, outcomes, manifest, out, run_key, target)
+    with RunReport(out, run_key, target) as report:
+        try:
+            base = generate_and_stage(first, target, str(out), credentials, timeout)
+            report.add(base, first.prompt)
+            request = GptImageEditRequest(
+                prompt=edit_prompt,
+                image_urls=[base.staged[0].url],
+                quality=quality,
+                input_fidelity=input_fidelity,  # type: ignore[arg-type]
+                output_format=first.output_format,
+            )
+            edited = generate_and_stage(request, target, str(out), credentials, timeout)
+            report.add(edited, edit_prompt)
+        except Exception as exc:
+            report.fail(exc, request)
+        return report.close()

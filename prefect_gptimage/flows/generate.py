@@ -13,10 +13,9 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.report import record, record_failure, wrap_up
+from prefect_gptimage.flows.report import RunReport
 from prefect_gptimage.flows.rows import generate_and_stage
 from prefect_gptimage.flows.summary import RunSummary
-from prefect_gptimage.manifest import Manifest
 from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest
 from prefect_gptimage.settings import get_settings
@@ -47,13 +46,13 @@ def generate_to_s3(
     target = (
         S3Target(bucket=bucket, prefix=prefix, presign_expires=presign_expires) if bucket else None
     )
-    summary, manifest = RunSummary(), Manifest()
-    try:
-        outcome = generate_and_stage(
-            request, target, str(out), credentials, timeout, refresh, variant
-        )
-    except Exception as exc:
-        record_failure(manifest, summary, exc, request)
-        return wrap_up(summary, [], manifest, out, run_key, target)
-    record(manifest, outcome, request.prompt)
-    return wrap_up(summary, [outcome], manifest, out, run_key, target)
+    with RunReport(out, run_key, target) as report:
+        try:
+            outcome = generate_and_stage(
+                request, target, str(out), credentials, timeout, refresh, variant
+            )
+        except Exception as exc:
+            report.fail(exc, request)
+        else:
+            report.add(outcome, request.prompt)
+        return report.close()

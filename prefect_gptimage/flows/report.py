@@ -1,25 +1,40 @@
 """How every pipeline ends: manifest and HTML gallery written, artifacts published, final state.
 
+A :class:`RunReport` takes a run's outcomes as they arrive and writes each image's manifest line
+and gallery figure to disk at once, so a 10,000-row batch holds no more in memory than a
+10-row one: only the totals, the first :data:`SUMMARY_IMAGES` image records (for the summary),
+the first :data:`TABLE_ROWS` staged images (for the results table) and the failures.
+
 A run whose requests all produced images ends Completed; one with any failure ends Failed, and
 either way its state carries the :class:`RunSummary` (the CLI prints it; ``--json`` as one line).
+
+Example:
+    >>> with RunReport(Path("out/run"), "nightly", target) as report:  # doctest: +SKIP
+    ...     report.add(outcome, prompt)
+    ...     return report.close()
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from prefect_gptimage.artifacts import publish_results, write_html_gallery
+from prefect_gptimage.artifacts import publish_results
 from prefect_gptimage.flows.rows import RowOutcome
 from prefect_gptimage.flows.summary import Failure, RunSummary
-from prefect_gptimage.manifest import Manifest
-from prefect_gptimage.s3 import S3Target, manifest_key, stage_file
+from prefect_gptimage.gallery import HtmlGallery
+from prefect_gptimage.manifest import ManifestWriter
+from prefect_gptimage.s3 import S3Target, StagedImage, manifest_key, stage_file
 from prefect_gptimage.schemas import AnyRequest
 
 #: The summary lists at most this many images (the manifest lists them all).
 SUMMARY_IMAGES = 1000
+#: The results table artifact shows at most this many images (the manifest lists them all).
+TABLE_ROWS = 2000
 
 
 def finish(summary: RunSummary) -> State[RunSummary]:
@@ -29,64 +44,97 @@ def finish(summary: RunSummary) -> State[RunSummary]:
     return Failed(message=f"{len(summary.failures)} request(s) failed", data=summary)
 
 
-def record(manifest: Manifest, outcome: RowOutcome, prompt: str) -> None:
-    """Add one request's staged images to the manifest."""
-    for staged in outcome.staged:
-        manifest.add_image(staged, prompt, outcome.request)
+class RunReport:
+    """Collects a run's outcomes in bounded memory; :meth:`close` settles the final state.
 
+    ``out`` receives ``manifest.jsonl`` and ``index.html``; with a ``target`` the manifest is
+    staged to S3 and the table, gallery and link artifacts are published. Used as a context
+    manager, an exception inside the block discards the unfinished files.
+    """
 
-def record_failure(
-    manifest: Manifest, summary: RunSummary, exc: BaseException, request: AnyRequest
-) -> None:
-    """Note a request that produced no image, with its reason, in the summary and the manifest."""
-    arguments = request.to_arguments()
-    failure = Failure.from_exception(exc, arguments, request.endpoint)
-    summary.failures.append(failure)
-    manifest.add_failure(
-        failure.prompt,
-        arguments,
-        reason=failure.reason,
-        endpoint=failure.endpoint,
-        request_id=failure.request_id,
-        error_type=failure.error_type,
-    )
+    def __init__(
+        self,
+        out: Path,
+        run_key: str,
+        target: S3Target | None,
+        summary: RunSummary | None = None,
+    ) -> None:
+        self.out, self.run_key, self.target = out, run_key, target
+        self.summary = summary or RunSummary()
+        self.summary.estimated_cost_usd = 0.0  # from here on: what this run actually paid
+        self.manifest = ManifestWriter(out / "manifest.jsonl")
+        self.gallery = HtmlGallery(out / "index.html", title=run_key)
+        self._table: list[StagedImage] = []
+        self._requests: dict[str, dict[str, Any]] = {}
+        self._closed = False
 
+    def add(self, outcome: RowOutcome, prompt: str) -> None:
+        """One request's images: manifest lines, gallery figures, totals."""
+        summary = self.summary
+        summary.submitted += not outcome.from_cache
+        summary.images_total += len(outcome.images)
+        summary.staged += len(outcome.staged)
+        summary.estimated_cost_usd = round(summary.estimated_cost_usd + outcome.cost, 6)
+        room = SUMMARY_IMAGES - len(summary.images)
+        if room > 0:
+            summary.images.extend(outcome.image_records()[:room])
+        for staged in outcome.staged:
+            self.manifest.add_image(staged, prompt, outcome.request)
+        if len(self._table) < TABLE_ROWS and outcome.staged:
+            self._table.extend(outcome.staged[: TABLE_ROWS - len(self._table)])
+            self._requests[outcome.request_id] = outcome.request
+        for image in outcome.images:
+            self.gallery.add_image(image, prompt, outcome.request)
 
-def wrap_up(
-    summary: RunSummary,
-    outcomes: list[RowOutcome],
-    manifest: Manifest,
-    out: Path,
-    run_key: str,
-    target: S3Target | None,
-) -> State[RunSummary]:
-    """Write the manifest and gallery, publish artifacts, and settle the flow's final state."""
-    out.mkdir(parents=True, exist_ok=True)
-    summary.submitted = sum(1 for o in outcomes if not o.from_cache)
-    summary.images_total = sum(len(o.images) for o in outcomes)
-    summary.staged = sum(len(o.staged) for o in outcomes)
-    summary.estimated_cost_usd = round(sum(o.cost for o in outcomes), 6)
-    summary.images = [rec for o in outcomes for rec in o.image_records()][:SUMMARY_IMAGES]
-    gallery = write_html_gallery(
-        [img for o in outcomes for img in o.images],
-        out / "index.html",
-        title=run_key,
-        prompts={o.request_id: str(o.request.get("prompt", "")) for o in outcomes},
-        failures=summary.failures,
-    )
-    summary.gallery = str(gallery)
-    manifest_path = manifest.write(out / "manifest.jsonl")
-    if target is not None:
+    def fail(self, exc: BaseException, request: AnyRequest) -> None:
+        """A request that produced no image: in the summary, the manifest and the gallery."""
+        arguments = request.to_arguments()
+        failure = Failure.from_exception(exc, arguments, request.endpoint)
+        self.summary.failures.append(failure)
+        self.manifest.add_failure(
+            failure.prompt,
+            arguments,
+            reason=failure.reason,
+            endpoint=failure.endpoint,
+            request_id=failure.request_id,
+            error_type=failure.error_type,
+        )
+        self.gallery.add_failure(failure)
+
+    def close(self) -> State[RunSummary]:
+        """Finish the files, stage the manifest, publish the artifacts; the run's final state."""
+        self._closed = True
+        summary = self.summary
+        summary.gallery = str(self.gallery.close())
+        manifest_path = self.manifest.close()
+        if self.target is None:
+            summary.manifest_uri = str(manifest_path)
+            return finish(summary)
         staged_manifest = stage_file(
-            manifest_path, manifest_key(target, run_key), "application/x-ndjson", target
+            manifest_path,
+            manifest_key(self.target, self.run_key),
+            "application/x-ndjson",
+            self.target,
         )
         summary.manifest_uri = staged_manifest.s3_uri
         publish_results(
-            [s for o in outcomes for s in o.staged],
+            self._table,
             summary.failures,
-            key_prefix=run_key,
-            requests={o.request_id: o.request for o in outcomes},
+            key_prefix=self.run_key,
+            requests=self._requests,
+            totals=self.manifest.totals(),
         )
-    else:
-        summary.manifest_uri = str(manifest_path)
-    return finish(summary)
+        return finish(summary)
+
+    def __enter__(self) -> RunReport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._closed:
+            self.manifest.discard()
+            self.gallery.discard()
