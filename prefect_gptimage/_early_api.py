@@ -32,6 +32,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def _free_port() -> int:
 class EarlyApi:
     """A temporary Prefect API server started ahead of need (see the module docstring)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
         self.process: subprocess.Popen[bytes] | None = process
         self.port = port
+        self.log_path = log_path
         self.api_url = f"http://127.0.0.1:{port}/api"
 
     @classmethod
@@ -69,6 +71,9 @@ class EarlyApi:
             return None
         app_dir = Path(next(iter(spec.submodule_search_locations))).parent
         port = _free_port()
+        log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # the server writes it until stop()
+            "wb", prefix="prefect-gptimage-api-", suffix=".log", delete=False
+        )
         try:
             process = subprocess.Popen(
                 [
@@ -90,10 +95,16 @@ class EarlyApi:
                 ],
                 env={**os.environ, **_SERVER_ENV},
                 stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         except OSError:
+            log.close()
+            Path(log.name).unlink(missing_ok=True)
             return None
-        early = cls(process, port)
+        finally:
+            log.close()  # the server holds its own descriptor
+        early = cls(process, port, Path(log.name))
         atexit.register(early.stop)  # registered before Prefect's hooks, so it runs after them
         return early
 
@@ -120,6 +131,8 @@ class EarlyApi:
                 with contextlib.suppress(httpx.TransportError):
                     if http.get(f"{self.api_url}/health").status_code == 200:
                         os.environ["PREFECT_API_URL"] = self.api_url
+                        # no UI runs there (nor would it outlive us): no dead "View at" links
+                        os.environ.setdefault("PREFECT_UI_URL", "")
                         refresh_global_settings_context()
                         return True
                 time.sleep(0.05)
@@ -139,3 +152,58 @@ class EarlyApi:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        self._report_log()
+
+    def _report_log(self) -> None:
+        """Say in a few lines what the server logged (kept in its file), or delete the file."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return
+        lines = summarize_server_log(text)
+        if not lines:
+            self.log_path.unlink(missing_ok=True)
+            return
+        for line in lines:
+            print(f"prefect-gptimage: {line}", file=sys.stderr)
+        print(f"prefect-gptimage: the server's log: {self.log_path}", file=sys.stderr)
+
+
+#: What Prefect's in-memory messaging logs for each event a slow consumer had no room for.
+_DROPPED = "Subscription queue is full, dropping message"
+
+
+def summarize_server_log(text: str) -> list[str]:
+    """What a user should know about the temporary server's log, in a few lines (or none).
+
+    At sustained rates above roughly 15 requests a second, the temporary server cannot record
+    task runs as fast as they arrive: it logs one warning per dropped event (tens of thousands in
+    a large batch) and, when stopped with a backlog, a traceback per cancelled write. Those are
+    counted here instead of flooding the terminal.
+
+    Example:
+        >>> summarize_server_log("")
+        []
+    """
+    if not text.strip():
+        return []
+    dropped = text.count(_DROPPED)
+    other = [
+        line
+        for line in text.splitlines()
+        if (" | ERROR " in line or " | WARNING " in line or " | CRITICAL " in line)
+        and _DROPPED not in line
+    ]
+    lines = []
+    if dropped:
+        lines.append(
+            f"Prefect's temporary API server dropped {dropped} task-run event(s): it could not "
+            "record them as fast as they came, so its run history is incomplete. Images, S3 "
+            "objects, manifest and caches are not affected. For sustained rates this high, run "
+            "against a Prefect server (PREFECT_API_URL)."
+        )
+    if other:
+        lines.append(f"Prefect's temporary API server logged {len(other)} error(s)/warning(s).")
+    if not lines:
+        lines.append("Prefect's temporary API server wrote to its log.")
+    return lines

@@ -65,6 +65,8 @@ def test_batch_without_a_server_runs_on_one_temporary_api_and_stops_it(
     assert all(i["s3_uri"].startswith(f"s3://{s3_bucket}/") for i in summary["images"])
     # Prefect found its API ready: it did not boot a second temporary server of its own
     assert "Starting temporary server" not in done.stderr
+    assert "View at" not in done.stderr  # no link to a server that has no UI and is gone now
+    assert "temporary API server" not in done.stderr  # a healthy server has nothing to report
     assert processes_with("PREFECT_HOME", str(home)) == []  # nothing left running
 
     # invalid input: exit 2 at once, and the server started at launch is stopped too
@@ -98,3 +100,24 @@ def test_api_url_in_the_users_profile_wins_over_a_temporary_server(
     # the run is recorded on the profile's server, not on a throwaway one
     assert any(r.parameters.get("prompt_file") == str(rows) for r in runs)
     assert processes_with("PREFECT_HOME", str(home)) == []
+
+
+def test_an_overwhelmed_temporary_server_is_summed_up_not_flooded() -> None:
+    from prefect_gptimage._early_api import summarize_server_log
+
+    dropped = (
+        "09:18:23.817 | WARNING | prefect.server.utilities.messaging.memory - Subscription queue"
+        " is full, dropping message for topic='events' queue_size=10000 retry_queue_size=0\n"
+    )
+    error = (
+        "09:40:12.690 | ERROR   | prefect.server.services.task_run_recorder - Error flushing 1"
+        " events (1 to retry, 0 dropped)\nTraceback (most recent call last):\n  ...\n"
+    )
+
+    lines = summarize_server_log(dropped * 3000 + error * 2)
+
+    assert len(lines) == 2
+    assert "dropped 3000 task-run event(s)" in lines[0]
+    assert "PREFECT_API_URL" in lines[0]  # what to do about it
+    assert "2 error(s)/warning(s)" in lines[1]
+    assert summarize_server_log("") == []
