@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # what Prefect's SubprocessASGIServer sets for its server (no UI, ephemeral mode)
 _SERVER_ENV = {
@@ -45,10 +47,39 @@ _SERVER_ENV = {
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _profile_names_an_api() -> bool:
+    """Whether the active profile in ``profiles.toml`` sets ``PREFECT_API_URL`` (Prefect Cloud,
+    a team server). A cheap look before importing Prefect; Prefect's settings decide in the end.
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: let adopt() find out
+        return False
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    profile = profiles.get("profiles", {}).get(active, {})
+    return isinstance(profile, dict) and bool(profile.get("PREFECT_API_URL"))
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """For the server's process, run before exec: SIGTERM it when this process dies (Linux).
+
+    ``prctl`` is looked up here, in the parent, so the child (forked from a process that may
+    run threads) only makes the call.
+    """
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EarlyApi:
@@ -62,15 +93,34 @@ class EarlyApi:
 
     @classmethod
     def start(cls) -> EarlyApi | None:
-        """Spawn the server unless the environment already names an API (or forbids one)."""
-        if os.environ.get("PREFECT_API_URL"):
+        """Spawn the server unless the environment or profile names an API (or forbids one)."""
+        if os.environ.get("PREFECT_API_URL") or _profile_names_an_api():
             return None
-        allowed = os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "true").strip().lower()
+        allowed = os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_ENABLED",
+            os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true"),
+        )
         spec = importlib.util.find_spec("prefect")
-        if allowed in _FALSE or spec is None or not spec.submodule_search_locations:
+        if allowed.strip().lower() in _FALSE or spec is None or not spec.submodule_search_locations:
             return None
         app_dir = Path(next(iter(spec.submodule_search_locations))).parent
-        port = _free_port()
+        # bound here and handed over (POSIX), so no other process can take the port meanwhile
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+        where = ["--host", "127.0.0.1", "--port", str(port)]
+        extra: dict[str, Any] = {}
+        if os.name == "posix":
+            sock.listen(128)
+            where = ["--fd", str(sock.fileno())]
+            # Ctrl+C reaches only us (we stop it after Prefect's last flush); if we are killed,
+            # Linux stops it too instead of leaving it orphaned
+            extra = {"pass_fds": (sock.fileno(),), "start_new_session": True}
+            hook = _die_with_parent_hook() if sys.platform.startswith("linux") else None
+            if hook is not None:
+                extra["preexec_fn"] = hook
+        else:
+            sock.close()
         log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # the server writes it until stop()
             "wb", prefix="prefect-gptimage-api-", suffix=".log", delete=False
         )
@@ -84,10 +134,7 @@ class EarlyApi:
                     str(app_dir),
                     "--factory",
                     "prefect.server.api.server:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
+                    *where,
                     "--log-level",
                     "error",
                     "--lifespan",
@@ -97,13 +144,15 @@ class EarlyApi:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                **extra,
             )
         except OSError:
             log.close()
             Path(log.name).unlink(missing_ok=True)
             return None
         finally:
-            log.close()  # the server holds its own descriptor
+            log.close()  # the server holds its own descriptors
+            sock.close()
         early = cls(process, port, Path(log.name))
         atexit.register(early.stop)  # registered before Prefect's hooks, so it runs after them
         return early
@@ -115,10 +164,21 @@ class EarlyApi:
         ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``). Returns whether it was adopted;
         when not, Prefect behaves exactly as if this module did not exist.
         """
+        try:
+            return self._adopt()
+        except Exception:  # anything unexpected (another Prefect version...): Prefect's own way
+            self.stop()
+            return False
+
+    def _adopt(self) -> bool:
         import httpx
-        from prefect.context import refresh_global_settings_context
         from prefect.settings import get_current_settings
 
+        try:  # Prefect >= 3.6; older ones: Prefect starts its own server
+            from prefect.context import refresh_global_settings_context
+        except ImportError:
+            self.stop()
+            return False
         settings = get_current_settings()
         if settings.api.url or not settings.server.ephemeral.enabled:
             self.stop()

@@ -11,6 +11,7 @@ anything imports fal_client or Prefect.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -48,6 +49,8 @@ def run_demo(
         os.environ.update({"FAL_KEY": "demo-key-id:demo-key-secret", "PREFECT_HOME": home})
         # a throwaway ephemeral API: no telemetry (its heartbeat also trips over SQLite locks)
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # the home goes at exit, after the temporary API server (registered next) has stopped
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
         early = EarlyApi.start()  # Prefect's temporary API boots while we import Prefect
         s3.create_bucket(DEMO_BUCKET)
         print(f"fal emulator: {emulator.base_url}  S3: {s3.endpoint_url}  bucket: {DEMO_BUCKET}")
@@ -86,5 +89,4 @@ def run_demo(
             f"fal calls: {stats['submit']} submits, {stats['status']} status polls for "
             f"{len(summary.images)} images; on real fal about ${summary.estimated_cost_usd:.3f}"
         )
-    shutil.rmtree(home, ignore_errors=True)
     return 0 if summary.ok and state.is_completed() else 1

@@ -69,15 +69,35 @@ def _check_url(url: str, allowed: tuple[str, ...]) -> None:
         )
 
 
+#: What httpx reads from the environment when a client is built (TLS trust, proxies).
+_CLIENT_ENV = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+)
+
+
+def _client_env() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(name) for name in _CLIENT_ENV)
+
+
 @functools.lru_cache(maxsize=8)
-def _media_client(allowed: tuple[str, ...], ca_bundle: str | None) -> httpx.Client:
+def _media_client(allowed: tuple[str, ...], env: tuple[str | None, ...]) -> httpx.Client:
     """One pooled client per allowlist (and CA bundle), shared by every download thread.
 
     Building an ``httpx.Client`` loads the CA bundle into a fresh TLS context: ~35 ms of CPU,
     more than the download itself on a fast network. A shared client also keeps connections to
     fal's CDN alive across images. ``httpx.Client`` is thread-safe. Every hop of a redirect is
-    checked against the allowlist by the request hook. ``ca_bundle`` (``SSL_CERT_FILE``) is part
-    of the key because httpx reads it when the client is built.
+    checked against the allowlist by the request hook. ``env`` (CA bundle, proxies) is part of
+    the key because httpx reads it when the client is built. Connections are not capped here:
+    the callers' threads already bound them.
     """
 
     def check_hop(request: httpx.Request) -> None:
@@ -86,9 +106,13 @@ def _media_client(allowed: tuple[str, ...], ca_bundle: str | None) -> httpx.Clie
     return httpx.Client(
         follow_redirects=True,
         timeout=httpx.Timeout(60.0, connect=15.0),
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         event_hooks={"request": [check_hop]},
     )
+
+
+if hasattr(os, "register_at_fork"):  # a forked child must not share the parent's connections
+    os.register_at_fork(after_in_child=_media_client.cache_clear)
 
 
 def safe_name(text: str) -> str:
@@ -112,7 +136,7 @@ def _temp_beside(final: Path) -> Iterator[tuple[Path, object]]:
 def _stream_https(url: str, fh: object, settings: GptImageSettings) -> None:
     limit = settings.max_download_bytes
     write = fh.write  # type: ignore[attr-defined]
-    http = _media_client(tuple(settings.allowed_media_hosts), os.environ.get("SSL_CERT_FILE"))
+    http = _media_client(tuple(settings.allowed_media_hosts), _client_env())
     try:
         with http.stream("GET", url) as response:
             if response.status_code in (404, 410):

@@ -192,7 +192,9 @@ class HtmlGallery:
         self.title = title
         self.images = 0
         self._failures: list[str] = []
-        self._body_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.body")
+        self._body_path = self.path.with_name(
+            f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.body"
+        )
         self._body = self._body_path.open("w", encoding="utf-8")
         self._lock = threading.Lock()
 

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import run_cli_process
 
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="finds processes through /proc"
+)
 
 
 def processes_with(variable: str, value: str) -> list[int]:
@@ -47,6 +56,7 @@ def user_env(home: Path, tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@linux_only
 def test_batch_without_a_server_runs_on_one_temporary_api_and_stops_it(
     fal_emulator: FalEmulator, local_s3: LocalS3Server, s3_bucket: str, unique: str, tmp_path: Path
 ) -> None:
@@ -76,10 +86,12 @@ def test_batch_without_a_server_runs_on_one_temporary_api_and_stops_it(
     assert processes_with("PREFECT_HOME", str(home)) == []
 
 
+@linux_only
 def test_api_url_in_the_users_profile_wins_over_a_temporary_server(
     prefect_harness: dict[str, Any], unique: str, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
 
     rows = tmp_path / f"profile-{unique}.jsonl"
     rows.write_text(json.dumps({"prompt": f"{unique} via profile", "quality": "low"}) + "\n")
@@ -96,10 +108,35 @@ def test_api_url_in_the_users_profile_wins_over_a_temporary_server(
     assert done.returncode == 0, done.stderr
     assert "$0.009 for 1 request(s)" in done.stderr
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(limit=200)
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
     # the run is recorded on the profile's server, not on a throwaway one
     assert any(r.parameters.get("prompt_file") == str(rows) for r in runs)
     assert processes_with("PREFECT_HOME", str(home)) == []
+
+
+@linux_only
+def test_a_killed_cli_leaves_no_server_behind(tmp_path: Path) -> None:
+    home = tmp_path / "prefect-home"
+    env = user_env(home, tmp_path)
+    script = (
+        "import os, signal, time\n"
+        "from prefect_gptimage._early_api import EarlyApi\n"
+        "early = EarlyApi.start()\n"
+        "print(early.process.pid, flush=True)\n"
+        "time.sleep(1.0)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no atexit, no cleanup of our own\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == -signal.SIGKILL
+    server = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while processes_with("PREFECT_HOME", str(home)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with("PREFECT_HOME", str(home)) == [], f"server {server} still running"
 
 
 def test_an_overwhelmed_temporary_server_is_summed_up_not_flooded() -> None:

@@ -103,10 +103,10 @@ class RunReport:
 
     def close(self) -> State[RunSummary]:
         """Finish the files, stage the manifest, publish the artifacts; the run's final state."""
-        self._closed = True
         summary = self.summary
         summary.gallery = str(self.gallery.close())
         manifest_path = self.manifest.close()
+        self._closed = True
         if self.target is None:
             summary.manifest_uri = str(manifest_path)
             return finish(summary)

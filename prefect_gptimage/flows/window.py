@@ -47,6 +47,8 @@ def in_order(
     one failed item does not stop the others). ``on_finished`` is called as each item finishes,
     in completion order (for progress).
     """
+    if window < 1 or max_buffered < 1:
+        raise ValueError(f"window and max_buffered must be >= 1 (got {window}, {max_buffered})")
     finished: queue.SimpleQueue[int] = queue.SimpleQueue()
     running: dict[int, PrefectFuture[Any]] = {}
     ready: dict[int, Any] = {}
