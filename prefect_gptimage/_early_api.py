@@ -111,6 +111,10 @@ class EarlyApi:
         where = ["--host", "127.0.0.1", "--port", str(port)]
         extra: dict[str, Any] = {}
         if os.name == "posix":
+            # uvicorn adopts the descriptor as if it were a Unix socket, so asyncio would not
+            # turn Nagle off on its connections (40 ms stalls per API call); accepted sockets
+            # inherit it from the listener
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.listen(128)
             where = ["--fd", str(sock.fileno())]
             # Ctrl+C reaches only us (we stop it after Prefect's last flush); if we are killed,
