@@ -7,13 +7,15 @@ a 2-core machine, that is ~7 s of sequential start-up before the first fal submi
 same server as the very first thing the CLI does lets it boot on the other core while this
 process imports and validates its input, which takes seconds off every command.
 
-The server is started exactly as Prefect's ``SubprocessASGIServer`` starts it (same uvicorn
-factory, same private environment switches), then *adopted*: once Prefect's settings are
-loaded, if they confirm Prefect would have used an ephemeral API (no API URL in the profile,
-ephemeral mode enabled), ``PREFECT_API_URL`` points at it for the rest of this process; if not,
-it is stopped unused. Any failure falls back to Prefect's own start-up, so this can only make a
-command faster, never break it. The server is stopped (gracefully, like Prefect's) at exit,
-after Prefect's own exit hooks have flushed logs and events to it.
+The server runs the app Prefect's ``SubprocessASGIServer`` runs (same uvicorn factory, same
+private environment switches), then is *adopted*: once Prefect's settings are loaded, if they
+confirm Prefect would have used an ephemeral API (no API URL in the profile, ephemeral mode
+enabled), ``PREFECT_API_URL`` points at it for the rest of this process; if not, it is stopped
+unused. Any failure falls back to Prefect's own start-up, so this can only make a command
+faster, never break it. Unlike Prefect's, on POSIX it gets its listening socket from us (no
+other process can take the port while it boots), runs in its own session (Ctrl+C reaches only
+the CLI, which stops it after Prefect's exit hooks have flushed logs and events to it) and, on
+Linux, is terminated if the CLI dies. Its output goes to a log file, summed up at exit.
 
 Example::
 
