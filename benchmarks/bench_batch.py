@@ -200,6 +200,15 @@ def _read_lines_until(proc: subprocess.Popen[str], marker: str, timeout: float) 
             return seen
 
 
+def reap(proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    """Wait for a server told to stop; kill it if it has not stopped within ``timeout``."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def plugin_command() -> list[str]:
     script = Path(sys.executable).parent / "prefect-gptimage"
     if script.exists():
@@ -251,11 +260,7 @@ class Emulator:
 
     def stop(self) -> None:
         self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc)
         self._stderr.close()
 
 
@@ -291,12 +296,8 @@ class S3Server:
 
     def stop(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.stdin.close()  # the server's signal to stop
+        reap(self.proc)
         self._stderr.close()
 
 

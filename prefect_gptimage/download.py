@@ -28,7 +28,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -45,7 +45,7 @@ _DATA_URI = re.compile(r"^data:(?P<ctype>[\w/+.-]+)?(?P<params>(;[\w=.-]+)*?);ba
 _CHUNK = 1 << 16
 
 
-def host_allowed(host: str, allowed: list[str]) -> bool:
+def host_allowed(host: str, allowed: Iterable[str]) -> bool:
     """Whether ``host`` matches one of the allowed patterns (``*.fal.media`` style)."""
     host = host.lower().rstrip(".")
     return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in allowed)
@@ -62,7 +62,7 @@ def _check_url(url: str, allowed: tuple[str, ...]) -> None:
         raise PermanentDownloadError(
             f"refusing to download {parsed.scheme or 'a relative'} URL: only https is allowed"
         )
-    if not host_allowed(parsed.host, list(allowed)):
+    if not host_allowed(parsed.host, allowed):
         raise PermanentDownloadError(
             f"refusing to download from host {parsed.host!r}: not in "
             f"PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS ({', '.join(allowed)})"

@@ -219,13 +219,9 @@ class Manifest(_Lines):
     def totals(self) -> ManifestTotals:
         """Counts, bytes and estimated cost (images only; failures cost nothing to estimate)."""
         totals = ManifestTotals()
-        cost = 0.0
         for line in self.lines:
             _count(totals, line)
-            if isinstance(line, ImageLine):
-                cost += line.estimated_cost_usd or 0.0
-        totals.estimated_cost_usd = round(cost, 6)
-        return totals
+        return _rounded(totals)
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write one JSON object per line, streaming; atomic (temp file, then rename)."""
@@ -273,7 +269,6 @@ class ManifestWriter(_Lines):
         self._tmp = _temp_path(self.path)
         self._fh = self._tmp.open("w", encoding="utf-8", newline="\n")
         self._totals = ManifestTotals()
-        self._cost = 0.0
         self._lock = threading.Lock()
 
     def _append(self, line: ImageLine | FailureLine) -> None:
@@ -281,13 +276,11 @@ class ManifestWriter(_Lines):
         with self._lock:
             self._fh.write(text)
             _count(self._totals, line)
-            if isinstance(line, ImageLine):
-                self._cost += line.estimated_cost_usd or 0.0
 
     def totals(self) -> ManifestTotals:
         """Counts, bytes and estimated cost of the lines written so far."""
         with self._lock:
-            return self._totals.model_copy(update={"estimated_cost_usd": round(self._cost, 6)})
+            return _rounded(self._totals)
 
     def close(self) -> Path:
         """Finish the file and move it into place. Returns its path."""
@@ -308,8 +301,14 @@ def _temp_path(target: Path) -> Path:
 
 
 def _count(totals: ManifestTotals, line: ImageLine | FailureLine) -> None:
+    """Add one line to running totals (the cost unrounded: see :func:`_rounded`)."""
     if isinstance(line, ImageLine):
         totals.images += 1
         totals.bytes += line.bytes
+        totals.estimated_cost_usd += line.estimated_cost_usd or 0.0
     else:
         totals.failures += 1
+
+
+def _rounded(totals: ManifestTotals) -> ManifestTotals:
+    return totals.model_copy(update={"estimated_cost_usd": round(totals.estimated_cost_usd, 6)})

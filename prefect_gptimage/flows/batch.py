@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +117,7 @@ def batch_to_s3(
     )
     out = Path(output_dir or get_settings().output_dir) / run_key
     progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
-    started = time.monotonic()
-    last_log = started
+    last_log = 0.0
     runner: ThreadPoolTaskRunner[Any]
 
     def submit(row: PromptRow) -> Any:
@@ -151,9 +149,9 @@ def batch_to_s3(
                     result if isinstance(result, BaseException) else RuntimeError(str(result)),
                     row.request,
                 )
-            if time.monotonic() - last_log >= LOG_EVERY_S:
-                last_log = time.monotonic()
-                log.info("%s: %s (%.0fs elapsed)", run_key, progress.status(), last_log - started)
+            if progress.elapsed - last_log >= LOG_EVERY_S:
+                last_log = progress.elapsed
+                log.info("%s: %s", run_key, progress.status())  # counts, elapsed, ETA
         progress.finish()
-        log.info("%s: %s (%.0fs elapsed)", run_key, progress.status(), time.monotonic() - started)
+        log.info("%s: %s", run_key, progress.status())
         return report.close()
