@@ -171,29 +171,26 @@ class EarlyApi:
         when not, Prefect behaves exactly as if this module did not exist.
         """
         try:
-            return self._adopt()
-        except Exception:  # anything unexpected (another Prefect version...): Prefect's own way
+            adopted = self._adopt()
+        except Exception:  # e.g. Prefect < 3.6 (no refresh_global_settings_context): its own way
+            adopted = False
+        if not adopted:
             self.stop()
-            return False
+        return adopted
 
     def _adopt(self) -> bool:
         import httpx
+        from prefect.context import refresh_global_settings_context
         from prefect.settings import get_current_settings
 
-        try:  # Prefect >= 3.6; older ones: Prefect starts its own server
-            from prefect.context import refresh_global_settings_context
-        except ImportError:
-            self.stop()
-            return False
         settings = get_current_settings()
         if settings.api.url or not settings.server.ephemeral.enabled:
-            self.stop()
             return False
         deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
                 if self.process is None or self.process.poll() is not None:
-                    break  # exited (port taken?): let Prefect start its own
+                    break  # it exited: let Prefect start its own
                 with contextlib.suppress(httpx.TransportError):
                     if http.get(f"{self.api_url}/health").status_code == 200:
                         os.environ["PREFECT_API_URL"] = self.api_url
@@ -202,7 +199,6 @@ class EarlyApi:
                         refresh_global_settings_context()
                         return True
                 time.sleep(0.05)
-        self.stop()
         return False
 
     def stop(self) -> None:
