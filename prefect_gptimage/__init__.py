@@ -49,20 +49,20 @@ _EXPORTS: dict[str, str] = {
     "estimate_cost": "pricing",
     "GptImageSettings": "settings",
     # client layer
-    "FalQueueClient": "client",
-    "AsyncFalQueueClient": "async_client",
-    "RetryPolicy": "client",
-    "RequestStatus": "polling",
+    "FalQueueClient": "fal.client",
+    "AsyncFalQueueClient": "fal.async_client",
+    "RetryPolicy": "fal.client",
+    "RequestStatus": "fal.polling",
     "FalCredentials": "credentials",
-    "download_image_file": "download",
+    "download_image_file": "fal.media",
     # tasks
-    "submit_request": "tasks",
-    "wait_for_request": "tasks",
-    "fetch_result": "tasks",
-    "download_image": "tasks",
-    "cancel_request": "tasks",
-    "generate_images": "generation",
-    "retry_if_transient": "retry",
+    "submit_request": "tasks.queue",
+    "wait_for_request": "tasks.queue",
+    "fetch_result": "tasks.queue",
+    "download_image": "tasks.download",
+    "cancel_request": "tasks.queue",
+    "generate_images": "tasks.generate",
+    "retry_if_transient": "tasks.retry",
 }
 
 __all__ = [
@@ -121,10 +121,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from prefect_gptimage.async_client import AsyncFalQueueClient
-    from prefect_gptimage.client import FalQueueClient, RetryPolicy
     from prefect_gptimage.credentials import FalCredentials
-    from prefect_gptimage.download import download_image_file
     from prefect_gptimage.errors import (
         ConfigurationError,
         DownloadError,
@@ -139,10 +136,11 @@ if TYPE_CHECKING:
         TransientDownloadError,
         TransientFalError,
     )
-    from prefect_gptimage.generation import generate_images
-    from prefect_gptimage.polling import RequestStatus
+    from prefect_gptimage.fal.async_client import AsyncFalQueueClient
+    from prefect_gptimage.fal.client import FalQueueClient, RetryPolicy
+    from prefect_gptimage.fal.media import download_image_file
+    from prefect_gptimage.fal.polling import RequestStatus
     from prefect_gptimage.pricing import estimate_cost
-    from prefect_gptimage.retry import retry_if_transient
     from prefect_gptimage.schemas import (
         EDIT_ENDPOINT,
         TEXT_TO_IMAGE_ENDPOINT,
@@ -156,10 +154,12 @@ if TYPE_CHECKING:
         parse_request,
     )
     from prefect_gptimage.settings import GptImageSettings
-    from prefect_gptimage.tasks import (
+    from prefect_gptimage.tasks.download import download_image
+    from prefect_gptimage.tasks.generate import generate_images
+    from prefect_gptimage.tasks.queue import (
         cancel_request,
-        download_image,
         fetch_result,
         submit_request,
         wait_for_request,
     )
+    from prefect_gptimage.tasks.retry import retry_if_transient

@@ -20,7 +20,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 if TYPE_CHECKING:
-    from prefect_gptimage.client import FalQueueClient
+    from prefect_gptimage.fal.client import FalQueueClient
 
 
 class FalCredentials(Block):
@@ -52,7 +52,7 @@ class FalCredentials(Block):
 
     def get_client(self) -> FalQueueClient:
         """A shared :class:`~prefect_gptimage.client.FalQueueClient` for this key."""
-        from prefect_gptimage.client import FalQueueClient
+        from prefect_gptimage.fal.client import FalQueueClient
 
         return FalQueueClient.shared(self.get_key())
 

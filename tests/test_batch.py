@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from prefect_gptimage.flows.batch import batch_to_s3
-from prefect_gptimage.flows.summary import RunSummary
 from prefect_gptimage.prompts import InvalidPromptFile, load_prompt_file
+from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.testing import FalEmulator, Fault
 from prefect_gptimage.testing.s3 import LocalS3Server
 

@@ -11,8 +11,6 @@ import time
 
 import pytest
 
-from prefect_gptimage.async_client import AsyncFalQueueClient
-from prefect_gptimage.client import FalQueueClient, RetryPolicy
 from prefect_gptimage.errors import (
     ConfigurationError,
     FalRequestFailed,
@@ -20,7 +18,9 @@ from prefect_gptimage.errors import (
     SubmitOutcomeUnknown,
     TransientFalError,
 )
-from prefect_gptimage.polling import LATENCY
+from prefect_gptimage.fal.async_client import AsyncFalQueueClient
+from prefect_gptimage.fal.client import FalQueueClient, RetryPolicy
+from prefect_gptimage.fal.polling import LATENCY
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest
 from prefect_gptimage.testing import FalEmulator, Fault
 

@@ -10,8 +10,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from prefect_gptimage.concurrency import fal_request_slot, forget_lookups
 from prefect_gptimage.flows.batch import batch_to_s3
+from prefect_gptimage.tasks.concurrency import fal_request_slot, forget_lookups
 from prefect_gptimage.testing import FalEmulator
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from prefect_gptimage.client import FalQueueClient, RetryPolicy
-from prefect_gptimage.download import download_image_file, host_allowed
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
+from prefect_gptimage.fal.client import FalQueueClient, RetryPolicy
+from prefect_gptimage.fal.media import download_image_file, host_allowed
 from prefect_gptimage.schemas import GptImageRequest, ImageFile
 from prefect_gptimage.settings import GptImageSettings, get_settings
 from prefect_gptimage.testing import FalEmulator, Fault

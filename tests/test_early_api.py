@@ -120,7 +120,7 @@ def test_a_killed_cli_leaves_no_server_behind(tmp_path: Path) -> None:
     env = user_env(home, tmp_path)
     script = (
         "import os, signal, time\n"
-        "from prefect_gptimage._early_api import EarlyApi\n"
+        "from prefect_gptimage.cli._early_api import EarlyApi\n"
         "early = EarlyApi.start()\n"
         "print(early.process.pid, flush=True)\n"
         "time.sleep(1.0)\n"
@@ -140,7 +140,7 @@ def test_a_killed_cli_leaves_no_server_behind(tmp_path: Path) -> None:
 
 
 def test_an_overwhelmed_temporary_server_is_summed_up_not_flooded() -> None:
-    from prefect_gptimage._early_api import summarize_server_log
+    from prefect_gptimage.cli._early_api import summarize_server_log
 
     dropped = (
         "09:18:23.817 | WARNING | prefect.server.utilities.messaging.memory - Subscription queue"

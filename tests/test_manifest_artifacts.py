@@ -26,7 +26,8 @@ from prefect.client.schemas.objects import Artifact
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.context import get_run_context
 
-from prefect_gptimage.artifacts import (
+from prefect_gptimage.errors import PermanentFalError
+from prefect_gptimage.reporting.artifacts import (
     BatchProgress,
     artifact_key,
     format_duration,
@@ -35,8 +36,7 @@ from prefect_gptimage.artifacts import (
     results_table,
     write_html_gallery,
 )
-from prefect_gptimage.errors import PermanentFalError
-from prefect_gptimage.manifest import (
+from prefect_gptimage.reporting.manifest import (
     FailureLine,
     ImageLine,
     Manifest,

@@ -8,9 +8,9 @@ import pytest
 
 from prefect_gptimage.errors import InvalidRequestError
 from prefect_gptimage.flows import generate_then_edit, generate_to_s3, scheduled_content
-from prefect_gptimage.flows.summary import RunSummary
+from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.schemas import GptImageRequest
-from prefect_gptimage.tasks import request_fingerprint
+from prefect_gptimage.tasks.cache import request_fingerprint
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 

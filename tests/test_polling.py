@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from prefect_gptimage.polling import LatencyModel, next_poll_delay, observed_duration
+from prefect_gptimage.fal.polling import LatencyModel, next_poll_delay, observed_duration
 
 
 def simulate(latency: float, n: int, spread: float = 0.0) -> tuple[float, float, float]:

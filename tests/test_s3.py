@@ -32,7 +32,6 @@ from prefect.client.orchestration import get_client
 from pydantic import ValidationError
 
 from prefect_gptimage.errors import GptImageError
-from prefect_gptimage.retry import retry_if_transient
 from prefect_gptimage.s3 import (
     MAX_PRESIGN_EXPIRES,
     PermanentS3StagingError,
@@ -57,6 +56,7 @@ from prefect_gptimage.s3 import (
     target_from_bucket_block,
 )
 from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage
+from prefect_gptimage.tasks.retry import retry_if_transient
 from prefect_gptimage.testing.s3 import LocalS3Server
 
 MiB = 1024 * 1024

@@ -12,8 +12,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect_gptimage.flows.report import RunReport
-from prefect_gptimage.flows.window import in_order
+from prefect_gptimage.reporting.run_report import RunReport
+from prefect_gptimage.tasks.window import in_order
 
 
 class Tracker:

@@ -25,20 +25,20 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect_gptimage.artifacts import (
+from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.pricing import estimate_cost
+from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.reporting.artifacts import (
     BatchProgress,
     artifact_key,
 )
-from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.report import RunReport
-from prefect_gptimage.flows.rows import RowOutcome, generate_and_stage
-from prefect_gptimage.flows.summary import RunSummary
-from prefect_gptimage.flows.window import in_order
-from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.reporting.run_report import RunReport
+from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks import is_submit_cached, request_fingerprint
+from prefect_gptimage.tasks.cache import is_submit_cached, request_fingerprint
+from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
+from prefect_gptimage.tasks.window import in_order
 
 #: How often (seconds) the flow logs its progress and ETA.
 LOG_EVERY_S = 15.0

@@ -13,13 +13,13 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.flows.report import RunReport
-from prefect_gptimage.flows.rows import generate_and_stage
-from prefect_gptimage.flows.summary import RunSummary
+from prefect_gptimage.reporting.run_report import RunReport
+from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import S3Target, slugify
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks import request_fingerprint
+from prefect_gptimage.tasks.cache import request_fingerprint
+from prefect_gptimage.tasks.rows import generate_and_stage
 
 
 @flow(name="gptimage-generate-to-s3", log_prints=False)

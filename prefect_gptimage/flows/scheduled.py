@@ -18,8 +18,8 @@ from prefect.client.schemas.objects import State
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import InvalidRequestError
 from prefect_gptimage.flows.generate import generate_to_s3
-from prefect_gptimage.flows.report import finish
-from prefect_gptimage.flows.summary import RunSummary
+from prefect_gptimage.reporting.run_report import finish
+from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.schemas import parse_request
 
 

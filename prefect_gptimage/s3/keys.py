@@ -39,10 +39,15 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from prefect_gptimage.s3.models import S3Target
+
+class HasPrefix(Protocol):
+    """Anything with a key prefix (an :class:`~prefect_gptimage.s3.models.S3Target`)."""
+
+    @property
+    def prefix(self) -> str: ...
+
 
 __all__ = [
     "PROMPT_SLUG_MAX",
@@ -125,13 +130,12 @@ def _join(prefix: str, *parts: str) -> str:
     return "/".join([head, *parts]) if head else "/".join(parts)
 
 
-def _prefix_of(target_or_prefix: S3Target | str) -> str:
-    # duck typed on ``.prefix``: S3Target's module imports this one
+def _prefix_of(target_or_prefix: HasPrefix | str) -> str:
     return target_or_prefix if isinstance(target_or_prefix, str) else target_or_prefix.prefix
 
 
 def image_key(
-    target_or_prefix: S3Target | str,
+    target_or_prefix: HasPrefix | str,
     *,
     endpoint: str,
     request_id: str,
@@ -159,7 +163,7 @@ def image_key(
     )
 
 
-def manifest_key(target_or_prefix: S3Target | str, run_key: str) -> str:
+def manifest_key(target_or_prefix: HasPrefix | str, run_key: str) -> str:
     """``{prefix}/manifests/{run_key}.jsonl`` with ``run_key`` sanitized.
 
     Example:
@@ -169,7 +173,7 @@ def manifest_key(target_or_prefix: S3Target | str, run_key: str) -> str:
     return _join(_prefix_of(target_or_prefix), "manifests", f"{safe_id(run_key, 128)}.jsonl")
 
 
-def gallery_key(target_or_prefix: S3Target | str, run_key: str) -> str:
+def gallery_key(target_or_prefix: HasPrefix | str, run_key: str) -> str:
     """``{prefix}/manifests/{run_key}.html``: where an HTML gallery of a run is staged."""
     return _join(_prefix_of(target_or_prefix), "manifests", f"{safe_id(run_key, 128)}.html")
 

@@ -15,12 +15,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from prefect_gptimage.retry import retry_if_transient
 from prefect_gptimage.s3.clients import ClientSource
 from prefect_gptimage.s3.keys import manifest_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage
 from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, stage_file, stage_image
 from prefect_gptimage.schemas import DownloadedImage
+from prefect_gptimage.tasks.retry import retry_if_transient
 
 __all__ = ["stage_image_task", "stage_manifest_task"]
 

@@ -2,7 +2,7 @@
 
 :class:`FalQueueClient` (sync) and :class:`AsyncFalQueueClient` (async) wrap ``fal_client``'s own
 ``SyncClient``/``AsyncClient``. Only one thing differs from a stock fal_client: the httpx
-transport under it is wrapped by :mod:`prefect_gptimage._transport`, so that a submit is never
+transport under it is wrapped by :mod:`prefect_gptimage.fal._transport`, so that a submit is never
 silently retried after fal may have accepted it.
 
 Retries, in one place:
@@ -33,7 +33,12 @@ from typing import Any
 import fal_client
 import httpx
 
-from prefect_gptimage._queue import (
+from prefect_gptimage.errors import (
+    FalError,
+    GptImageError,
+)
+from prefect_gptimage.fal._classify import classify
+from prefect_gptimage.fal._queue import (
     POLL_TIMEOUT,
     GuardedSyncClient,
     RetryPolicy,
@@ -47,12 +52,7 @@ from prefect_gptimage._queue import (
     parse_output,
     request_failed,
 )
-from prefect_gptimage.classify import classify
-from prefect_gptimage.errors import (
-    FalError,
-    GptImageError,
-)
-from prefect_gptimage.polling import RequestStatus
+from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
 __all__ = ["FalQueueClient", "RetryPolicy"]

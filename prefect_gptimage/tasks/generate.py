@@ -23,7 +23,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.transactions import CommitMode, Transaction, transaction
 
-from prefect_gptimage.concurrency import fal_request_slot
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import FalRequestFailed, PermanentFalError
 from prefect_gptimage.schemas import (
@@ -33,15 +32,10 @@ from prefect_gptimage.schemas import (
     RequestHandle,
 )
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks import (
-    cached_value,
-    download_image,
-    fetch_result,
-    is_submit_cached,
-    result_cache_key,
-    submit_cache_key,
-    submit_request,
-)
+from prefect_gptimage.tasks.cache import cached_generation, is_submit_cached
+from prefect_gptimage.tasks.concurrency import fal_request_slot
+from prefect_gptimage.tasks.download import download_image
+from prefect_gptimage.tasks.queue import fetch_result, submit_request
 
 
 def durable() -> AbstractContextManager[Transaction]:
@@ -61,15 +55,6 @@ def _resubmit_reason(exc: Exception) -> str | None:
     if isinstance(exc, PermanentFalError) and exc.status_code == 404:
         return "fal no longer knows it (results are kept 6 to 60 minutes)"
     return None
-
-
-def _from_cache(request: AnyRequest, variant: int) -> tuple[RequestHandle, GptImageOutput] | None:
-    """Handle and output of a request already submitted and fetched, or None."""
-    handle = cached_value(submit_request, submit_cache_key(request, variant))
-    if not isinstance(handle, RequestHandle):
-        return None
-    output = cached_value(fetch_result, result_cache_key(handle))
-    return (handle, output) if isinstance(output, GptImageOutput) else None
 
 
 def _submit_and_fetch(
@@ -129,9 +114,9 @@ def generate(
 
     With ``download_tasks=False`` images are downloaded by plain calls (the caller's task retries
     transient failures), which keeps task runs per request to the paid steps. ``max_in_flight``
-    lowers the local cap on fal requests (see :mod:`prefect_gptimage.concurrency`).
+    lowers the local cap on fal requests (see :mod:`prefect_gptimage.tasks.concurrency`).
     """
-    cached = None if refresh_cache else _from_cache(request, variant)
+    cached = None if refresh_cache else cached_generation(request, variant)
     if cached is not None:
         (handle, output), from_cache = cached, True
     else:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from prefect_gptimage.manifest import ManifestTotals, cost_per_image
+from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import DownloadedImage
 

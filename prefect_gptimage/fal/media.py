@@ -34,8 +34,8 @@ from pathlib import Path
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from prefect_gptimage.client import RetryPolicy
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
+from prefect_gptimage.fal.client import RetryPolicy
 from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage, ImageFile, OutputFormat
 from prefect_gptimage.settings import GptImageSettings, get_settings
 

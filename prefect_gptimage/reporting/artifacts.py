@@ -11,9 +11,9 @@ What the Prefect UI (3.8) renders, and so what this package produces:
   every ~2 % or 2 s.
 
 This module publishes the first three (:func:`publish_results`) and is the import point for all
-of it: the gallery writers (:mod:`prefect_gptimage.gallery`), progress
-(:mod:`prefect_gptimage.progress`) and :func:`artifact_key`
-(:mod:`prefect_gptimage.artifact_keys`) are re-exported here.
+of it: the gallery writers (:mod:`prefect_gptimage.reporting.gallery`), progress
+(:mod:`prefect_gptimage.reporting.progress`) and :func:`artifact_key`
+(:mod:`prefect_gptimage.reporting.artifact_keys`) are re-exported here.
 
 The images are shown through presigned S3 URLs, which the viewer's browser fetches directly;
 they stop working when the URLs expire (``S3Target.presign_expires``).
@@ -37,18 +37,18 @@ from uuid import UUID
 from pydantic import BaseModel, Field
 
 from prefect_gptimage._run_context import call_sync, in_run, run_logger
-from prefect_gptimage.artifact_keys import ARTIFACT_KEY_MAX as ARTIFACT_KEY_MAX
-from prefect_gptimage.artifact_keys import artifact_key
-from prefect_gptimage.gallery import THUMB_WIDTH as THUMB_WIDTH
-from prefect_gptimage.gallery import (
+from prefect_gptimage.reporting.artifact_keys import ARTIFACT_KEY_MAX as ARTIFACT_KEY_MAX
+from prefect_gptimage.reporting.artifact_keys import artifact_key
+from prefect_gptimage.reporting.gallery import THUMB_WIDTH as THUMB_WIDTH
+from prefect_gptimage.reporting.gallery import (
     FailureLike,
     escape_text,
     gallery_markdown,
     lookup_request,
     write_html_gallery,
 )
-from prefect_gptimage.manifest import ManifestTotals, cost_per_image
-from prefect_gptimage.progress import BatchProgress, format_duration
+from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
+from prefect_gptimage.reporting.progress import BatchProgress, format_duration
 from prefect_gptimage.s3 import StagedImage
 
 __all__ = [
@@ -77,7 +77,7 @@ def results_table(
     """Rows for the table artifact: images first, then failures (``status`` tells them apart).
 
     Example:
-        >>> from prefect_gptimage.manifest import FailureLine
+        >>> from prefect_gptimage.reporting.manifest import FailureLine
         >>> results_table([], [FailureLine(prompt="p", parameters={}, endpoint="e", reason="r")])
         ... # doctest: +NORMALIZE_WHITESPACE
         [{'status': 'failed', 'prompt': 'p', 'request_id': '', 'index': None, 's3_uri': '',

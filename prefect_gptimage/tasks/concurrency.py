@@ -35,7 +35,7 @@ from prefect.exceptions import ObjectNotFound
 
 from prefect_gptimage.settings import get_settings
 
-logger = logging.getLogger("prefect_gptimage.concurrency")
+logger = logging.getLogger("prefect_gptimage.tasks.concurrency")
 
 #: How long the answer "does the global limit exist?" is trusted.
 LOOKUP_TTL = 60.0

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from uuid import UUID
 
 from prefect_gptimage._run_context import call_sync, in_run, run_logger
-from prefect_gptimage.artifact_keys import artifact_key
+from prefect_gptimage.reporting.artifact_keys import artifact_key
 
 __all__ = ["BatchProgress", "format_duration"]
 

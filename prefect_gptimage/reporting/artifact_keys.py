@@ -3,7 +3,7 @@
 Prefect rejects any other key, and keys here are built from run names, request ids and
 user-chosen prefixes, so every artifact this package creates (tables, galleries, links, progress)
 gets its key from :func:`artifact_key`. A module of its own because both
-:mod:`prefect_gptimage.artifacts` and :mod:`prefect_gptimage.progress` need it.
+:mod:`prefect_gptimage.reporting.artifacts` and :mod:`prefect_gptimage.reporting.progress` need it.
 
 Example:
     >>> artifact_key("Nightly Batch", "2026-11-24", "gallery")

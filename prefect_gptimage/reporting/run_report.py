@@ -23,13 +23,13 @@ from typing import Any
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from prefect_gptimage.artifacts import publish_results
-from prefect_gptimage.flows.rows import RowOutcome
-from prefect_gptimage.flows.summary import Failure, RunSummary
-from prefect_gptimage.gallery import HtmlGallery
-from prefect_gptimage.manifest import ManifestWriter
+from prefect_gptimage.reporting.artifacts import publish_results
+from prefect_gptimage.reporting.gallery import HtmlGallery
+from prefect_gptimage.reporting.manifest import ManifestWriter
+from prefect_gptimage.reporting.summary import Failure, RunSummary
 from prefect_gptimage.s3 import S3Target, StagedImage, manifest_key, stage_file
 from prefect_gptimage.schemas import AnyRequest
+from prefect_gptimage.tasks.rows import RowOutcome
 
 #: The summary lists at most this many images (the manifest lists them all).
 SUMMARY_IMAGES = 1000

@@ -17,8 +17,6 @@ from asyncstdlib import cached_property as async_cached_property
 from fal_client.client import USER_AGENT, AsyncBackupDomainTransport, BackupDomainTransport
 from pydantic import BaseModel, ConfigDict
 
-from prefect_gptimage._transport import AsyncSubmitGuardTransport, SubmitGuardTransport
-from prefect_gptimage.classify import detail_text, from_http_response
 from prefect_gptimage.errors import (
     FalError,
     FalRequestFailed,
@@ -28,10 +26,12 @@ from prefect_gptimage.errors import (
     TransientFalError,
     is_transient,
 )
-from prefect_gptimage.polling import LATENCY, RequestStatus, next_poll_delay, observed_duration
+from prefect_gptimage.fal._classify import detail_text, from_http_response
+from prefect_gptimage.fal._transport import AsyncSubmitGuardTransport, SubmitGuardTransport
+from prefect_gptimage.fal.polling import LATENCY, RequestStatus, next_poll_delay, observed_duration
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
-logger = logging.getLogger("prefect_gptimage.client")
+logger = logging.getLogger("prefect_gptimage.fal.client")
 
 POLL_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
 

@@ -16,7 +16,12 @@ from typing import Any
 
 import fal_client
 
-from prefect_gptimage._queue import (
+from prefect_gptimage.errors import (
+    FalError,
+    GptImageError,
+)
+from prefect_gptimage.fal._classify import classify
+from prefect_gptimage.fal._queue import (
     POLL_TIMEOUT,
     GuardedAsyncClient,
     RetryPolicy,
@@ -30,12 +35,7 @@ from prefect_gptimage._queue import (
     parse_output,
     request_failed,
 )
-from prefect_gptimage.classify import classify
-from prefect_gptimage.errors import (
-    FalError,
-    GptImageError,
-)
-from prefect_gptimage.polling import RequestStatus
+from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
 

@@ -9,11 +9,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.generation import generate
 from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.retry import TRANSIENT_RETRIES
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
+from prefect_gptimage.tasks.generate import generate
+from prefect_gptimage.tasks.retry import TRANSIENT_RETRIES
 
 
 class RowOutcome(BaseModel):

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from prefect_gptimage._early_api import EarlyApi
+from prefect_gptimage.cli._early_api import EarlyApi
 from prefect_gptimage.testing.emulator import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from prefect_gptimage._early_api import EarlyApi
+from prefect_gptimage.cli._early_api import EarlyApi
 from prefect_gptimage.errors import InvalidRequestError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_forever_cli(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from prefect_gptimage.demo import run_demo
+        from prefect_gptimage.cli.demo import run_demo
 
         return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
     commands = {"generate": cmd_generate, "batch": cmd_batch}

@@ -1,0 +1,3 @@
+from prefect_gptimage.cli.main import main
+
+raise SystemExit(main())
