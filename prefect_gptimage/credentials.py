@@ -1,4 +1,5 @@
-"""``FalCredentials``: a Prefect block holding a fal API key, with fal_client's env fallback.
+"""``FalCredentials``: a Prefect credentials block holding a fal API key, with fal_client's
+env fallback.
 
 A block is optional: with none, everything uses the key fal_client finds itself (``FAL_KEY``,
 or ``FAL_KEY_ID`` with ``FAL_KEY_SECRET``). The key is a ``SecretStr``: it never shows in logs,
@@ -14,26 +15,48 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prefect.blocks.core import Block
+from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr
 
 if TYPE_CHECKING:
+    from prefect_gptimage.fal.async_client import AsyncFalQueueClient
     from prefect_gptimage.fal.client import FalQueueClient
 
 
-class FalCredentials(Block):
-    """Credentials for fal.ai's queue API."""
+class FalCredentials(CredentialsBlock):
+    """Credentials for fal.ai's queue API (GPT Image 1.5).
+
+    With no ``api_key`` the key comes from the environment: ``FAL_KEY``, else ``FAL_KEY_ID``
+    with ``FAL_KEY_SECRET``.
+
+    Example:
+        Load stored credentials and get a queue client:
+        ```python
+        from prefect_gptimage.credentials import FalCredentials
+
+        fal_credentials = FalCredentials.load("BLOCK_NAME")
+        client = fal_credentials.get_client()
+        ```
+    """
 
     _block_type_name = "fal Credentials"
     _block_type_slug = "fal-credentials"
-    _description = "API key for fal.ai (GPT Image 1.5). Falls back to FAL_KEY / FAL_KEY_ID+SECRET."
+    _logo_url = "https://fal.ai/logo.png"  # type: ignore[assignment]
+    _description = (
+        "API key for fal.ai (OpenAI GPT Image 1.5). Falls back to FAL_KEY, or FAL_KEY_ID with "
+        "FAL_KEY_SECRET, from the environment."
+    )
     _documentation_url = "https://fal.ai/docs"  # type: ignore[assignment]
 
     api_key: SecretStr | None = Field(
         default=None,
-        description="fal API key ('key-id:key-secret'). Empty: use FAL_KEY from the environment.",
+        title="API key",
+        description=(
+            "fal API key ('key-id:key-secret'). Empty: use FAL_KEY (or FAL_KEY_ID and "
+            "FAL_KEY_SECRET) from the environment."
+        ),
     )
 
     def get_key(self) -> str | None:
@@ -50,11 +73,20 @@ class FalCredentials(Block):
             return f"{key_id}:{secret}"
         return None
 
-    def get_client(self) -> FalQueueClient:
-        """A shared :class:`~prefect_gptimage.client.FalQueueClient` for this key."""
+    def get_client(self, *args: Any, **kwargs: Any) -> FalQueueClient:
+        """The shared :class:`~prefect_gptimage.fal.client.FalQueueClient` for this key.
+
+        One client per key and process (see ``FalQueueClient.shared``); no arguments are used.
+        """
         from prefect_gptimage.fal.client import FalQueueClient
 
         return FalQueueClient.shared(self.get_key())
+
+    def get_async_client(self) -> AsyncFalQueueClient:
+        """A new :class:`~prefect_gptimage.fal.async_client.AsyncFalQueueClient` for this key."""
+        from prefect_gptimage.fal.async_client import AsyncFalQueueClient
+
+        return AsyncFalQueueClient(self.get_key())
 
 
 def resolve_client(credentials: FalCredentials | None) -> FalQueueClient:
