@@ -203,7 +203,9 @@ class GenerationResult(BaseModel):
     """Everything one request produced: the handle, fal's output, and the verified files."""
 
     handle: RequestHandle
-    request: dict[str, Any] = Field(description="The normalized request that was submitted.")
+    # No discriminator needed: both models forbid extra fields and only the edit model has (and
+    # requires) ``image_urls``, so a persisted result validates back into the right class.
+    request: AnyRequest = Field(description="The request that was submitted.")
     output: GptImageOutput
     images: list[DownloadedImage]
     from_cache: bool = Field(

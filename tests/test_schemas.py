@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,8 +12,11 @@ from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.schemas import (
     EDIT_ENDPOINT,
     TEXT_TO_IMAGE_ENDPOINT,
+    GenerationResult,
     GptImageEditRequest,
+    GptImageOutput,
     GptImageRequest,
+    RequestHandle,
     parse_request,
     request_for_endpoint,
 )
@@ -119,3 +123,34 @@ def test_cost_estimate_follows_the_price_table() -> None:
     assert estimate_cost(
         GptImageRequest(prompt="hi", quality="medium", image_size="1024x1536").to_arguments()
     ) == pytest.approx(0.051)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GptImageRequest(prompt="a lighthouse", quality="low", image_size="1536x1024"),
+        GptImageEditRequest(prompt="make it night", image_urls=["https://a/b.png"]),
+        GptImageEditRequest(
+            prompt="swap the sky",
+            image_urls=["https://a/b.png"],
+            image_size="1024x1024",
+            mask_image_url="https://a/m.png",
+        ),
+    ],
+)
+def test_generation_result_round_trip_keeps_the_request_class(
+    request_: GptImageRequest | GptImageEditRequest,
+) -> None:
+    """Prefect persists results as JSON: the request must come back as the same model."""
+    result = GenerationResult(
+        handle=RequestHandle(endpoint=request_.endpoint, request_id="rid"),
+        request=request_,
+        output=GptImageOutput(images=[]),
+        images=[],
+    )
+    back = GenerationResult.model_validate_json(result.model_dump_json())
+    assert type(back.request) is type(request_)
+    assert back.request == request_
+    assert back.request.endpoint == request_.endpoint
+    stored = json.loads(result.model_dump_json())["request"]
+    assert {k: v for k, v in stored.items() if v is not None} == request_.to_arguments()
