@@ -1,8 +1,16 @@
-"""Settings read from the environment (prefix ``PREFECT_GPTIMAGE_``), via pydantic-settings.
+"""Package settings, in Prefect's settings tree: prefix ``PREFECT_GPTIMAGE_``.
 
 Nothing here is required: the defaults talk to the real fal.ai. The bundled emulator
 (:mod:`prefect_gptimage.testing`) sets ``PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS`` so that
 downloads from it are allowed.
+
+:class:`GptImageSettings` is a Prefect settings model (``PrefectBaseSettings``), so each field is
+read, highest precedence first, from: keyword arguments, the environment
+(``PREFECT_GPTIMAGE_<FIELD>``), a ``.env`` file, a ``[gptimage]`` table in ``prefect.toml``, a
+``[tool.prefect.gptimage]`` table in ``pyproject.toml``, and the active Prefect profile in
+``profiles.toml``. ``prefect config set`` refuses these keys and ``prefect config set/validate``
+and ``prefect profile use`` rewrite ``profiles.toml`` without them, so to set them persistently use
+``prefect.toml`` (or edit ``profiles.toml`` by hand).
 
 Example:
     >>> import os
@@ -15,12 +23,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from prefect.settings.base import PrefectBaseSettings, build_settings_config
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+__all__ = ["GptImageSettings", "get_settings"]
 
 
-class GptImageSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFECT_GPTIMAGE_", extra="ignore")
+class GptImageSettings(PrefectBaseSettings):
+    """prefect-gptimage's settings (``PREFECT_GPTIMAGE_*``; ``[gptimage]`` in prefect.toml)."""
+
+    model_config = build_settings_config(("gptimage",))
 
     allowed_media_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["fal.media", "*.fal.media"],
