@@ -55,7 +55,12 @@ from prefect_gptimage.s3 import (
     stage_manifest_task,
     target_from_bucket_block,
 )
-from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage
+from prefect_gptimage.schemas import (
+    CONTENT_TYPES,
+    DownloadedImage,
+    GptImageEditRequest,
+    GptImageRequest,
+)
 from prefect_gptimage.tasks.retry import retry_if_transient
 from prefect_gptimage.testing.s3 import LocalS3Server
 
@@ -139,7 +144,7 @@ def task_run_states(task_run_id: Any) -> list[str]:
     return [s.type.value for s in sorted(states, key=lambda s: s.timestamp)]
 
 
-REQUEST = {"prompt": "x", "quality": "low", "image_size": "1024x1024", "num_images": 1}
+REQUEST = GptImageRequest(prompt="xy", quality="low", image_size="1024x1024", num_images=1)
 
 # ---------------------------------------------------------------------------------------------
 # Key layout
@@ -343,12 +348,9 @@ def test_stage_image_sets_content_type_and_ascii_metadata(
 ) -> None:
     prompt = "Ünïcödé prompt — with «quotes» and 日本語"
     image = make_image(tmp_path, fmt="jpeg", size=(40, 30), endpoint=EDIT, index=2)
-    request = {
-        "prompt": prompt,
-        "quality": "medium",
-        "image_size": "1536x1024",
-        "image_urls": ["u"],
-    }
+    request = GptImageEditRequest(
+        prompt=prompt, quality="medium", image_size="1536x1024", image_urls=["u"]
+    )
     staged = stage_image(image, prompt=prompt, request=request, target=S3Target(bucket=bucket))
 
     assert staged.uploaded is True

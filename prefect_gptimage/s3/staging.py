@@ -26,7 +26,7 @@ from prefect_gptimage.s3.clients import ClientSource, resolve_client
 from prefect_gptimage.s3.errors import PermanentS3StagingError, S3StagingError
 from prefect_gptimage.s3.keys import check_key, image_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage, validate_expires
-from prefect_gptimage.schemas import DownloadedImage
+from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -117,7 +117,7 @@ def stage_image(
     image: DownloadedImage,
     *,
     prompt: str,
-    request: dict[str, Any],
+    request: AnyRequest,
     target: S3Target,
     client: ClientSource = None,
 ) -> StagedImage:
@@ -125,17 +125,17 @@ def stage_image(
 
     The key follows the module's layout. The object gets ``ContentType`` from the image and ASCII
     metadata: ``request-id``, ``endpoint``, ``index``, ``prompt-sha256``, ``sha256``, ``quality``,
-    ``image-size``, ``format``, ``width``, ``height`` (never the prompt itself). Idempotent: when
-    the key already holds an object whose ``sha256`` metadata matches, nothing is uploaded and
-    ``uploaded`` is False, so a re-run writes no duplicate. No ACL is set: objects stay private
-    and are shared through the presigned ``url``.
+    ``image-size`` (both from ``request``), ``format``, ``width``, ``height`` (never the prompt
+    itself). Idempotent: when the key already holds an object whose ``sha256`` metadata matches,
+    nothing is uploaded and ``uploaded`` is False, so a re-run writes no duplicate. No ACL is set:
+    objects stay private and are shared through the presigned ``url``.
 
     Raises:
         TransientS3StagingError: throttling, 5xx, connection trouble (retry).
         PermanentS3StagingError: missing bucket, access denied, local file changed, ...
 
     Example:
-        >>> staged = stage_image(img, prompt="a lighthouse", request=req.to_arguments(),
+        >>> staged = stage_image(img, prompt=req.prompt, request=req,
         ...                      target=S3Target(bucket="my-images"))  # doctest: +SKIP
         >>> staged.s3_uri  # doctest: +SKIP
         's3://my-images/gptimage/fal-ai-gpt-image-1-5/<request id>/00-a-lighthouse.png'
@@ -176,11 +176,8 @@ def stage_image(
             "index": str(image.index),
             "prompt-sha256": hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(),
             "sha256": _ascii(image.sha256, 64),
-            "quality": _ascii(request.get("quality", "high"), 16),
-            "image-size": _ascii(
-                request.get("image_size", "auto" if request.get("image_urls") else "1024x1024"),
-                16,
-            ),
+            "quality": _ascii(request.quality, 16),
+            "image-size": _ascii(request.image_size, 16),
             "format": _ascii(image.format, 8),
             "width": str(int(image.width)),
             "height": str(int(image.height)),

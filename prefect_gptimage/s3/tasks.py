@@ -19,7 +19,7 @@ from prefect_gptimage.s3.clients import ClientSource
 from prefect_gptimage.s3.keys import manifest_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage
 from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, stage_file, stage_image
-from prefect_gptimage.schemas import DownloadedImage
+from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 from prefect_gptimage.tasks.retry import retry_if_transient
 
 __all__ = ["stage_image_task", "stage_manifest_task"]
@@ -38,7 +38,7 @@ _STAGING_TASK_OPTIONS: dict[str, Any] = {
 def stage_image_task(
     image: DownloadedImage,
     prompt: str,
-    request: dict[str, Any],
+    request: AnyRequest,
     target: S3Target,
     client: ClientSource = None,
 ) -> StagedImage:
@@ -46,9 +46,9 @@ def stage_image_task(
 
     Example:
         >>> @flow  # doctest: +SKIP
-        ... def publish(images, prompt, request):
+        ... def publish(images, request):
         ...     target = S3Target(bucket="my-images")
-        ...     return [stage_image_task(i, prompt, request, target) for i in images]
+        ...     return [stage_image_task(i, request.prompt, request, target) for i in images]
     """
     return stage_image(image, prompt=prompt, request=request, target=target, client=client)
 

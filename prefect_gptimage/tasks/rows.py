@@ -72,10 +72,9 @@ def generate_and_stage(
         download_tasks=False,
         max_in_flight=max_in_flight,
     )
-    arguments = request.to_arguments()
     staged = (
         [
-            stage_image(image, prompt=request.prompt, request=arguments, target=target)
+            stage_image(image, prompt=request.prompt, request=request, target=target)
             for image in result.images
         ]
         if target is not None
@@ -83,7 +82,7 @@ def generate_and_stage(
     )
     return RowOutcome(
         request_id=result.handle.request_id,
-        request=arguments,
+        request=request.to_arguments(),
         images=result.images,
         staged=staged,
         from_cache=result.from_cache,
