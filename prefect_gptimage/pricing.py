@@ -4,13 +4,14 @@ Only the per-image output price is estimated; prompt and image-input tokens add 
 on top (about $0.005 per 1K prompt tokens), which the estimate leaves out and says so.
 
 Example:
-    >>> estimate_cost({"quality": "high", "image_size": "1024x1024", "num_images": 2})
+    >>> from prefect_gptimage.schemas import GptImageRequest
+    >>> estimate_cost(GptImageRequest(prompt="a kite", quality="high", num_images=2))
     0.266
 """
 
 from __future__ import annotations
 
-from typing import Any
+from prefect_gptimage.schemas import AnyRequest
 
 #: USD per output image, by quality then size.
 PRICE_PER_IMAGE: dict[str, dict[str, float]] = {
@@ -28,10 +29,6 @@ def price_per_image(quality: str, image_size: str) -> float:
     return max(table.values())
 
 
-def estimate_cost(arguments: dict[str, Any]) -> float:
-    """Estimated USD for one request given its normalized arguments (defaults as fal's)."""
-    quality = str(arguments.get("quality", "high"))
-    default_size = "auto" if arguments.get("image_urls") else "1024x1024"
-    size = str(arguments.get("image_size", default_size))
-    n = int(arguments.get("num_images", 1))
-    return round(price_per_image(quality, size) * n, 6)
+def estimate_cost(request: AnyRequest) -> float:
+    """Estimated USD for one request (its quality, size and image count; defaults are fal's)."""
+    return round(price_per_image(request.quality, request.image_size) * request.num_images, 6)

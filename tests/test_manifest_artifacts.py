@@ -45,7 +45,13 @@ from prefect_gptimage.reporting.manifest import (
     manifest_parameters,
 )
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
-from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage
+from prefect_gptimage.schemas import (
+    CONTENT_TYPES,
+    DownloadedImage,
+    GptImageEditRequest,
+    GptImageRequest,
+    request_for_endpoint,
+)
 from prefect_gptimage.testing.s3 import LocalS3Server
 
 
@@ -89,8 +95,8 @@ def batch(
     """Three staged images over two requests (one with a hostile prompt) and one failure."""
     folder = tmp_path_factory.mktemp("images")
     requests = {
-        "req-a": {"prompt": "a calm lake", "quality": "low", "image_size": "1024x1024"},
-        "req-b": {"prompt": HOSTILE, "quality": "high", "image_size": "1536x1024"},
+        "req-a": GptImageRequest(prompt="a calm lake", quality="low", image_size="1024x1024"),
+        "req-b": GptImageRequest(prompt=HOSTILE, quality="high", image_size="1536x1024"),
     }
     downloaded = [
         make_image(folder, request_id="req-a", index=0),
@@ -101,7 +107,7 @@ def batch(
     staged = [
         stage_image(
             d,
-            prompt=requests[d.request_id]["prompt"],
+            prompt=requests[d.request_id].prompt,
             request=requests[d.request_id],
             target=target,
         )
@@ -156,14 +162,16 @@ def test_manifest_round_trip_and_totals(batch: dict[str, Any], tmp_path: Path) -
     manifest = Manifest()
     for staged in batch["staged"]:
         request = batch["requests"][staged.request_id]
-        line = manifest.add_image(staged, request["prompt"], request)
+        line = manifest.add_image(staged, request.prompt, request)
         assert "prompt" not in line.parameters
     manifest.add_failure(
         "bad prompt",
-        {"prompt": "bad prompt", "quality": "low"},
+        GptImageRequest(prompt="bad prompt", quality="low"),
         reason=PermanentFalError("refused", request_id="req-x", error_type="content_policy"),
     )
-    manifest.add_failure("never sent", {"prompt": "never sent"}, reason="invalid request")
+    manifest.add_failure(
+        "never sent", GptImageRequest(prompt="never sent"), reason="invalid request"
+    )
 
     path = manifest.write(tmp_path / "out" / "manifest.jsonl")
     raw = path.read_text().splitlines()
@@ -197,8 +205,10 @@ def test_manifest_writer_streams_the_same_file_and_totals(
     for sink in (in_memory, writer):
         for staged in batch["staged"]:
             request = batch["requests"][staged.request_id]
-            sink.add_image(staged, request["prompt"], request)
-        sink.add_failure("never sent", {"prompt": "never sent"}, reason="invalid request")
+            sink.add_image(staged, request.prompt, request)
+        sink.add_failure(
+            "never sent", GptImageRequest(prompt="never sent"), reason="invalid request"
+        )
     assert not writer.path.exists()  # only a finished manifest is ever at its path
 
     path = writer.close()
@@ -206,6 +216,38 @@ def test_manifest_writer_streams_the_same_file_and_totals(
     assert path.read_text() == in_memory.write(tmp_path / "memory.jsonl").read_text()
     assert writer.totals() == in_memory.totals()
     assert [p.name for p in path.parent.iterdir()] == ["manifest.jsonl"]  # no temp file left
+
+
+def test_manifest_lines_store_the_request_as_fals_arguments(tmp_path: Path) -> None:
+    """The typed request is serialized at the edge: a line holds its arguments (minus the
+    prompt) and its endpoint, and reads back into the same request."""
+    request = GptImageEditRequest(
+        prompt="make it night", image_urls=["https://a/b.png"], quality="low"
+    )
+    manifest = Manifest()
+    manifest.add_failure(request.prompt, request, reason="refused")
+    (raw,) = manifest.write(tmp_path / "m.jsonl").read_text().splitlines()
+    assert json.loads(raw) == {
+        "kind": "failure",
+        "prompt": "make it night",
+        "parameters": {
+            "image_urls": ["https://a/b.png"],
+            "image_size": "auto",
+            "input_fidelity": "high",
+            "background": "auto",
+            "quality": "low",
+            "num_images": 1,
+            "output_format": "png",
+            "sync_mode": False,
+        },
+        "endpoint": "fal-ai/gpt-image-1.5/edit",
+        "request_id": None,
+        "reason": "refused",
+        "error_type": None,
+    }
+    (line,) = Manifest.from_jsonl(tmp_path / "m.jsonl")
+    back = request_for_endpoint(line.endpoint, {"prompt": line.prompt, **line.parameters})
+    assert back == request
 
 
 def test_manifest_parameters_redact_data_uris_and_signatures() -> None:
@@ -221,8 +263,9 @@ def test_manifest_parameters_redact_data_uris_and_signatures() -> None:
     assert len(json.dumps(params)) < 300
     assert params["image_urls"][0].startswith("data:image/png;base64,<")
     assert params["image_urls"][1] == "https://b.s3.amazonaws.com/x.png?<presigned query redacted>"
-    assert cost_per_image({"quality": "medium", "image_size": "auto", "image_urls": ["u"]}) == 0.051
-    assert cost_per_image({"quality": "ultra"}) is None
+    edit = GptImageEditRequest(prompt="pp", quality="medium", image_size="auto", image_urls=["u"])
+    assert cost_per_image(edit) == 0.051
+    assert cost_per_image(GptImageRequest.model_construct(prompt="pp", quality="ultra")) is None
 
 
 def test_manifest_bad_line_names_its_number(tmp_path: Path) -> None:
@@ -241,7 +284,7 @@ def test_manifest_is_thread_safe(batch: dict[str, Any]) -> None:
 
     def add() -> None:
         for _ in range(200):
-            manifest.add_image(staged, "p", {"quality": "low"})
+            manifest.add_image(staged, "p", GptImageRequest(prompt="pp", quality="low"))
 
     threads = [threading.Thread(target=add) for _ in range(8)]
     for t in threads:
@@ -259,23 +302,24 @@ KEY_RULE = re.compile(r"^[a-z0-9-]+$")
 
 
 @pytest.mark.parametrize(
-    "parts",
+    ("parts", "expected"),
     [
-        ("Nightly Batch", "2026-11-24"),
-        ("../../etc", "passwd"),
-        ("日本語",),
-        ("Ünïcode_UPPER", 7),
-        ("x" * 500,),
-        ("",),
-        ("--a--", "--b--"),
+        (("Nightly Batch", "2026-11-24"), "nightly-batch-2026-11-24"),
+        (("../../etc", "passwd"), "etc-passwd"),
+        (("日本語",), "gptimage"),  # nothing left after folding: the package's default
+        (("Ünïcode_UPPER", 7), "unicode-upper-7"),
+        # cut to 100: 91 kept, a dash, 8 hex digits of the full key's SHA-256
+        (("x" * 500,), "x" * 91 + "-" + hashlib.sha256(b"x" * 500).hexdigest()[:8]),
+        (("",), "gptimage"),
+        (("--a--", "--b--"), "a-b"),
     ],
 )
-def test_artifact_key_follows_prefects_rule(parts: tuple[object, ...]) -> None:
+def test_artifact_key_follows_prefects_rule(parts: tuple[object, ...], expected: str) -> None:
     key = artifact_key(*parts)
     assert KEY_RULE.match(key), key
     assert len(key) <= 100
     assert not key.startswith("-") and not key.endswith("-")
-    assert key == artifact_key(*parts)  # deterministic
+    assert key == expected  # the same key on every run: a re-run updates the same artifact
 
 
 def test_artifact_key_truncation_keeps_keys_distinct() -> None:

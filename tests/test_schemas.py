@@ -114,14 +114,12 @@ def test_unknown_endpoint_is_refused() -> None:
 
 
 def test_cost_estimate_follows_the_price_table() -> None:
-    assert estimate_cost(GptImageRequest(prompt="hi").to_arguments()) == pytest.approx(0.133)
+    assert estimate_cost(GptImageRequest(prompt="hi")) == pytest.approx(0.133)
     assert estimate_cost(
-        GptImageRequest(
-            prompt="hi", quality="low", image_size="1536x1024", num_images=4
-        ).to_arguments()
+        GptImageRequest(prompt="hi", quality="low", image_size="1536x1024", num_images=4)
     ) == pytest.approx(0.052)
     assert estimate_cost(
-        GptImageRequest(prompt="hi", quality="medium", image_size="1024x1536").to_arguments()
+        GptImageRequest(prompt="hi", quality="medium", image_size="1024x1536")
     ) == pytest.approx(0.051)
 
 

@@ -50,6 +50,7 @@ from prefect_gptimage.reporting.gallery import (
 from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
 from prefect_gptimage.reporting.progress import BatchProgress, format_duration
 from prefect_gptimage.s3 import StagedImage
+from prefect_gptimage.schemas import AnyRequest
 
 __all__ = [
     "BatchProgress",
@@ -71,7 +72,7 @@ def results_table(
     failures: Sequence[FailureLike] = (),
     *,
     prompts: Mapping[str, str] | None = None,
-    requests: Mapping[str, Mapping[str, Any]] | None = None,
+    requests: Mapping[str, AnyRequest] | None = None,
     max_rows: int | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for the table artifact: images first, then failures (``status`` tells them apart).
@@ -97,7 +98,7 @@ def results_table(
                 "size": f"{image.width}x{image.height}",
                 "format": image.format,
                 "bytes": image.bytes,
-                "cost_usd": cost_per_image(request) if request else None,
+                "cost_usd": cost_per_image(request),
                 "reason": "",
             }
         )
@@ -136,7 +137,7 @@ def publish_results(
     failures: Sequence[FailureLike] = (),
     *,
     key_prefix: str,
-    requests: Mapping[str, Mapping[str, Any]] | None = None,
+    requests: Mapping[str, AnyRequest] | None = None,
     prompts: Mapping[str, str] | None = None,
     title: str | None = None,
     max_links: int = 20,
@@ -153,8 +154,8 @@ def publish_results(
             ``request_id`` and ``error_type`` (shown escaped).
         key_prefix: start of the artifact keys (sanitized): ``{key_prefix}-results`` (table),
             ``{key_prefix}-gallery`` (markdown).
-        requests: request id -> the normalized request (its ``prompt``, and quality/size for the
-            cost column).
+        requests: request id -> the request (its ``prompt``, and quality/size for the cost
+            column).
         prompts: request id -> prompt, when ``requests`` is not at hand (takes precedence).
         max_links: at most this many link artifacts; the rest are only in the table.
         max_gallery: thumbnails in the gallery (each is a full image the browser downloads).
@@ -168,7 +169,7 @@ def publish_results(
     Example:
         >>> @flow  # doctest: +SKIP
         ... def batch():
-        ...     staged = [stage_image_task(i, prompt, req, target) for i in images]
+        ...     staged = [stage_image_task(i, req.prompt, req, target) for i in images]
         ...     publish_results(staged, key_prefix="nightly", requests={rid: req})
     """
     from prefect.artifacts import (

@@ -22,11 +22,11 @@ import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
 from prefect_gptimage.s3 import StagedImage
-from prefect_gptimage.schemas import DownloadedImage
+from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 
 __all__ = [
     "THUMB_WIDTH",
@@ -78,11 +78,11 @@ def safe_url(value: str) -> str:
 def lookup_request(
     request_id: str,
     prompts: Mapping[str, str] | None,
-    requests: Mapping[str, Mapping[str, Any]] | None,
-) -> tuple[str, Mapping[str, Any]]:
-    """``(prompt, normalized request)`` of a request id; ``prompts`` wins over the request."""
-    request: Mapping[str, Any] = (requests or {}).get(request_id, {})
-    prompt = (prompts or {}).get(request_id) or str(request.get("prompt", ""))
+    requests: Mapping[str, AnyRequest] | None,
+) -> tuple[str, AnyRequest | None]:
+    """``(prompt, request)`` of a request id; ``prompts`` wins over the request's prompt."""
+    request = (requests or {}).get(request_id)
+    prompt = (prompts or {}).get(request_id) or (request.prompt if request is not None else "")
     return prompt, request
 
 
@@ -92,7 +92,7 @@ def gallery_markdown(
     *,
     title: str = "Generated images",
     prompts: Mapping[str, str] | None = None,
-    requests: Mapping[str, Mapping[str, Any]] | None = None,
+    requests: Mapping[str, AnyRequest] | None = None,
     max_images: int = 60,
     thumb_width: int = THUMB_WIDTH,
     totals: ManifestTotals | None = None,
@@ -121,7 +121,7 @@ def gallery_markdown(
         for image in staged[:max_images]:
             prompt, request = lookup_request(image.request_id, prompts, requests)
             url = safe_url(image.url)
-            price = cost_per_image(request) if request else None
+            price = cost_per_image(request)
             details = (
                 f"{image.width}x{image.height} {escape_text(image.format, 10)}"
                 + (f" &middot; ${price:.3f}" if price is not None else "")
@@ -181,7 +181,7 @@ class HtmlGallery:
 
     Example:
         >>> page = HtmlGallery("out/index.html", "Nightly batch")  # doctest: +SKIP
-        >>> page.add_image(downloaded, prompt="a lighthouse", request=req)  # doctest: +SKIP
+        >>> page.add_image(downloaded, prompt=req.prompt, request=req)  # doctest: +SKIP
         >>> page.close()  # doctest: +SKIP
         PosixPath('out/index.html')
     """
@@ -202,7 +202,7 @@ class HtmlGallery:
         self,
         image: StagedImage | DownloadedImage,
         prompt: str,
-        request: Mapping[str, Any] | None = None,
+        request: AnyRequest | None = None,
     ) -> None:
         """Add one image's figure (thread-safe)."""
         esc = html.escape
@@ -212,7 +212,7 @@ class HtmlGallery:
         else:
             src = safe_url(image.url)
             where = image.s3_uri
-        price = cost_per_image(request) if request else None
+        price = cost_per_image(request)
         meta = f"{image.width}x{image.height} {image.format}" + (
             f" · ${price:.3f}" if price is not None else ""
         )
@@ -267,7 +267,7 @@ def write_html_gallery(
     title: str,
     *,
     prompts: Mapping[str, str] | None = None,
-    requests: Mapping[str, Mapping[str, Any]] | None = None,
+    requests: Mapping[str, AnyRequest] | None = None,
     failures: Sequence[FailureLike] = (),
 ) -> Path:
     """Write the :class:`HtmlGallery` page of ``images`` in one call.

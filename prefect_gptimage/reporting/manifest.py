@@ -8,8 +8,10 @@ manifest never carries megabytes of base64 or a live signature. Presigned *outpu
 stored either: they expire; the ``s3_uri`` does not.
 
 Example:
+    >>> from prefect_gptimage.schemas import GptImageRequest
     >>> m = Manifest()
-    >>> _ = m.add_failure("a cat", {"prompt": "a cat", "quality": "low"}, reason="content refused")
+    >>> request = GptImageRequest(prompt="a cat", quality="low")
+    >>> _ = m.add_failure(request.prompt, request, reason="content refused")
     >>> m.totals().failures
     1
 """
@@ -27,9 +29,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from prefect_gptimage.pricing import estimate_cost
+from prefect_gptimage.pricing import price_per_image
 from prefect_gptimage.s3 import StagedImage
-from prefect_gptimage.schemas import EDIT_ENDPOINT, TEXT_TO_IMAGE_ENDPOINT
+from prefect_gptimage.schemas import AnyRequest
 
 __all__ = [
     "FailureLine",
@@ -84,15 +86,20 @@ class ManifestTotals(BaseModel):
     bytes: int = 0
 
 
-def cost_per_image(request: Mapping[str, Any]) -> float | None:
-    """Estimated USD of one output image of ``request`` (None when quality/size are unknown).
+def cost_per_image(request: AnyRequest | None) -> float | None:
+    """Estimated USD of one output image of ``request`` (None without a request, or when its
+    quality/size are not in the price table).
 
     Example:
-        >>> cost_per_image({"quality": "medium", "image_size": "1024x1536", "num_images": 4})
+        >>> from prefect_gptimage.schemas import GptImageRequest
+        >>> cost_per_image(GptImageRequest(prompt="a kite", quality="medium",
+        ...                                image_size="1024x1536", num_images=4))
         0.051
     """
+    if request is None:
+        return None
     try:
-        return estimate_cost({**request, "num_images": 1})
+        return price_per_image(request.quality, request.image_size)
     except (KeyError, ValueError, TypeError):
         return None
 
@@ -117,7 +124,8 @@ def _redact_value(value: Any) -> Any:
 
 
 def manifest_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
-    """The request as stored in a manifest: without ``prompt``, data URIs and signatures redacted.
+    """The request's arguments (``request.to_arguments()``) as stored in a manifest: without
+    ``prompt``, data URIs and signatures redacted.
 
     Example:
         >>> manifest_parameters({"prompt": "x", "image_urls": ["data:image/png;base64,AAAA"]})
@@ -127,21 +135,17 @@ def manifest_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _redact_value(v) for k, v in request.items() if k != "prompt"}
 
 
-def _endpoint_for(request: Mapping[str, Any]) -> str:
-    return EDIT_ENDPOINT if request.get("image_urls") else TEXT_TO_IMAGE_ENDPOINT
-
-
 class _Lines:
     """Builds manifest lines; subclasses decide where a line goes (``_append``)."""
 
     def _append(self, line: ImageLine | FailureLine) -> None:
         raise NotImplementedError
 
-    def add_image(self, staged: StagedImage, prompt: str, request: Mapping[str, Any]) -> ImageLine:
+    def add_image(self, staged: StagedImage, prompt: str, request: AnyRequest) -> ImageLine:
         """Record a staged image; the cost is fal's per-image price for the request's settings."""
         line = ImageLine(
             prompt=prompt,
-            parameters=manifest_parameters(request),
+            parameters=manifest_parameters(request.to_arguments()),
             endpoint=staged.endpoint,
             request_id=staged.request_id,
             index=staged.index,
@@ -159,17 +163,15 @@ class _Lines:
     def add_failure(
         self,
         prompt: str,
-        request: Mapping[str, Any],
+        request: AnyRequest,
         *,
         reason: str | BaseException,
-        endpoint: str | None = None,
         request_id: str | None = None,
         error_type: str | None = None,
     ) -> FailureLine:
         """Record a failure. Pass the exception as ``reason`` to fill ``error_type`` from it.
 
-        ``endpoint`` defaults to the one the request would go to (edit when it has
-        ``image_urls``); ``request_id`` is None when the request never reached fal.
+        The endpoint is the request's; ``request_id`` is None when the request never reached fal.
         """
         if isinstance(reason, BaseException):
             request_id = request_id or getattr(reason, "request_id", None)
@@ -177,8 +179,8 @@ class _Lines:
             reason = str(reason) or type(reason).__name__
         line = FailureLine(
             prompt=prompt,
-            parameters=manifest_parameters(request),
-            endpoint=endpoint or _endpoint_for(request),
+            parameters=manifest_parameters(request.to_arguments()),
+            endpoint=request.endpoint,
             request_id=request_id,
             reason=reason[:2000],
             error_type=error_type,
@@ -258,7 +260,8 @@ class ManifestWriter(_Lines):
 
     Example:
         >>> w = ManifestWriter("out/manifest.jsonl")  # doctest: +SKIP
-        >>> _ = w.add_failure("a cat", {"prompt": "a cat"}, reason="refused")  # doctest: +SKIP
+        >>> _ = w.add_failure("a cat", GptImageRequest(prompt="a cat"), reason="refused")
+        ... # doctest: +SKIP
         >>> w.close(), w.totals().failures  # doctest: +SKIP
         (PosixPath('out/manifest.jsonl'), 1)
     """

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
@@ -65,7 +64,7 @@ class RunReport:
         self.manifest = ManifestWriter(out / "manifest.jsonl")
         self.gallery = HtmlGallery(out / "index.html", title=run_key)
         self._table: list[StagedImage] = []
-        self._requests: dict[str, dict[str, Any]] = {}
+        self._requests: dict[str, AnyRequest] = {}
         self._closed = False
 
     def add(self, outcome: RowOutcome, prompt: str) -> None:
@@ -88,14 +87,12 @@ class RunReport:
 
     def fail(self, exc: BaseException, request: AnyRequest) -> None:
         """A request that produced no image: in the summary, the manifest and the gallery."""
-        arguments = request.to_arguments()
-        failure = Failure.from_exception(exc, arguments, request.endpoint)
+        failure = Failure.from_exception(exc, request)
         self.summary.failures.append(failure)
         self.manifest.add_failure(
             failure.prompt,
-            arguments,
+            request,
             reason=failure.reason,
-            endpoint=failure.endpoint,
             request_id=failure.request_id,
             error_type=failure.error_type,
         )

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.errors import FalError, GptImageError
+from prefect_gptimage.schemas import AnyRequest
 
 
 class Failure(BaseModel):
@@ -20,14 +21,13 @@ class Failure(BaseModel):
     error_type: str | None = None
 
     @classmethod
-    def from_exception(
-        cls, exc: BaseException, arguments: dict[str, Any], endpoint: str
-    ) -> Failure:
-        params = {k: v for k, v in arguments.items() if k != "prompt"}
+    def from_exception(cls, exc: BaseException, request: AnyRequest) -> Failure:
+        """The failure of ``request``; its arguments (minus the prompt) are the parameters."""
+        params = {k: v for k, v in request.to_arguments().items() if k != "prompt"}
         return cls(
-            prompt=str(arguments.get("prompt", "")),
+            prompt=request.prompt,
             parameters=params,
-            endpoint=endpoint,
+            endpoint=request.endpoint,
             request_id=getattr(exc, "request_id", None),
             reason=str(exc) if isinstance(exc, GptImageError) else f"{type(exc).__name__}: {exc}",
             error_type=exc.error_type if isinstance(exc, FalError) else None,

@@ -20,7 +20,7 @@ class RowOutcome(BaseModel):
     """What one request produced: local files, their S3 copies, and whether it was paid now."""
 
     request_id: str
-    request: dict[str, Any]
+    request: AnyRequest = Field(description="The request that produced the images.")
     images: list[DownloadedImage]
     staged: list[StagedImage] = Field(default_factory=list)
     from_cache: bool = False
@@ -82,7 +82,7 @@ def generate_and_stage(
     )
     return RowOutcome(
         request_id=result.handle.request_id,
-        request=request.to_arguments(),
+        request=request,
         images=result.images,
         staged=staged,
         from_cache=result.from_cache,
