@@ -4,6 +4,7 @@
 
     GptImageError
     ├── InvalidRequestError          bad input, raised before any network call
+    │   └── InvalidPromptFile        bad rows in a prompt file (every one listed)
     ├── ConfigurationError           missing key, bad setting
     ├── FalError                     something fal (or the way to it) said or did
     │   ├── TransientFalError        429, 408/409, 5xx, timeouts, dropped connections
@@ -11,11 +12,15 @@
     │   ├── FalRequestFailed         the request itself ended failed at fal (COMPLETED + error)
     │   ├── FalRequestTimeout        our own deadline passed; the fal request was cancelled
     │   └── SubmitOutcomeUnknown     the submit was sent but no answer came back: NOT retried
-    └── DownloadError                fetching or verifying an image
-        ├── TransientDownloadError
-        └── PermanentDownloadError   wrong format/size, not https, host not allowed, too big
+    ├── DownloadError                fetching or verifying an image
+    │   ├── TransientDownloadError
+    │   └── PermanentDownloadError   wrong format/size, not https, host not allowed, too big
+    └── S3StagingError               staging to S3
+        ├── TransientS3StagingError  throttling, 5xx, timeouts, dropped connections
+        └── PermanentS3StagingError  missing bucket, access denied, bad credentials
 
-Prefect retry policies look only at :attr:`GptImageError.transient`.
+Which outcome is transient is decided in :mod:`prefect_gptimage.retry`; retries look only at
+:attr:`GptImageError.transient`.
 """
 
 from __future__ import annotations
@@ -163,3 +168,54 @@ SERVER_SIDE_ERROR_TYPES = frozenset(
 def is_transient(exc: BaseException) -> bool:
     """True when retrying ``exc`` may succeed (used by the Prefect retry conditions)."""
     return isinstance(exc, GptImageError) and exc.transient
+
+
+class InvalidPromptFile(InvalidRequestError):
+    """One or more rows of a prompt file are invalid (nothing was submitted)."""
+
+    def __init__(self, path: str, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        shown = "; ".join(f"line {line}: {msg}" for line, _, msg in problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        super().__init__(problems[0][1], f"{path}: {shown}{more}")
+        self.message = f"{path}: {shown}{more}"
+
+
+class S3StagingError(GptImageError):
+    """Staging to S3 failed. ``transient`` says whether a retry may help.
+
+    Attributes:
+        bucket, key: the object concerned.
+        code: S3's error code (``NoSuchBucket``, ``SlowDown``, ...) or the botocore exception name.
+        status_code: the HTTP status, when S3 answered.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bucket: str,
+        key: str,
+        code: str | None = None,
+        status_code: int | None = None,
+        transient: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.key = key
+        self.code = code
+        self.status_code = status_code
+        if transient is not None:
+            self.transient = transient
+
+
+class TransientS3StagingError(S3StagingError):
+    """Throttling, 5xx, timeouts, dropped connections: worth retrying."""
+
+    transient = True
+
+
+class PermanentS3StagingError(S3StagingError):
+    """Missing bucket, access denied, bad credentials, bad local file: retrying cannot help."""
+
+    transient = False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.errors import InvalidPromptFile, InvalidRequestError
 from prefect_gptimage.schemas import AnyRequest, parse_request
 
 EXTRA_COLUMNS = ("variant",)
@@ -36,17 +36,6 @@ class PromptRow:
     line: int
     request: AnyRequest
     variant: int = 0
-
-
-class InvalidPromptFile(InvalidRequestError):
-    """One or more rows of a prompt file are invalid (nothing was submitted)."""
-
-    def __init__(self, path: str, problems: list[tuple[int, str, str]]) -> None:
-        self.problems = problems
-        shown = "; ".join(f"line {line}: {msg}" for line, _, msg in problems[:10])
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        super().__init__(problems[0][1], f"{path}: {shown}{more}")
-        self.message = f"{path}: {shown}{more}"
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

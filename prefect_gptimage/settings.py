@@ -53,6 +53,14 @@ class GptImageSettings(PrefectBaseSettings):
         default=16, description="Cap on fal requests in flight when no global limit exists."
     )
     output_dir: str = Field(default="gptimage-output", description="Where images are written.")
+    retry_budget: float = Field(
+        default=90.0,
+        gt=0,
+        description=(
+            "Seconds one call to fal, a media host or S3 may spend retrying transient failures "
+            "before the run fails (so a command with fal unreachable ends within 2 minutes)."
+        ),
+    )
 
     @field_validator("allowed_media_hosts", mode="before")
     @classmethod

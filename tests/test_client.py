@@ -37,13 +37,14 @@ def req(unique: str, **kw: object) -> GptImageRequest:
 
 
 def test_round_trip(client: FalQueueClient, fal_emulator: FalEmulator, unique: str) -> None:
+    before = fal_emulator.stats["accepted"]
     handle = client.submit(req(unique, num_images=2, image_size="1536x1024"))
+    assert fal_emulator.stats["accepted"] == before + 1
     assert handle.endpoint == "fal-ai/gpt-image-1.5"
     status = client.wait(handle)
     assert status.done and status.error is None
     output = client.result(handle)
     assert [(i.width, i.height) for i in output.images] == [(1536, 1024), (1536, 1024)]
-    assert fal_emulator.stats["submit"] >= 1
     # the handle is plain data: it survives a JSON round trip (Prefect persists it)
     assert type(handle).model_validate_json(handle.model_dump_json()) == handle
 
@@ -67,11 +68,11 @@ def test_transient_faults_on_idempotent_calls_are_recovered(
     client: FalQueueClient, fal_emulator: FalEmulator, unique: str, kind: str, operation: str
 ) -> None:
     handle = client.submit(req(unique))
-    before = fal_emulator.stats["accepted"]
+    before, fired = fal_emulator.stats["accepted"], fal_emulator.stats["faults_fired"]
     fal_emulator.inject(Fault(operation, kind, count=2))  # type: ignore[arg-type]
     client.wait(handle)
     assert client.result(handle).images
-    assert fal_emulator.stats["faults_fired"] >= 2
+    assert fal_emulator.stats["faults_fired"] == fired + 2  # both faults met, both recovered
     assert fal_emulator.stats["accepted"] == before  # nothing submitted again
 
 
@@ -132,14 +133,26 @@ def test_rejected_submits_are_retried_by_fal_client(
     assert fal_emulator.stats["accepted"] == before + 1
 
 
-def test_submit_5xx_that_was_not_enqueued_is_transient(
+def test_submit_5xx_that_was_not_enqueued_is_resent_once_confirmed(
     client: FalQueueClient, fal_emulator: FalEmulator, unique: str
 ) -> None:
-    before = fal_emulator.stats["accepted"]
+    """A 5xx whose request id fal does not know was never enqueued: the client resends it."""
+    accepted, posts = fal_emulator.stats["accepted"], fal_emulator.stats["submit"]
     fal_emulator.inject(Fault("submit", "503_json", count=1))
-    with pytest.raises(TransientFalError):
-        client.submit(req(unique))
-    assert fal_emulator.stats["accepted"] == before
+    handle = client.submit(req(unique))
+    assert fal_emulator.stats["submit"] == posts + 2  # the refused POST, then one resend
+    assert fal_emulator.stats["accepted"] == accepted + 1  # paid once
+    assert fal_emulator.request(handle.request_id) is not None
+
+
+def test_submit_5xx_that_keeps_failing_surfaces_as_transient(
+    fal_emulator: FalEmulator, unique: str
+) -> None:
+    accepted = fal_emulator.stats["accepted"]
+    fal_emulator.inject(Fault("submit", "503_json", count=None, match=unique))
+    with pytest.raises(TransientFalError, match="gave up after 4 attempts"):
+        FalQueueClient(retry=FAST).submit(req(unique))
+    assert fal_emulator.stats["accepted"] == accepted
 
 
 def test_failed_request_carries_fals_message(
@@ -164,13 +177,14 @@ def test_deadline_cancels_the_request(
     client: FalQueueClient, fal_emulator: FalEmulator, unique: str
 ) -> None:
     fal_emulator.set_latency(5.0)
+    cancelled = fal_emulator.stats["cancelled"]
     handle = client.submit(req(unique))
     with pytest.raises(FalRequestTimeout):
         client.wait(handle, timeout=0.5)
     info = fal_emulator.request(handle.request_id)
     assert info is not None
     assert info.status == "COMPLETED" and info.error_type == "client_cancelled"
-    assert fal_emulator.stats["cancelled"] >= 1
+    assert fal_emulator.stats["cancelled"] == cancelled + 1
     assert client.cancel(handle) is False  # already over
 
 
@@ -214,7 +228,10 @@ def test_async_client_round_trip_with_faults(fal_emulator: FalEmulator, unique: 
         output = await client.result(handle)
         return len(output.images)
 
+    fired, accepted = fal_emulator.stats["faults_fired"], fal_emulator.stats["accepted"]
     assert asyncio.run(main()) == 1
+    assert fal_emulator.stats["faults_fired"] == fired + 3  # every fault met and recovered
+    assert fal_emulator.stats["accepted"] == accepted + 1
 
 
 def test_async_client_does_not_retry_an_ambiguous_submit(

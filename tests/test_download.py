@@ -9,9 +9,9 @@ from PIL import Image
 
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
 from prefect_gptimage.fal.client import FalQueueClient, RetryPolicy
-from prefect_gptimage.fal.media import download_image_file, host_allowed
+from prefect_gptimage.fal.media import MediaPolicy, download_image_file, host_allowed
 from prefect_gptimage.schemas import GptImageRequest, ImageFile
-from prefect_gptimage.settings import GptImageSettings, get_settings
+from prefect_gptimage.tasks.policies import media_policy
 from prefect_gptimage.testing import FalEmulator, Fault
 
 FAST = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.02)
@@ -24,7 +24,7 @@ def _image(emulator: FalEmulator, unique: str, fmt: str = "png") -> ImageFile:
 
 
 def _get(
-    image: ImageFile, tmp_path: Path, settings: GptImageSettings | None = None, fmt: str = "png"
+    image: ImageFile, tmp_path: Path, policy: MediaPolicy | None = None, fmt: str = "png"
 ) -> Path:
     got = download_image_file(
         image,
@@ -34,7 +34,7 @@ def _get(
         index=0,
         expected_format=fmt,
         expected_size=(1024, 1024),
-        settings=settings,
+        policy=policy or media_policy(),
         retry=FAST,  # type: ignore[arg-type]
     )
     return Path(got.path)
@@ -55,7 +55,7 @@ def test_refuses_http_and_unknown_hosts(tmp_path: Path) -> None:
 
 
 def test_refuses_oversized_bodies(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:
-    small = get_settings().model_copy(update={"max_download_bytes": 1000})
+    small = media_policy().model_copy(update={"max_bytes": 1000})
     with pytest.raises(PermanentDownloadError, match="limit"):
         _get(_image(fal_emulator, unique), tmp_path, small)
     assert not list(tmp_path.glob("*"))  # no partial file left behind

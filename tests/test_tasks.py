@@ -13,7 +13,7 @@ from prefect import flow
 
 from prefect_gptimage.errors import FalRequestFailed, FalRequestTimeout
 from prefect_gptimage.schemas import GenerationResult, GptImageEditRequest, GptImageRequest
-from prefect_gptimage.tasks.generate import generate_images
+from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
 from prefect_gptimage.tasks.queue import submit_request
 from prefect_gptimage.testing import FalEmulator, Fault
 
@@ -26,7 +26,7 @@ def req(unique: str, **kw: object) -> GptImageRequest:
 def one(
     request: GptImageRequest | GptImageEditRequest, output_dir: str, timeout: float | None = None
 ) -> GenerationResult:
-    return generate_images(request, output_dir=output_dir, timeout=timeout)
+    return generate_images(request, GenerationOptions(output_dir=output_dir, timeout=timeout))
 
 
 def test_generate_downloads_verified_images(
@@ -65,7 +65,7 @@ def test_flow_retry_resumes_instead_of_submitting_again(
 
     @flow(retries=1, retry_delay_seconds=0)
     def flaky() -> str:
-        result = generate_images(req(unique), output_dir=str(tmp_path))
+        result = generate_images(req(unique), GenerationOptions(output_dir=str(tmp_path)))
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("something after generation failed")
@@ -77,16 +77,20 @@ def test_flow_retry_resumes_instead_of_submitting_again(
     assert fal_emulator.stats["accepted"] == before + 1
 
 
-def test_transient_faults_beyond_client_retries_are_retried_by_prefect(
+def test_transient_faults_on_every_step_are_recovered_by_one_layer(
     fal_emulator: FalEmulator, unique: str, tmp_path: Path
 ) -> None:
-    before = fal_emulator.stats["accepted"]
-    fal_emulator.inject(Fault("status", "500_json", count=7))  # more than the client's 6 attempts
+    before, fired = fal_emulator.stats["accepted"], fal_emulator.stats["faults_fired"]
+    statuses = fal_emulator.stats["status"]
+    fal_emulator.inject(Fault("status", "500_json", count=4))
     fal_emulator.inject(Fault("result", "503_json", count=2))
     fal_emulator.inject(Fault("media", "503_json", count=2))
     result = one(req(unique), str(tmp_path))
     assert len(result.images) == 1
-    assert fal_emulator.stats["accepted"] == before + 1
+    assert fal_emulator.stats["faults_fired"] == fired + 8  # every fault met, and recovered
+    assert fal_emulator.stats["accepted"] == before + 1  # paid once
+    # one layer retries: each refused status call is made once more, not once per layer
+    assert fal_emulator.stats["status"] - statuses <= 4 + 3
 
 
 def test_permanent_failure_fails_at_once_with_fals_message(
@@ -115,12 +119,13 @@ def test_server_side_failure_is_resubmitted_once(
 
 
 def test_sync_mode_data_uris(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:
+    media = fal_emulator.stats["media"]
     result = one(req(unique, sync_mode=True, output_format="jpeg"), str(tmp_path))
     assert result.output.images[0].url.startswith("data:image/jpeg;base64,")
     assert result.images[0].source_url == "data:"
     with Image.open(result.images[0].path) as im:
         assert im.format == "JPEG"
-    assert fal_emulator.stats["media"] == fal_emulator.stats["media"]  # no media fetch needed
+    assert fal_emulator.stats["media"] == media  # no media fetch needed
 
 
 def test_edit_endpoint(fal_emulator: FalEmulator, unique: str, tmp_path: Path) -> None:

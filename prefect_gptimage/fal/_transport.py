@@ -1,105 +1,117 @@
-"""httpx transports that keep fal_client from paying twice for one submit.
+"""The transport under fal_client's httpx clients: every failure becomes a package error, at once.
 
-fal_client 1.0.3 retries *every* request, submit included, on transport errors, timeouts,
-408/409/429
-and ingress-style 502/503/504 (fal-protocol §2.4). For status, result and cancel that is harmless.
-For submit, the only billable call, a retry after fal already accepted the request would enqueue
-(and bill) a second, identical request: the queue API has no idempotency key.
+fal_client 1.0.3 retries every request itself (10 attempts), submit included, on transport errors,
+408/409/429 and ingress 502/503/504 (fal-protocol §2.4). This transport sits outermost and turns
+each failed exchange into an exception of this package, which is not an ``httpx.HTTPError``, so
+fal_client's retry loop lets it through untouched: the one layer that retries is the client core
+(:mod:`prefect_gptimage.fal._core`), under the :class:`~prefect_gptimage.retry.RetryPolicy`.
 
-These transports sit outermost on fal_client's own httpx client and look only at submits (POSTs).
-They let through, for fal_client to retry, only the failures where the request provably never
-reached fal's queue:
-
-- connect errors and connect/pool timeouts (nothing was sent);
-- 408, 409 and 429 answers (fal rejected the request);
-- ingress-style 503 (nginx had no upstream for it).
-
-Anything else that leaves the outcome unknown (a read error or read timeout after the body went
-out, a dropped connection, an ingress-style 502/504, which mean the upstream may have taken the
-request) is turned into :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown`. That exception is
-not an ``httpx.HTTPError``, so fal_client's retry loop does not catch it and it reaches the caller
-as is, never retried.
+The verdicts come from :mod:`prefect_gptimage.retry`. For a submit (the only billable call) a
+failure after the request may have reached fal's queue (a read error or dropped connection after
+the body went out, an ingress 502/504) is :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown`:
+never resent, because the queue API has no idempotency key. One class serves both the sync and the
+async client.
 """
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 
-from prefect_gptimage.errors import SubmitOutcomeUnknown
-
-_NOT_SENT = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.PoolTimeout,
-    httpx.UnsupportedProtocol,
-    httpx.LocalProtocolError,
+from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.retry import (
+    NOT_SENT,
+    UNKNOWN_SUBMIT_CODES,
+    fal_response_error,
+    fal_transport_error,
+    is_ingress,
+    submit_outcome_unknown,
 )
-_UNKNOWN_OUTCOME_CODES = (502, 504)
 
 
-def _is_submit(request: httpx.Request) -> bool:
-    return request.method == "POST"
-
-
-def _unknown(request: httpx.Request, what: str) -> SubmitOutcomeUnknown:
-    return SubmitOutcomeUnknown(
-        f"submit to {request.url.path.lstrip('/')} got no usable answer ({what}); fal may have "
-        "accepted and billed it, so it is not retried. Check fal's dashboard, or run again with "
-        "refresh_cache=True to submit anew.",
+def operation_of(request: httpx.Request) -> str:
+    """The queue operation a request performs: submit, status, cancel or result."""
+    if request.method == "POST":
+        return "submit"
+    path = request.url.path
+    return (
+        "status" if path.endswith("/status") else "cancel" if path.endswith("/cancel") else "result"
     )
 
 
-def _check_response(request: httpx.Request, response: httpx.Response) -> None:
+def _failed(request: httpx.Request, exc: httpx.TransportError) -> GptImageError:
+    operation = operation_of(request)
+    if operation == "submit" and not isinstance(exc, NOT_SENT):
+        return submit_outcome_unknown(request.url.path.lstrip("/"), type(exc).__name__)
+    return fal_transport_error(exc, operation, request.url.host)
+
+
+def _checked(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+    if response.status_code < 400:
+        return response
+    operation = operation_of(request)
     if (
-        response.status_code in _UNKNOWN_OUTCOME_CODES
-        and "x-fal-request-id" not in response.headers
+        operation == "submit"
+        and response.status_code in UNKNOWN_SUBMIT_CODES
+        and is_ingress(response)
     ):
-        raise _unknown(request, f"ingress {response.status_code}")
+        raise submit_outcome_unknown(
+            request.url.path.lstrip("/"), f"ingress {response.status_code}"
+        )
+    raise fal_response_error(response, operation)
 
 
-class SubmitGuardTransport(httpx.BaseTransport):
-    """Sync transport wrapper: see the module docstring."""
+class FalTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Wraps fal_client's (sync or async) backup-domain transport; see the module docstring."""
 
-    def __init__(self, inner: httpx.BaseTransport) -> None:
+    def __init__(self, inner: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
         self._inner = inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_submit(request):
-            return self._inner.handle_request(request)
+        assert isinstance(self._inner, httpx.BaseTransport)
         try:
             response = self._inner.handle_request(request)
-        except _NOT_SENT:
-            raise
         except httpx.TransportError as exc:
-            raise _unknown(request, type(exc).__name__) from None
-        if response.status_code in _UNKNOWN_OUTCOME_CODES:
+            raise _failed(request, exc) from None
+        if response.status_code >= 400:
             response.read()
-            _check_response(request, response)
-        return response
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class AsyncSubmitGuardTransport(httpx.AsyncBaseTransport):
-    """Async twin of :class:`SubmitGuardTransport`."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self._inner = inner
+        return _checked(request, response)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_submit(request):
-            return await self._inner.handle_async_request(request)
+        assert isinstance(self._inner, httpx.AsyncBaseTransport)
         try:
             response = await self._inner.handle_async_request(request)
-        except _NOT_SENT:
-            raise
         except httpx.TransportError as exc:
-            raise _unknown(request, type(exc).__name__) from None
-        if response.status_code in _UNKNOWN_OUTCOME_CODES:
+            raise _failed(request, exc) from None
+        if response.status_code >= 400:
             await response.aread()
-            _check_response(request, response)
-        return response
+        return _checked(request, response)
+
+    def close(self) -> None:
+        if isinstance(self._inner, httpx.BaseTransport):
+            self._inner.close()
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        if isinstance(self._inner, httpx.AsyncBaseTransport):
+            await self._inner.aclose()
+
+
+class _OncePerHost(logging.Filter):
+    """fal_client warns on every attempt that it tries its backup domain: say it once per host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "trying backup domain" not in record.getMessage():
+            return True
+        host = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+        if host in self._seen:
+            return False
+        self._seen.add(host)
+        return True
+
+
+logging.getLogger("fal_client.client").addFilter(_OncePerHost())

@@ -1,5 +1,7 @@
-"""``AsyncFalQueueClient``: the asyncio twin of :class:`~prefect_gptimage.client.FalQueueClient`,
-with the same submit guard and retry rules (see that module).
+"""``AsyncFalQueueClient``: :class:`~prefect_gptimage.fal.client.FalQueueClient` for asyncio.
+
+The same core (:mod:`prefect_gptimage.fal._core`), retry policy and submit guard; only the I/O is
+performed with fal_client's ``AsyncClient``. Method for method the same API, awaited.
 
 Example:
     >>> client = AsyncFalQueueClient()
@@ -11,136 +13,85 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TypeVar
 
 import fal_client
+import httpx
+from asyncstdlib import cached_property as async_cached_property
+from fal_client.client import USER_AGENT, AsyncBackupDomainTransport
 
-from prefect_gptimage.errors import (
-    FalError,
-    GptImageError,
-)
-from prefect_gptimage.fal._classify import classify
-from prefect_gptimage.fal._queue import (
-    POLL_TIMEOUT,
-    GuardedAsyncClient,
-    RetryPolicy,
-    WaitTracker,
-    adoption_candidate,
-    cancel_failed,
-    error_response,
-    handle_from_fal,
-    log_adopted,
-    logger,
-    parse_output,
-    request_failed,
-)
+from prefect_gptimage.fal import _core
+from prefect_gptimage.fal._transport import FalTransport
+from prefect_gptimage.fal.client import Log
 from prefect_gptimage.fal.polling import RequestStatus
+from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+
+__all__ = ["AsyncFalQueueClient"]
+
+T = TypeVar("T")
+
+
+@dataclass(unsafe_hash=True)
+class _FalAsync(fal_client.AsyncClient):
+    """fal_client's AsyncClient over :class:`FalTransport`."""
+
+    @async_cached_property(asyncio.Lock)
+    async def _client(self) -> httpx.AsyncClient:
+        auth = await self._auth
+        return httpx.AsyncClient(
+            transport=FalTransport(AsyncBackupDomainTransport()),
+            headers={"Authorization": auth.header_value, "User-Agent": USER_AGENT},
+            timeout=self.default_timeout,
+            follow_redirects=True,
+        )
 
 
 class AsyncFalQueueClient:
-    """Asynchronous twin of :class:`FalQueueClient`, over ``fal_client.AsyncClient``."""
+    """Asynchronous client for fal's queue; see :class:`FalQueueClient` for each method."""
 
     def __init__(self, key: str | None = None, *, retry: RetryPolicy | None = None) -> None:
-        self._fal = GuardedAsyncClient(key=key)
+        self._fal = _FalAsync(key=key)
         self.retry = retry or RetryPolicy()
 
-    async def _fal_handle(self, handle: RequestHandle) -> Any:
-        http = await self._fal._client
-        if handle.status_url and handle.response_url and handle.cancel_url:
-            return fal_client.AsyncRequestHandle(
-                request_id=handle.request_id,
-                response_url=handle.response_url,
-                status_url=handle.status_url,
-                cancel_url=handle.cancel_url,
-                client=http,
-            )
-        return await self._fal.get_handle(handle.endpoint, handle.request_id)
-
-    async def _call(self, operation: str, handle: RequestHandle | None, fn: Any) -> Any:
-        rid = handle.request_id if handle else None
-        async for attempt in self.retry.async_retrying():
-            with attempt:
-                try:
-                    return await fn()
-                except GptImageError:
-                    raise
-                except Exception as exc:
-                    raise classify(exc, operation=operation, request_id=rid) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _run(self, steps: _core.Steps[T]) -> T:
+        try:
+            http = await self._fal._client
+        except Exception as exc:
+            raise _core.setup_error(exc) from None
+        io = _core.Io(self._fal, http, fal_client.AsyncRequestHandle, asyncio.sleep)
+        driver = _core.Driver(steps)
+        while driver.pending:
+            driver.feed(await _core.aoutcome(driver.op.run(io)))
+        return driver.result  # type: ignore[return-value]
 
     async def submit(
-        self, request: AnyRequest, *, start_timeout: float | None = None
+        self,
+        request: AnyRequest,
+        *,
+        start_timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> RequestHandle:
-        """Submit ``request`` (billable); same no-double-pay rules as the sync client."""
-        try:
-            fh = await self._fal.submit(
-                request.endpoint, request.to_arguments(), start_timeout=start_timeout
-            )
-        except GptImageError:
-            raise
-        except Exception as exc:
-            error = classify(exc, operation="submit")
-            candidate = adoption_candidate(request, error)
-            if candidate is None:
-                raise error from None
-            try:
-                await self.status(candidate)
-            except GptImageError:
-                raise error from None
-            return log_adopted(error, candidate)
-        return handle_from_fal(request.endpoint, fh, request.profile)
-
-    async def status(self, handle: RequestHandle, *, with_logs: bool = False) -> RequestStatus:
-        fh = await self._fal_handle(handle)
-        return RequestStatus.from_fal(
-            await self._call("status", handle, lambda: fh.status(with_logs=with_logs))
+        return await self._run(
+            _core.submit(request, self.retry, start_timeout=start_timeout, headers=headers)
         )
 
+    async def status(self, handle: RequestHandle, *, with_logs: bool = False) -> RequestStatus:
+        return await self._run(_core.status(handle, self.retry, with_logs))
+
     async def wait(
-        self,
-        handle: RequestHandle,
-        *,
-        timeout: float | None = None,
-        log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        self, handle: RequestHandle, *, timeout: float | None = None, log: Log | None = None
     ) -> RequestStatus:
-        track = WaitTracker(handle, timeout, log or logger)
-        if track.learning:  # just submitted: nothing to see before it can have finished
-            await asyncio.sleep(track.delay())
-        while True:
-            status = await self.status(handle, with_logs=True)
-            track.update(status)
-            if status.done:
-                if status.error:
-                    error: FalError | None = None
-                    try:
-                        await self.result(handle)
-                    except FalError as exc:
-                        error = exc
-                    raise request_failed(status, handle, error)
-                return status
-            if track.timed_out():
-                await self.cancel(handle, quiet=True)
-                raise track.timeout_error()
-            await asyncio.sleep(track.delay())
+        return await self._run(_core.wait(handle, self.retry, timeout, log))
 
     async def result(self, handle: RequestHandle) -> GptImageOutput:
-        fh = await self._fal_handle(handle)
-        http = await self._fal._client
-
-        async def get() -> GptImageOutput:
-            response = await http.get(fh.response_url, timeout=POLL_TIMEOUT)
-            if response.status_code >= 400:
-                raise error_response(response, handle, "result")
-            return parse_output(response, handle)
-
-        return await self._call("result", handle, get)  # type: ignore[no-any-return]
+        return await self._run(_core.result(handle, self.retry))
 
     async def cancel(self, handle: RequestHandle, *, quiet: bool = False) -> bool:
-        fh = await self._fal_handle(handle)
-        try:
-            await self._call("cancel", handle, fh.cancel)
-        except GptImageError as exc:
-            return cancel_failed(handle, exc, quiet)
-        return True
+        return await self._run(_core.cancel(handle, self.retry, quiet))
+
+    async def run(
+        self, request: AnyRequest, *, timeout: float | None = None
+    ) -> tuple[RequestHandle, GptImageOutput]:
+        return await self._run(_core.run(request, self.retry, timeout))

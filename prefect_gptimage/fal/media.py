@@ -2,9 +2,11 @@
 
 * Streams to a temporary file beside the destination (never the whole body in memory), counting
   bytes against ``max_download_bytes`` and hashing (sha256) as it goes, then renames atomically.
-* Accepts ``https://`` URLs on the allowed hosts only (``PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS``,
-  default fal's CDN ``*.fal.media``), every redirect hop included, and the ``data:`` URIs that
-  ``sync_mode`` returns.
+* Accepts ``https://`` URLs on the allowed hosts only (:class:`MediaPolicy`; the tasks take it
+  from ``PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS``, default fal's CDN ``*.fal.media``), every
+  redirect hop included, and the ``data:`` URIs that ``sync_mode`` returns.
+* Retries transient failures (statuses and transport errors, as :mod:`prefect_gptimage.retry`
+  decides) under a :class:`~prefect_gptimage.retry.RetryPolicy`: the one layer that retries it.
 * Decodes the file with Pillow: the format must be the requested ``output_format`` and the size
   the requested ``image_size`` (and the width/height fal reported).
 * Idempotent: a file already at the destination is verified locally and reused, with no network.
@@ -33,16 +35,28 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
-from prefect_gptimage.fal.client import RetryPolicy
+from prefect_gptimage.retry import GONE_STATUS_CODES, RetryPolicy, is_transient_status
 from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage, ImageFile, OutputFormat
-from prefect_gptimage.settings import GptImageSettings, get_settings
 
 PIL_FORMATS: dict[str, OutputFormat] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _DATA_URI = re.compile(r"^data:(?P<ctype>[\w/+.-]+)?(?P<params>(;[\w=.-]+)*?);base64,", re.I)
 _CHUNK = 1 << 16
+
+
+class MediaPolicy(BaseModel):
+    """Where images may come from, and how big they may be."""
+
+    model_config = ConfigDict(frozen=True)
+
+    allowed_hosts: tuple[str, ...] = Field(
+        default=("fal.media", "*.fal.media"),
+        description="Hosts images may be downloaded from ('*.x' matches subdomains of x).",
+    )
+    max_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest image accepted.")
 
 
 def host_allowed(host: str, allowed: Iterable[str]) -> bool:
@@ -51,12 +65,8 @@ def host_allowed(host: str, allowed: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in allowed)
 
 
-def check_url(url: str, settings: GptImageSettings) -> None:
+def check_url(url: str, allowed: tuple[str, ...]) -> None:
     """Refuse anything but https on an allowed host (data: URIs are handled separately)."""
-    _check_url(url, tuple(settings.allowed_media_hosts))
-
-
-def _check_url(url: str, allowed: tuple[str, ...]) -> None:
     parsed = httpx.URL(url)
     if parsed.scheme != "https":
         raise PermanentDownloadError(
@@ -101,7 +111,7 @@ def _media_client(allowed: tuple[str, ...], env: tuple[str | None, ...]) -> http
     """
 
     def check_hop(request: httpx.Request) -> None:
-        _check_url(str(request.url), allowed)
+        check_url(str(request.url), allowed)
 
     return httpx.Client(
         follow_redirects=True,
@@ -133,25 +143,21 @@ def _temp_beside(final: Path) -> Iterator[tuple[Path, object]]:
         raise
 
 
-def _stream_https(url: str, fh: object, settings: GptImageSettings) -> None:
-    limit = settings.max_download_bytes
+def _stream_https(url: str, fh: object, policy: MediaPolicy) -> None:
+    limit = policy.max_bytes
     write = fh.write  # type: ignore[attr-defined]
-    http = _media_client(tuple(settings.allowed_media_hosts), _client_env())
+    http = _media_client(policy.allowed_hosts, _client_env())
     try:
         with http.stream("GET", url) as response:
-            if response.status_code in (404, 410):
+            status = response.status_code
+            if status in GONE_STATUS_CODES:
                 raise PermanentDownloadError(
-                    f"image {url} is gone (HTTP {response.status_code}); "
-                    "fal keeps media at least 7 days"
+                    f"image {url} is gone (HTTP {status}); fal keeps media at least 7 days"
                 )
-            if response.status_code in (408, 425, 429) or response.status_code >= 500:
-                raise TransientDownloadError(
-                    f"image download failed with HTTP {response.status_code}"
-                )
-            if response.status_code >= 400:
-                raise PermanentDownloadError(
-                    f"image download refused with HTTP {response.status_code}"
-                )
+            if status >= 400 and is_transient_status(status, response.headers, media=True):
+                raise TransientDownloadError(f"image download failed with HTTP {status}")
+            if status >= 400:
+                raise PermanentDownloadError(f"image download refused with HTTP {status}")
             declared = int(response.headers.get("content-length") or 0)
             if declared > limit:
                 raise PermanentDownloadError(
@@ -173,15 +179,13 @@ def _stream_https(url: str, fh: object, settings: GptImageSettings) -> None:
         raise TransientDownloadError(f"image download interrupted ({type(exc).__name__})") from None
 
 
-def _write_data_uri(url: str, fh: object, settings: GptImageSettings) -> None:
+def _write_data_uri(url: str, fh: object, policy: MediaPolicy) -> None:
     match = _DATA_URI.match(url)
     if not match:
         raise PermanentDownloadError("unsupported data: URI (expected data:<type>;base64,...)")
     payload = url[match.end() :]
-    if len(payload) * 3 // 4 > settings.max_download_bytes:
-        raise PermanentDownloadError(
-            f"data: URI image exceeds the {settings.max_download_bytes}-byte limit"
-        )
+    if len(payload) * 3 // 4 > policy.max_bytes:
+        raise PermanentDownloadError(f"data: URI image exceeds the {policy.max_bytes}-byte limit")
     try:
         fh.write(base64.b64decode(payload, validate=True))  # type: ignore[attr-defined]
     except (binascii.Error, ValueError):
@@ -232,11 +236,11 @@ def download_image_file(
     index: int,
     expected_format: OutputFormat,
     expected_size: tuple[int, int] | None = None,
-    settings: GptImageSettings | None = None,
+    policy: MediaPolicy | None = None,
     retry: RetryPolicy | None = None,
 ) -> DownloadedImage:
     """Download (or reuse) one image and verify it. See the module docstring."""
-    settings = settings or get_settings()
+    policy = policy or MediaPolicy()
     if image.width and image.height:
         reported = (image.width, image.height)
         if expected_size is not None and reported != expected_size:
@@ -247,16 +251,16 @@ def download_image_file(
     final = Path(dest_dir) / f"{safe_name(request_id)}-{index}.{EXTENSIONS[expected_format]}"
     is_data = image.url.startswith("data:")
     if not is_data:
-        check_url(image.url, settings)
+        check_url(image.url, policy.allowed_hosts)
     if final.exists():
         width, height = verify_image(final, expected_format, expected_size)
     else:
         for attempt in (retry or RetryPolicy()).retrying():
             with attempt, _temp_beside(final) as (tmp, fh):
                 if is_data:
-                    _write_data_uri(image.url, fh, settings)
+                    _write_data_uri(image.url, fh, policy)
                 else:
-                    _stream_https(image.url, fh, settings)
+                    _stream_https(image.url, fh, policy)
                 fh.close()  # type: ignore[attr-defined]
                 width, height = verify_image(tmp, expected_format, expected_size)
                 os.replace(tmp, final)

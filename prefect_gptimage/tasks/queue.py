@@ -1,9 +1,14 @@
-"""Prefect tasks over fal's queue: submit, wait, fetch result, cancel.
+"""Prefect tasks over fal's queue: submit, wait, fetch result, cancel, each with an async twin.
+
+Thin wrappers over the client layer (:mod:`prefect_gptimage.fal`), in prefect-aws's style: a task
+per operation, the async twin named with an ``a`` prefix and sharing the task's name, cache policy
+and records. The client retries transient failures itself (the one retry layer, see
+:mod:`prefect_gptimage.retry`), so these tasks have no Prefect retries.
 
 The paid steps are cached (see :mod:`prefect_gptimage.tasks.cache`): :func:`submit_request` on
 the normalized request, :func:`fetch_result` on the request id, both persisted the moment they
-complete. ``refresh_cache=True`` submits anew; ``variant`` asks for a fresh image of an
-identical request.
+complete. ``refresh_cache=True`` submits anew; ``variant`` asks for a fresh image of an identical
+request.
 
 Example:
     >>> from prefect import flow
@@ -16,27 +21,76 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from prefect_gptimage.credentials import FalCredentials, resolve_client
+from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.fal.async_client import AsyncFalQueueClient
+from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 from prefect_gptimage.tasks.cache import CACHE_EXPIRATION, RESULT_CACHE, SUBMIT_CACHE
-from prefect_gptimage.tasks.retry import TRANSIENT_RETRIES
+from prefect_gptimage.tasks.policies import retry_policy
 
-__all__ = ["cancel_request", "fetch_result", "submit_request", "wait_for_request"]
+__all__ = [
+    "acancel_request",
+    "afetch_result",
+    "asubmit_request",
+    "cancel_request",
+    "fetch_result",
+    "submit_request",
+    "wait_for_request",
+]
+
+#: Options of the cached, persisted submit tasks (sync and async share the records).
+SUBMIT_OPTIONS: dict[str, Any] = {
+    "name": "gptimage-submit",
+    "task_run_name": "submit {request.endpoint}",
+    "cache_policy": SUBMIT_CACHE,
+    "cache_expiration": CACHE_EXPIRATION,
+    "persist_result": True,
+}
+#: Options of the cached, persisted fetch-result tasks.
+FETCH_OPTIONS: dict[str, Any] = {
+    "name": "gptimage-fetch-result",
+    "task_run_name": "fetch {handle.request_id}",
+    "cache_policy": RESULT_CACHE,
+    "cache_expiration": CACHE_EXPIRATION,
+    "persist_result": True,
+}
+CANCEL_OPTIONS: dict[str, Any] = {
+    "name": "gptimage-cancel",
+    "task_run_name": "cancel {handle.request_id}",
+    "cache_policy": NO_CACHE,
+}
 
 
-@task(
-    name="gptimage-submit",
-    task_run_name="submit {request.endpoint}",
-    cache_policy=SUBMIT_CACHE,
-    cache_expiration=CACHE_EXPIRATION,
-    persist_result=True,
-    **TRANSIENT_RETRIES,
-)
+def sync_client(credentials: FalCredentials | None) -> FalQueueClient:
+    """The shared client for ``credentials`` (None: the environment's key), with the settings'
+    retry policy."""
+    return FalQueueClient.shared((credentials or FalCredentials()).get_key(), retry_policy())
+
+
+def async_client(credentials: FalCredentials | None) -> AsyncFalQueueClient:
+    """An async client for ``credentials`` (None: the environment's key)."""
+    return AsyncFalQueueClient((credentials or FalCredentials()).get_key(), retry=retry_policy())
+
+
+def _submitted(handle: RequestHandle, request: AnyRequest) -> RequestHandle:
+    get_run_logger().info(
+        "submitted %s to %s (%d image(s), %s quality)",
+        handle.request_id,
+        request.endpoint,
+        request.num_images,
+        request.quality,
+    )
+    return handle
+
+
+@task(**SUBMIT_OPTIONS)
 def submit_request(
     request: AnyRequest,
     credentials: FalCredentials | None = None,
@@ -49,22 +103,31 @@ def submit_request(
         >>> handle = submit_request(GptImageRequest(prompt="a koi pond", quality="low"))
         >>> handle.request_id
     """
-    handle = resolve_client(credentials).submit(request, start_timeout=start_timeout)
-    get_run_logger().info(
-        "submitted %s to %s (%d image(s), %s quality)",
-        handle.request_id,
-        request.endpoint,
-        request.num_images,
-        request.quality,
+    return _submitted(
+        sync_client(credentials).submit(request, start_timeout=start_timeout), request
     )
-    return handle
+
+
+@task(**SUBMIT_OPTIONS)
+async def asubmit_request(
+    request: AnyRequest,
+    credentials: FalCredentials | None = None,
+    variant: int = 0,
+    start_timeout: float | None = None,
+) -> RequestHandle:
+    """Async twin of :func:`submit_request` (same cache records).
+
+    Example:
+        >>> handle = await asubmit_request(GptImageRequest(prompt="a koi pond", quality="low"))
+    """
+    client = async_client(credentials)
+    return _submitted(await client.submit(request, start_timeout=start_timeout), request)
 
 
 @task(
     name="gptimage-wait",
     task_run_name="wait {handle.request_id}",
     cache_policy=NO_CACHE,
-    **TRANSIENT_RETRIES,
 )
 def wait_for_request(
     handle: RequestHandle,
@@ -79,17 +142,10 @@ def wait_for_request(
     Example:
         >>> status = wait_for_request(handle, timeout=600)
     """
-    return resolve_client(credentials).wait(handle, timeout=timeout, log=get_run_logger())
+    return sync_client(credentials).wait(handle, timeout=timeout, log=get_run_logger())
 
 
-@task(
-    name="gptimage-fetch-result",
-    task_run_name="fetch {handle.request_id}",
-    cache_policy=RESULT_CACHE,
-    cache_expiration=CACHE_EXPIRATION,
-    persist_result=True,
-    **TRANSIENT_RETRIES,
-)
+@task(**FETCH_OPTIONS)
 def fetch_result(
     handle: RequestHandle,
     credentials: FalCredentials | None = None,
@@ -102,22 +158,41 @@ def fetch_result(
         >>> output = fetch_result(handle)
         >>> [img.url for img in output.images]
     """
-    client = resolve_client(credentials)
+    client = sync_client(credentials)
     if wait:
         client.wait(handle, timeout=timeout, log=get_run_logger())
     return client.result(handle)
 
 
-@task(
-    name="gptimage-cancel",
-    cache_policy=NO_CACHE,
-    task_run_name="cancel {handle.request_id}",
-    **TRANSIENT_RETRIES,
-)
+@task(**FETCH_OPTIONS)
+async def afetch_result(
+    handle: RequestHandle,
+    credentials: FalCredentials | None = None,
+    wait: bool = True,
+    timeout: float | None = None,
+) -> GptImageOutput:
+    """Async twin of :func:`fetch_result` (same cache records).
+
+    Example:
+        >>> output = await afetch_result(handle)
+    """
+    client = async_client(credentials)
+    if wait:
+        await client.wait(handle, timeout=timeout, log=get_run_logger())
+    return await client.result(handle)
+
+
+@task(**CANCEL_OPTIONS)
 def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = None) -> bool:
     """Cancel a request; False if it had already completed.
 
     Example:
         >>> cancel_request(handle)
     """
-    return resolve_client(credentials).cancel(handle)
+    return sync_client(credentials).cancel(handle)
+
+
+@task(**CANCEL_OPTIONS)
+async def acancel_request(handle: RequestHandle, credentials: FalCredentials | None = None) -> bool:
+    """Async twin of :func:`cancel_request`."""
+    return await async_client(credentials).cancel(handle)

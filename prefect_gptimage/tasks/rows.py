@@ -8,12 +8,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
-from prefect_gptimage.tasks.generate import generate
-from prefect_gptimage.tasks.retry import TRANSIENT_RETRIES
+from prefect_gptimage.tasks.generate import GenerationOptions, generate
 
 
 class RowOutcome(BaseModel):
@@ -44,34 +42,20 @@ class RowOutcome(BaseModel):
     name="gptimage-generate-and-stage",
     task_run_name="row: {request.endpoint}",
     cache_policy=NO_CACHE,
-    **TRANSIENT_RETRIES,
 )
 def generate_and_stage(
     request: AnyRequest,
     target: S3Target | None = None,
-    output_dir: str | None = None,
-    credentials: FalCredentials | None = None,
-    timeout: float | None = None,
-    refresh: bool = False,
-    variant: int = 0,
-    max_in_flight: int | None = None,
+    options: GenerationOptions | None = None,
 ) -> RowOutcome:
     """Generate one request's images and stage them to ``target`` if given.
 
     Only the paid steps (submit, fetch) run as their own cached tasks; downloads and uploads are
-    plain calls, and this task retries transient failures: a retry finds the paid steps cached,
+    plain calls, each retrying its own transient failures. A re-run finds the paid steps cached,
     the files on disk and the objects already in S3, so it redoes only what failed.
     """
-    result = generate(
-        request,
-        credentials=credentials,
-        output_dir=output_dir,
-        timeout=timeout,
-        refresh_cache=refresh,
-        variant=variant,
-        download_tasks=False,
-        max_in_flight=max_in_flight,
-    )
+    options = (options or GenerationOptions()).model_copy(update={"download_tasks": False})
+    result = generate(request, options)
     staged = (
         [
             stage_image(image, prompt=request.prompt, request=request, target=target)

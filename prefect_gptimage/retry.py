@@ -1,0 +1,348 @@
+"""Retry, decided in one place: what is transient, what is permanent, and how long to keep trying.
+
+Every outcome the package meets is mapped here; the fal client layer, media downloads and S3
+staging all ask this module, and exactly one layer retries a given call (the README's retry table
+lists them). Nothing here imports Prefect.
+
+=====================================================  =====================================
+outcome                                                verdict
+=====================================================  =====================================
+HTTP 408, 409, 425, 429 (fal, media)                   transient
+HTTP 5xx, json or ingress style (fal, media)           transient
+``X-Fal-Retryable: true`` / ``false`` on any status    transient / permanent (fal decides)
+HTTP 504 with ``X-Fal-Request-Timeout-Type``           permanent (the caller's start timeout)
+HTTP 404, 410 on media                                 permanent (the file is gone)
+other HTTP 4xx (401, 403, 404, 422, ...)               permanent
+transport errors and timeouts (httpx)                  transient
+a **submit** that may have reached fal's queue (read   :class:`SubmitOutcomeUnknown`: never
+error after sending, dropped connection, ingress       resent, fal may have accepted and
+502/504 without ``x-fal-request-id``, 2xx without id)  billed it
+S3 throttling codes, HTTP 408/429/5xx                  transient
+botocore connection errors, timeouts, cut bodies       transient
+other S3 4xx, missing credentials, TLS failures        permanent
+=====================================================  =====================================
+
+How long: :class:`RetryPolicy` retries a transient failure with exponential backoff and jitter
+until its ``budget`` (seconds, from the first attempt) or ``attempts`` runs out, then raises the
+last error with the attempts and time spent. With fal unreachable, a command therefore fails after
+about ``budget`` seconds instead of stacking retries layer over layer.
+
+Example:
+    >>> is_transient_status(503, {})
+    True
+    >>> is_transient_status(504, {"X-Fal-Request-Timeout-Type": "user"})
+    False
+    >>> is_transient_status(404, {}, media=True)
+    False
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import tenacity
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefect_gptimage.errors import (
+    FalError,
+    FalRequestFailed,
+    GptImageError,
+    PermanentFalError,
+    S3StagingError,
+    SubmitOutcomeUnknown,
+    TransientFalError,
+    is_transient,
+)
+
+logger = logging.getLogger("prefect_gptimage.retry")
+
+#: Statuses worth retrying on fal's queue and CDN alike: timeouts, conflicts, rate limits.
+TRANSIENT_STATUS_CODES = frozenset({408, 409, 425, 429})
+#: Media statuses that mean the file is gone for good.
+GONE_STATUS_CODES = frozenset({404, 410})
+#: Ingress answers (no ``x-fal-request-id``) that leave a submit's outcome unknown.
+UNKNOWN_SUBMIT_CODES = frozenset({502, 504})
+
+#: Transport failures where nothing was sent: a submit may be resent safely.
+NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+
+
+def is_transient_status(
+    status_code: int, headers: Mapping[str, str] | httpx.Headers, *, media: bool = False
+) -> bool:
+    """Whether an HTTP error status is worth retrying (fal's queue, or ``media=True``: its CDN)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    retryable = lower.get("x-fal-retryable", "").strip().lower()
+    if retryable in ("true", "false"):
+        return retryable == "true"
+    if status_code == 504 and lower.get("x-fal-request-timeout-type"):
+        return False
+    if media and status_code in GONE_STATUS_CODES:
+        return False
+    return status_code in TRANSIENT_STATUS_CODES or status_code >= 500
+
+
+def is_ingress(response: httpx.Response) -> bool:
+    """An answer from fal's nginx ingress, not from fal's queue service itself."""
+    return "x-fal-request-id" not in response.headers
+
+
+def detail_text(detail: Any) -> str:
+    """fal's ``detail`` as one readable line (a string, or a list of validation errors)."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                msg = item.get("msg") or item.get("type") or "invalid"
+                parts.append(f"{loc}: {msg}" if loc else str(msg))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+def fal_http_error(
+    status_code: int,
+    headers: Mapping[str, str] | httpx.Headers,
+    body: Any,
+    *,
+    operation: str,
+    host: str | None = None,
+    request_id: str | None = None,
+) -> FalError:
+    """The :class:`FalError` for an error answer of ``operation`` (messages never carry a key)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    error_type = None
+    detail: Any = body
+    if isinstance(body, dict):
+        detail = body.get("detail", body)
+        error_type = body.get("error_type")
+    error_type = error_type or lower.get("x-fal-error-type")
+    text = detail_text(detail) if detail not in (None, "") else f"HTTP {status_code}"
+    if not isinstance(body, dict) and "nginx" in str(body):
+        text = f"HTTP {status_code} from fal's gateway"
+    where = f" at {host}" if host else ""
+    message = f"fal {operation}{where} failed with HTTP {status_code}"
+    if error_type:
+        message += f" ({error_type})"
+    message += f": {text}"
+    cls = TransientFalError if is_transient_status(status_code, lower) else PermanentFalError
+    return cls(
+        message,
+        status_code=status_code,
+        error_type=error_type,
+        request_id=request_id or lower.get("x-fal-request-id"),
+        detail=detail,
+    )
+
+
+def fal_response_error(response: httpx.Response, operation: str) -> FalError:
+    """:func:`fal_http_error` for an httpx response (its body already read)."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    return fal_http_error(
+        response.status_code,
+        response.headers,
+        body,
+        operation=operation,
+        host=response.request.url.host,
+    )
+
+
+def fal_transport_error(exc: httpx.TransportError, operation: str, host: str) -> FalError:
+    """A connection problem on the way to fal: transient (and resendable when nothing was sent)."""
+    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection problem"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        kind = "cannot connect"
+    return TransientFalError(f"fal {operation} at {host}: {kind} ({type(exc).__name__})")
+
+
+def submit_outcome_unknown(path: str, what: str) -> SubmitOutcomeUnknown:
+    """A submit that was sent but got no usable answer: fal may have accepted and billed it."""
+    return SubmitOutcomeUnknown(
+        f"submit to {path} got no usable answer ({what}); fal may have accepted and billed it, "
+        "so it is not retried. Check fal's dashboard, or run again with refresh_cache=True to "
+        "submit anew.",
+    )
+
+
+def resubmit_reason(exc: BaseException) -> str | None:
+    """Why a *fresh submit* may succeed where the submitted request cannot, or None.
+
+    Not a retry of the same call: the request ended at fal, and a new one is paid for only when
+    fal did not bill the first (a 5xx failure on their side) or no longer knows it.
+    """
+    if isinstance(exc, FalRequestFailed) and exc.resubmittable:
+        return f"it failed at fal on their side ({exc.error_type or exc.status_code}), not billed"
+    if isinstance(exc, PermanentFalError) and exc.status_code == 404:
+        return "fal no longer knows it (results are kept 6 to 60 minutes)"
+    return None
+
+
+# --- S3 -----------------------------------------------------------------------------------------
+
+_S3_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+        "IDPCommunicationError",
+    }
+)
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` followed by its causes/contexts (boto3 wraps ClientError in S3UploadFailedError)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 8:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def is_transient_s3_error(exc: BaseException) -> bool:
+    """True when retrying the S3 call that raised ``exc`` may succeed (see the table above).
+
+    Example:
+        >>> from botocore.exceptions import ClientError
+        >>> is_transient_s3_error(ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"))
+        True
+        >>> is_transient_s3_error(ClientError({"Error": {"Code": "NoSuchBucket"},
+        ...     "ResponseMetadata": {"HTTPStatusCode": 404}}, "PutObject"))
+        False
+    """
+    from botocore.exceptions import (
+        BotoCoreError,
+        ChecksumError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        ProxyConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+        SSLError,
+    )
+
+    transient_boto = (
+        EndpointConnectionError,
+        ConnectTimeoutError,
+        ProxyConnectionError,
+        ReadTimeoutError,
+        ConnectionClosedError,
+        ResponseStreamingError,
+        IncompleteReadError,
+        ChecksumError,
+        HTTPClientError,
+    )
+    for item in exception_chain(exc):
+        if isinstance(item, S3StagingError):
+            return item.transient
+        if isinstance(item, ClientError):
+            code = str(item.response.get("Error", {}).get("Code", ""))
+            status = item.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _S3_TRANSIENT_CODES:
+                return True
+            if code.isdigit() and status is None:
+                status = int(code)
+            if isinstance(status, int):
+                return status >= 500 or status in (408, 429)
+            return False
+        if isinstance(item, SSLError):
+            return False  # certificate problems do not fix themselves
+        if isinstance(item, transient_boto):
+            return True
+        if isinstance(item, BotoCoreError):
+            return False  # credentials, validation, configuration
+        if isinstance(item, ConnectionError | TimeoutError):
+            return True
+    return False
+
+
+# --- how long -----------------------------------------------------------------------------------
+
+
+class RetryPolicy(BaseModel):
+    """How one call retries its transient failures: backoff with jitter, within a time budget.
+
+    Example:
+        >>> RetryPolicy(budget=5).budget
+        5.0
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    budget: float = Field(
+        default=90.0,
+        gt=0,
+        description="Seconds a call may spend retrying, from its first attempt.",
+    )
+    attempts: int | None = Field(default=None, ge=1, description="Cap on attempts (None: none).")
+    initial_delay: float = Field(default=0.5, ge=0, description="First backoff, in seconds.")
+    max_delay: float = Field(default=8.0, ge=0, description="Longest backoff, in seconds.")
+
+    def retrying(self, *, retry_on: Any = None) -> tenacity.Retrying:
+        """A tenacity ``Retrying`` for a sync call (``retry_on``: default, transient errors)."""
+        return tenacity.Retrying(**self._options(retry_on))
+
+    def async_retrying(self, *, retry_on: Any = None) -> tenacity.AsyncRetrying:
+        """The same policy for an async call."""
+        return tenacity.AsyncRetrying(**self._options(retry_on))
+
+    def _options(self, retry_on: Any) -> dict[str, Any]:
+        stop: Any = tenacity.stop_after_delay(self.budget)
+        if self.attempts is not None:
+            stop = stop | tenacity.stop_after_attempt(self.attempts)
+        return {
+            "retry": tenacity.retry_if_exception(retry_on or is_transient),
+            "stop": stop,
+            "wait": tenacity.wait_exponential(multiplier=self.initial_delay, max=self.max_delay)
+            + tenacity.wait_random(0, self.initial_delay),
+            "retry_error_callback": _give_up,
+            "before_sleep": _log_retry,
+        }
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    logger.info("retrying after transient failure (attempt %d): %s", state.attempt_number, exc)
+
+
+def _give_up(state: tenacity.RetryCallState) -> Any:
+    """Raise the last error; when retries ran out, say how many and for how long."""
+    exc = state.outcome.exception() if state.outcome else None
+    if exc is None:  # pragma: no cover - tenacity only calls this after a failure
+        raise RuntimeError("retry gave up without an error")
+    if isinstance(exc, GptImageError) and exc.transient and state.attempt_number > 1:
+        elapsed = state.seconds_since_start or 0.0
+        exc.message += f" (gave up after {state.attempt_number} attempts in {elapsed:.0f}s)"
+    raise exc
