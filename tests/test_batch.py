@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_gptimage.flows.batch import batch_to_s3
+from prefect_gptimage.flows.batch import BatchIncomplete, batch_to_s3
 from prefect_gptimage.prompts import InvalidPromptFile, load_prompt_file
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.testing import FalEmulator, Fault
@@ -23,6 +23,9 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 def run(**kw: object) -> tuple[RunSummary, str]:
     state = batch_to_s3(return_state=True, **kw)  # type: ignore[arg-type]
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BatchIncomplete):  # a row failed: the exception carries the summary
+        assert state.is_failed() and not summary.summary.ok
+        summary = summary.summary
     assert isinstance(summary, RunSummary), summary
     return summary, state.type.value
 

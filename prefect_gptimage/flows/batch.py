@@ -8,8 +8,18 @@ and submits nothing; ``max_cost`` refuses a batch whose uncached rows would cost
 rows are free). Running the same batch again submits nothing and writes no duplicate object; a
 batch killed half way resumes where it was.
 
+``bucket`` is a bucket name or a prefect-aws ``S3Bucket`` block (its folder is the prefix unless
+``prefix`` is given; its credentials sign the uploads and links).
+
+A batch in which any row failed ends Failed with a :class:`BatchIncomplete` that carries the
+:class:`RunSummary`: a plain call raises it, and with ``return_state=True``
+``state.result(raise_on_failure=False).summary`` is the summary.
+
 Example:
-    >>> batch_to_s3("prompts.jsonl", bucket="my-images", concurrency=8)
+    >>> try:
+    ...     summary = batch_to_s3("prompts.jsonl", bucket="my-images", concurrency=8)
+    ... except BatchIncomplete as exc:
+    ...     summary = exc.summary  # the images that were made, and the failures
 """
 
 from __future__ import annotations
@@ -24,8 +34,10 @@ from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.errors import GptImageError
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file
 from prefect_gptimage.reporting.artifacts import (
@@ -34,14 +46,33 @@ from prefect_gptimage.reporting.artifacts import (
 )
 from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
-from prefect_gptimage.s3 import S3Target, slugify
+from prefect_gptimage.s3 import slugify
+from prefect_gptimage.s3.clients import bucket_target, use_s3_client
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached, request_fingerprint
+from prefect_gptimage.tasks.generate import GenerationOptions
 from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
 from prefect_gptimage.tasks.window import in_order
 
 #: How often (seconds) the flow logs its progress and ETA.
 LOG_EVERY_S = 15.0
+
+
+class BatchIncomplete(GptImageError):
+    """A batch in which at least one row failed; ``summary`` has the images and the failures.
+
+    Example:
+        >>> exc = BatchIncomplete(RunSummary())
+        >>> exc.summary.ok
+        True
+    """
+
+    def __init__(self, summary: RunSummary, message: str | None = None) -> None:
+        self.summary = summary
+        super().__init__(message or f"{len(summary.failures)} request(s) failed")
+
+    def __reduce__(self) -> tuple[type[BatchIncomplete], tuple[RunSummary, str]]:
+        return type(self), (self.summary, self.message)
 
 
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:
@@ -71,15 +102,15 @@ def plan_cost(rows: list[PromptRow]) -> tuple[float, int]:
         if is_submit_cached(row.request, row.variant):
             cached += 1
         else:
-            cost += estimate_cost(row.request.to_arguments())
+            cost += estimate_cost(row.request)
     return round(cost, 6), cached
 
 
 @flow(name="gptimage-batch-to-s3", log_prints=False)
 def batch_to_s3(
     prompt_file: str,
-    bucket: str | None = None,
-    prefix: str = "gptimage",
+    bucket: str | S3Bucket | None = None,
+    prefix: str | None = None,
     concurrency: int = 8,
     output_dir: str | None = None,
     defaults: dict[str, Any] | None = None,
@@ -92,7 +123,9 @@ def batch_to_s3(
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
-    Without a bucket the images and manifest stay in ``output_dir`` only.
+    Without a bucket the images and manifest stay in ``output_dir`` only. ``prefix`` defaults to
+    the ``S3Bucket`` block's folder, else ``gptimage``. When any row fails the run ends Failed
+    with a :class:`BatchIncomplete` carrying the summary (a plain call raises it).
     """
     log = get_run_logger()
     rows = unique_rows(load_prompt_file(prompt_file, defaults))
@@ -112,13 +145,18 @@ def batch_to_s3(
             message=f"estimated cost ${estimate:.3f} exceeds max_cost ${max_cost:.3f}: "
             "nothing submitted",
         )
-    target = (
-        S3Target(bucket=bucket, prefix=prefix, presign_expires=presign_expires) if bucket else None
-    )
+    target, s3_client = bucket_target(bucket, prefix, presign_expires=presign_expires)
     out = Path(output_dir or get_settings().output_dir) / run_key
     progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
     last_log = 0.0
     runner: ThreadPoolTaskRunner[Any]
+    options = GenerationOptions(
+        credentials=credentials,
+        output_dir=str(out),
+        timeout=timeout,
+        refresh_cache=refresh,
+        max_in_flight=concurrency,
+    )
 
     def submit(row: PromptRow) -> Any:
         return runner.submit(
@@ -126,17 +164,13 @@ def batch_to_s3(
             parameters={
                 "request": row.request,
                 "target": target,
-                "output_dir": str(out),
-                "credentials": credentials,
-                "timeout": timeout,
-                "refresh": refresh,
-                "variant": row.variant,
-                "max_in_flight": concurrency,
+                "options": options.model_copy(update={"variant": row.variant}),
             },
         )
 
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
     with (
+        use_s3_client(s3_client),
         RunReport(out, run_key, target, summary) as report,
         ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency)) as runner,
     ):
@@ -154,4 +188,8 @@ def batch_to_s3(
                 log.info("%s: %s", run_key, progress.status())  # counts, elapsed, ETA
         progress.finish()
         log.info("%s: %s", run_key, progress.status())
-        return report.close()
+        state = report.close()
+    if report.summary.ok:
+        return state
+    # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
+    return Failed(message=state.message, data=BatchIncomplete(report.summary, state.message))

@@ -14,13 +14,14 @@ import datetime as dt
 
 from prefect import flow, runtime
 from prefect.client.schemas.objects import State
+from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import InvalidRequestError
 from prefect_gptimage.flows.generate import generate_to_s3
 from prefect_gptimage.reporting.run_report import finish
 from prefect_gptimage.reporting.summary import RunSummary
-from prefect_gptimage.schemas import parse_request
+from prefect_gptimage.schemas import ImageSize, OutputFormat, Quality, parse_request
 
 
 def run_date(date: str | None = None) -> dt.date:
@@ -44,17 +45,21 @@ def fill_template(template: str, day: dt.date) -> str:
 @flow(name="gptimage-scheduled-content", log_prints=False)
 def scheduled_content(
     template: str,
-    bucket: str | None = None,
-    prefix: str = "scheduled",
+    bucket: str | S3Bucket | None = None,
+    prefix: str | None = None,
     date: str | None = None,
-    quality: str = "low",
-    image_size: str = "1024x1024",
+    quality: Quality = "low",
+    image_size: ImageSize = "1024x1024",
     num_images: int = 1,
-    output_format: str = "png",
+    output_format: OutputFormat = "png",
     output_dir: str | None = None,
     credentials: FalCredentials | None = None,
 ) -> State[RunSummary]:
-    """Generate the day's images from ``template`` and stage them under ``{prefix}/``."""
+    """Generate the day's images from ``template`` and stage them under ``{prefix}/``.
+
+    ``bucket`` is a bucket name or a prefect-aws ``S3Bucket`` block; ``prefix`` defaults to the
+    block's folder, else ``scheduled``.
+    """
     day = run_date(date)
     request = parse_request(
         {
@@ -65,6 +70,8 @@ def scheduled_content(
             "output_format": output_format,
         }
     )
+    if prefix is None and (bucket is None or isinstance(bucket, str) or not bucket.bucket_folder):
+        prefix = "scheduled"
     state = generate_to_s3(
         request,
         bucket=bucket,

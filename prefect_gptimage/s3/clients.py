@@ -3,16 +3,19 @@
 Credentials, region and endpoint come from boto3's standard chain only: ``AWS_*`` environment
 variables, profiles, instance roles, and ``AWS_ENDPOINT_URL_S3`` (which points the client at MinIO,
 moto or LocalStack without any code change). One client per process is built and reused (boto3
-clients are thread-safe, sessions are not); see :func:`get_s3_client`. When the optional
-``prefect-aws`` extra is installed, a prefect-aws ``AwsCredentials``/``MinIOCredentials`` or
-``S3Bucket`` block may be passed wherever a ``client`` is accepted (used by duck typing, never
-imported).
+clients are thread-safe, sessions are not); see :func:`get_s3_client`. A prefect-aws
+``AwsCredentials``/``MinIOCredentials`` or ``S3Bucket`` block may be passed wherever a ``client``
+is accepted (used by duck typing, never imported here), and :func:`bucket_target` turns a flow's
+``bucket`` parameter (a name or an ``S3Bucket``) into a target and a client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import boto3
@@ -25,11 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientSource",
+    "bucket_target",
     "client_from_block",
     "get_s3_client",
     "reset_s3_clients",
     "resolve_client",
     "target_from_bucket_block",
+    "use_s3_client",
 ]
 
 
@@ -50,6 +55,10 @@ ClientSource = Union["S3Client", _SessionSource, _BucketBlock, None]
 
 _CLIENTS: dict[tuple[Any, ...], tuple[object, S3Client]] = {}
 _CLIENTS_LOCK = threading.Lock()
+#: The client a flow chose for its run (from an ``S3Bucket`` block), see :func:`use_s3_client`.
+_RUN_CLIENT: contextvars.ContextVar[S3Client | None] = contextvars.ContextVar(
+    "prefect_gptimage_s3_client", default=None
+)
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
@@ -143,22 +152,83 @@ def reset_s3_clients() -> None:
         _CLIENTS.clear()
 
 
+@contextlib.contextmanager
+def use_s3_client(client: S3Client | None) -> Iterator[None]:
+    """Within the block, ``client=None`` means ``client`` (None: boto3's standard chain).
+
+    A flow given an ``S3Bucket`` block runs its body in ``use_s3_client(client_from_block(...))``
+    so that every staging call below it, in this thread and in the tasks it submits (Prefect's
+    thread pool runs them in a copy of the caller's context), uses the block's credentials.
+    """
+    token = _RUN_CLIENT.set(client)
+    try:
+        yield
+    finally:
+        _RUN_CLIENT.reset(token)
+
+
 def resolve_client(client: ClientSource) -> S3Client:
-    """The client to use: the shared default, one built from a prefect-aws block, or ``client``."""
+    """The client to use: ``client``, one built from a prefect-aws block, the flow's (see
+    :func:`use_s3_client`), or the shared default."""
     if client is None:
-        return get_s3_client()
+        return _RUN_CLIENT.get() or get_s3_client()
     if hasattr(client, "get_boto3_session") or hasattr(client, "bucket_name"):
         return client_from_block(client)  # type: ignore[arg-type]
     return client  # type: ignore[return-value]
 
 
 def target_from_bucket_block(
-    block: _BucketBlock, *, presign_expires: int = 24 * 3600, prefix: str | None = None
+    block: _BucketBlock,
+    *,
+    presign_expires: int = 24 * 3600,
+    prefix: str | None = None,
+    default_prefix: str = "gptimage",
 ) -> S3Target:
     """An :class:`S3Target` from a prefect-aws ``S3Bucket`` block (bucket name and folder).
+
+    The key prefix is ``prefix`` when given, else the block's ``bucket_folder``, else
+    ``default_prefix``.
 
     Example:
         >>> target = target_from_bucket_block(S3Bucket.load("images"))  # doctest: +SKIP
     """
-    folder = prefix if prefix is not None else (getattr(block, "bucket_folder", "") or "gptimage")
+    folder = (
+        prefix if prefix is not None else (getattr(block, "bucket_folder", "") or default_prefix)
+    )
     return S3Target(bucket=block.bucket_name, prefix=folder, presign_expires=presign_expires)
+
+
+def bucket_target(
+    bucket: str | _BucketBlock | None,
+    prefix: str | None = None,
+    *,
+    presign_expires: int = 24 * 3600,
+    default_prefix: str = "gptimage",
+) -> tuple[S3Target | None, S3Client | None]:
+    """A flow's ``bucket`` parameter as (target, client); ``(None, None)`` without a bucket.
+
+    ``bucket`` is a bucket name (the client is None: boto3's standard chain) or a prefect-aws
+    ``S3Bucket`` block (its ``bucket_folder`` is the prefix unless ``prefix`` is given, and the
+    client is built from its credentials, see :func:`client_from_block`).
+
+    Example:
+        >>> bucket_target("my-images", None)[0].prefix
+        'gptimage'
+        >>> bucket_target(None, "p")
+        (None, None)
+    """
+    if bucket is None or bucket == "":
+        return None, None
+    if isinstance(bucket, str):
+        target = S3Target(
+            bucket=bucket,
+            prefix=default_prefix if prefix is None else prefix,
+            presign_expires=presign_expires,
+        )
+        return target, None
+    if not hasattr(bucket, "bucket_name"):
+        raise TypeError(f"bucket must be a bucket name or an S3Bucket block, not {type(bucket)}")
+    target = target_from_bucket_block(
+        bucket, presign_expires=presign_expires, prefix=prefix, default_prefix=default_prefix
+    )
+    return target, client_from_block(bucket)
