@@ -35,7 +35,6 @@ from prefect_gptimage.errors import GptImageError
 from prefect_gptimage.s3 import (
     MAX_PRESIGN_EXPIRES,
     PermanentS3StagingError,
-    S3StagingError,
     S3Target,
     StagedFile,
     StagedImage,
@@ -55,6 +54,7 @@ from prefect_gptimage.s3 import (
     stage_manifest_task,
     target_from_bucket_block,
 )
+from prefect_gptimage.s3.errors import s3_error
 from prefect_gptimage.schemas import (
     CONTENT_TYPES,
     DownloadedImage,
@@ -308,7 +308,7 @@ def client_error(code: str, status: int) -> ClientError:
 )
 def test_is_transient_s3_error(exc: BaseException, transient: bool) -> None:
     assert is_transient_s3_error(exc) is transient
-    wrapped = S3StagingError.from_exception(exc, bucket="bkt", key="k/x.png", operation="upload")
+    wrapped = s3_error(exc, bucket="bkt", key="k/x.png", operation="upload")
     assert isinstance(wrapped, GptImageError)
     assert wrapped.transient is transient
     assert isinstance(wrapped, TransientS3StagingError if transient else PermanentS3StagingError)
@@ -325,7 +325,7 @@ def test_boto3_upload_wrapper_is_unwrapped() -> None:
                 raise S3UploadFailedError(f"Failed to upload: {inner}")  # noqa: B904 (as boto3)
         except S3UploadFailedError as exc:
             assert is_transient_s3_error(exc) is transient
-            err = S3StagingError.from_exception(exc, bucket="b", key="k", operation="upload")
+            err = s3_error(exc, bucket="b", key="k", operation="upload")
             assert err.code == code
 
 
@@ -333,7 +333,7 @@ def test_error_messages_redact_signatures() -> None:
     exc = EndpointConnectionError(
         endpoint_url="http://h/b/k?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP%2F&X-Amz-Signature=deadbeef"
     )
-    err = S3StagingError.from_exception(exc, bucket="b", key="k", operation="GET")
+    err = s3_error(exc, bucket="b", key="k", operation="GET")
     assert "deadbeef" not in str(err)
     assert "AKIAABCDEFGHIJKLMNOP" not in str(err)
 
@@ -487,39 +487,38 @@ def test_one_client_shared_across_threads(s3: LocalS3Server) -> None:
     assert seen[0].meta.config.retries["mode"] == "standard"
 
 
-def test_prefect_aws_style_block_is_accepted(
-    s3: LocalS3Server, bucket: str, tmp_path: Path
-) -> None:
-    """A stand-in shaped like prefect-aws's S3Bucket/AwsCredentials (the extra is optional)."""
+def test_prefect_aws_blocks_are_accepted(s3: LocalS3Server, bucket: str, tmp_path: Path) -> None:
+    """The real prefect-aws S3Bucket/AwsCredentials blocks (a core dependency)."""
+    from prefect_aws import AwsCredentials, S3Bucket
 
-    class ClientParameters:
-        def get_params_override(self) -> dict[str, Any]:
-            return {"endpoint_url": s3.endpoint_url}
+    from prefect_gptimage.s3.clients import resolve_client, use_s3_client
 
-    class Credentials:
-        aws_client_parameters = ClientParameters()
-
-        def get_boto3_session(self) -> boto3.session.Session:
-            return boto3.session.Session(
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-                region_name="us-east-1",
-            )
-
-    class Bucket:
-        bucket_name = bucket
-        bucket_folder = "from-block"
-        credentials = Credentials()
-
-    block = Bucket()
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        aws_client_parameters={"endpoint_url": s3.endpoint_url},
+    )
+    block = S3Bucket(bucket_name=bucket, bucket_folder="from-block", credentials=credentials)
     target = target_from_bucket_block(block)
     assert (target.bucket, target.prefix) == (bucket, "from-block")
+    assert target_from_bucket_block(block, prefix="mine").prefix == "mine"
     staged = stage_image(
         make_image(tmp_path), prompt="p", request=REQUEST, target=target, client=block
     )
     assert staged.key.startswith("from-block/") and staged.uploaded
-    assert client_from_block(block) is client_from_block(block.credentials)
+    client = client_from_block(block)
+    assert client is client_from_block(block.credentials)
+    assert client.meta.endpoint_url == s3.endpoint_url
+    assert client.meta.config.retries["mode"] == "standard"  # our defaults, their endpoint
+    assert resolve_client(credentials) is client
     assert httpx.get(staged.url).status_code == 200
+    # inside use_s3_client, client=None means the flow's client; outside, the shared default
+    with use_s3_client(client):
+        assert resolve_client(None) is client
+    assert resolve_client(None) is get_s3_client()
+    with pytest.raises(TypeError, match="not a prefect-aws"):
+        client_from_block(object())  # type: ignore[arg-type]
 
 
 def test_local_s3_server_helper() -> None:
