@@ -15,9 +15,10 @@
     ├── DownloadError                fetching or verifying an image
     │   ├── TransientDownloadError
     │   └── PermanentDownloadError   wrong format/size, not https, host not allowed, too big
-    └── S3StagingError               staging to S3
-        ├── TransientS3StagingError  throttling, 5xx, timeouts, dropped connections
-        └── PermanentS3StagingError  missing bucket, access denied, bad credentials
+    ├── S3StagingError               staging to S3
+    │   ├── TransientS3StagingError  throttling, 5xx, timeouts, dropped connections
+    │   └── PermanentS3StagingError  missing bucket, access denied, bad credentials
+    └── BatchIncomplete              a batch finished with failed rows; carries the summary
 
 Which outcome is transient is decided in :mod:`prefect_gptimage.retry`; retries look only at
 :attr:`GptImageError.transient`.
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+
+    from prefect_gptimage.reporting.summary import RunSummary
 
 
 class GptImageError(Exception):
@@ -219,3 +222,22 @@ class PermanentS3StagingError(S3StagingError):
     """Missing bucket, access denied, bad credentials, bad local file: retrying cannot help."""
 
     transient = False
+
+
+class BatchIncomplete(GptImageError):
+    """A batch in which at least one row failed; ``summary`` has the images and the failures.
+
+    A plain call of ``batch_to_s3`` raises it, so the caller still gets the summary::
+
+        try:
+            summary = batch_to_s3("prompts.jsonl", bucket="my-images")
+        except BatchIncomplete as exc:
+            summary = exc.summary
+    """
+
+    def __init__(self, summary: RunSummary, message: str | None = None) -> None:
+        self.summary = summary
+        super().__init__(message or f"{len(summary.failures)} request(s) failed")
+
+    def __reduce__(self) -> tuple[type[BatchIncomplete], tuple[RunSummary, str]]:
+        return type(self), (self.summary, self.message)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from prefect_gptimage.flows.batch import BatchIncomplete, batch_to_s3
+from prefect_gptimage.errors import BatchIncomplete
+from prefect_gptimage.flows.batch import batch_to_s3
 from prefect_gptimage.prompts import InvalidPromptFile, load_prompt_file
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.testing import FalEmulator, Fault

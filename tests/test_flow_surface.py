@@ -20,13 +20,13 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 from prefect_aws import AwsCredentials, S3Bucket
 
+from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.flows import (
     batch_to_s3,
     generate_then_edit,
     generate_to_s3,
     scheduled_content,
 )
-from prefect_gptimage.flows.batch import BatchIncomplete
 from prefect_gptimage.reporting.summary import Failure, RunSummary
 from prefect_gptimage.s3 import reset_s3_clients
 from prefect_gptimage.s3.clients import bucket_target

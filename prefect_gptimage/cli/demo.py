@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
+from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.testing.emulator import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 
@@ -71,6 +72,8 @@ def run_demo(
             return_state=True,
         )
         summary: Any = state.result(raise_on_failure=False)
+        if isinstance(summary, BatchIncomplete):
+            summary = summary.summary
         if isinstance(summary, BaseException):
             print(f"demo failed: {summary}", file=sys.stderr)
             return 1

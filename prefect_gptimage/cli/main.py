@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
-from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.errors import BatchIncomplete, InvalidRequestError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -61,6 +61,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--refresh", action="store_true", help="ignore the cache and submit again")
     p.add_argument("--json", action="store_true", help="print one JSON summary line last")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log every task run and Prefect's tracebacks (default: the summary only)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--dry-run", action="store_true", help="print the estimated cost and submit nothing"
-    )
-    batch.add_argument(
-        "--verbose", action="store_true", help="log every task run (default: warnings only)"
     )
     _add_run_options(batch)
 
@@ -138,8 +140,18 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
     return EXIT_OK if ok and summary.ok else EXIT_FAILED
 
 
-def _prefect_api(early: EarlyApi | None) -> None:
-    """Before the first flow call: use the API server started at launch, if Prefect would."""
+def _prefect_api(early: EarlyApi | None, verbose: bool, *, progress: bool = False) -> None:
+    """Before the first flow call: quiet Prefect's run logs, and use the API server started at
+    launch, if Prefect would.
+
+    The command prints its own summary and one line per failure; Prefect's per-task lines and
+    tracebacks would repeat each failure (with a traceback) and bury it. ``--verbose`` keeps them;
+    ``progress`` keeps the flow's own lines (a batch logs its progress and ETA).
+    """
+    if not verbose:
+        logging.getLogger("prefect.task_runs").setLevel(logging.CRITICAL)
+        if not progress:
+            logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
     if early is not None:
         early.adopt()
 
@@ -153,7 +165,7 @@ def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int
         return _fail_usage(str(exc))
     from prefect_gptimage.flows.generate import generate_to_s3
 
-    _prefect_api(early)
+    _prefect_api(early, args.verbose)
     state = generate_to_s3(
         request,
         bucket=args.bucket,
@@ -179,9 +191,7 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
         return _fail_usage("--bucket: required (where the images and the manifest go)")
     from prefect_gptimage.flows.batch import batch_to_s3
 
-    if not args.verbose:  # thousands of "Finished in state Completed()" lines help no one
-        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-    _prefect_api(early)
+    _prefect_api(early, args.verbose, progress=True)
     state = batch_to_s3(
         args.file,
         bucket=args.bucket,
@@ -194,7 +204,9 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
         refresh=args.refresh,
         return_state=True,
     )
-    summary = state.result(raise_on_failure=False)
+    summary: Any = state.result(raise_on_failure=False)
+    if isinstance(summary, BatchIncomplete):  # some rows failed: report them with the rest
+        summary = summary.summary
     if isinstance(summary, BaseException):
         print(f"prefect-gptimage: error: {summary}", file=sys.stderr)
         return EXIT_FAILED

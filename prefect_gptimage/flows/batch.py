@@ -37,7 +37,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file
 from prefect_gptimage.reporting.artifacts import (
@@ -56,23 +56,6 @@ from prefect_gptimage.tasks.window import in_order
 
 #: How often (seconds) the flow logs its progress and ETA.
 LOG_EVERY_S = 15.0
-
-
-class BatchIncomplete(GptImageError):
-    """A batch in which at least one row failed; ``summary`` has the images and the failures.
-
-    Example:
-        >>> exc = BatchIncomplete(RunSummary())
-        >>> exc.summary.ok
-        True
-    """
-
-    def __init__(self, summary: RunSummary, message: str | None = None) -> None:
-        self.summary = summary
-        super().__init__(message or f"{len(summary.failures)} request(s) failed")
-
-    def __reduce__(self) -> tuple[type[BatchIncomplete], tuple[RunSummary, str]]:
-        return type(self), (self.summary, self.message)
 
 
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:

@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from prefect_gptimage._run_context import run_logger
 from prefect_gptimage.s3.clients import ClientSource, resolve_client
-from prefect_gptimage.s3.errors import PermanentS3StagingError, S3StagingError
+from prefect_gptimage.s3.errors import PermanentS3StagingError, s3_error
 from prefect_gptimage.s3.keys import check_key, image_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage, validate_expires
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
@@ -76,9 +76,9 @@ def _head(s3: S3Client, bucket: str, key: str) -> dict[str, Any] | None:
             # Write-only credentials: we cannot check, so upload (a missing bucket or real denial
             # will surface from the PUT with a precise code).
             return None
-        raise S3StagingError.from_exception(exc, bucket=bucket, key=key, operation="HEAD") from exc
+        raise s3_error(exc, bucket=bucket, key=key, operation="HEAD") from exc
     except Exception as exc:
-        raise S3StagingError.from_exception(exc, bucket=bucket, key=key, operation="HEAD") from exc
+        raise s3_error(exc, bucket=bucket, key=key, operation="HEAD") from exc
 
 
 def _local_size(path: str | os.PathLike[str], bucket: str, key: str) -> int:
@@ -108,9 +108,7 @@ def _upload(
             os.fspath(path), bucket, key, ExtraArgs=extra_args, Config=target.transfer_config()
         )
     except Exception as exc:
-        raise S3StagingError.from_exception(
-            exc, bucket=bucket, key=key, operation="upload"
-        ) from exc
+        raise s3_error(exc, bucket=bucket, key=key, operation="upload") from exc
 
 
 def stage_image(

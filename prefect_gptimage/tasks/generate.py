@@ -102,7 +102,8 @@ def _submit_and_fetch(
             submit = submit_request.with_options(refresh_cache=refresh)
             with durable():
                 state = submit(request, options.credentials, options.variant, return_state=True)
-            handle: RequestHandle = state.result()
+            # _sync: under agenerate_images this runs in a worker thread of an async task
+            handle: RequestHandle = state.result(_sync=True)  # type: ignore[call-overload]
             hold()
             try:
                 with durable():
