@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-    from prefect_gptimage.reporting.summary import RunSummary
-
 
 class GptImageError(Exception):
     """Base of every error this package raises."""
@@ -235,9 +233,11 @@ class BatchIncomplete(GptImageError):
             summary = exc.summary
     """
 
-    def __init__(self, summary: RunSummary, message: str | None = None) -> None:
+    def __init__(self, summary: Any, message: str | None = None) -> None:
+        #: the batch's :class:`~prefect_gptimage.reporting.summary.RunSummary` (typed ``Any`` here
+        #: so that the bottom of the package imports nothing above it)
         self.summary = summary
         super().__init__(message or f"{len(summary.failures)} request(s) failed")
 
-    def __reduce__(self) -> tuple[type[BatchIncomplete], tuple[RunSummary, str]]:
+    def __reduce__(self) -> tuple[type[BatchIncomplete], tuple[Any, str]]:
         return type(self), (self.summary, self.message)

@@ -2,7 +2,8 @@
 
 Every outcome the package meets is mapped here; the fal client layer, media downloads and S3
 staging all ask this module, and exactly one layer retries a given call (the README's retry table
-lists them). Nothing here imports Prefect.
+lists them). Nothing here imports Prefect, though :func:`transient_retries` gives Prefect task
+options for tasks whose calls do not retry themselves.
 
 =====================================================  =====================================
 outcome                                                verdict
@@ -146,18 +147,25 @@ def fal_http_error(
     )
 
 
-def fal_response_error(response: httpx.Response, operation: str) -> FalError:
+def fal_response_error(
+    response: httpx.Response, operation: str, request_id: str | None = None
+) -> FalError:
     """:func:`fal_http_error` for an httpx response (its body already read)."""
     try:
         body: Any = response.json()
     except ValueError:
         body = response.text
+    try:
+        host: str | None = response.request.url.host
+    except RuntimeError:  # a response built without its request
+        host = None
     return fal_http_error(
         response.status_code,
         response.headers,
         body,
         operation=operation,
-        host=response.request.url.host,
+        host=host,
+        request_id=request_id,
     )
 
 
@@ -346,3 +354,34 @@ def _give_up(state: tenacity.RetryCallState) -> Any:
         elapsed = state.seconds_since_start or 0.0
         exc.message += f" (gave up after {state.attempt_number} attempts in {elapsed:.0f}s)"
     raise exc
+
+
+# --- Prefect-level retries, for tasks whose calls do not retry themselves ----------------------
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: True only when the failure is a transient one."""
+    # _sync: in an async flow or task, result() would otherwise hand back a coroutine
+    exc = state.result(raise_on_failure=False, _sync=True)
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+def transient_retries(retries: int = 4) -> dict[str, Any]:
+    """Prefect task options: ``retries`` retries at 1, 2, 4, ... s (plus up to 50% jitter), for
+    transient failures only. For a task whose calls do not retry themselves (one layer per call);
+    the package's fal tasks need none, the S3 staging tasks use 3.
+
+    Example:
+        >>> transient_retries(3)["retry_delay_seconds"]
+        [1, 2, 4]
+    """
+    return {
+        "retries": retries,
+        "retry_delay_seconds": [2**i for i in range(retries)],
+        "retry_jitter_factor": 0.5,
+        "retry_condition_fn": retry_if_transient,
+    }
+
+
+#: Prefect task options: 4 retries, 1 s, 2 s, 4 s, 8 s (plus up to 50% jitter), transient only.
+TRANSIENT_RETRIES: dict[str, Any] = transient_retries()

@@ -32,6 +32,7 @@ from prefect.client.orchestration import get_client
 from pydantic import ValidationError
 
 from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.retry import retry_if_transient
 from prefect_gptimage.s3 import (
     MAX_PRESIGN_EXPIRES,
     PermanentS3StagingError,
@@ -61,7 +62,6 @@ from prefect_gptimage.schemas import (
     GptImageEditRequest,
     GptImageRequest,
 )
-from prefect_gptimage.tasks.retry import retry_if_transient
 from prefect_gptimage.testing.s3 import LocalS3Server
 
 MiB = 1024 * 1024

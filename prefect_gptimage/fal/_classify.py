@@ -7,8 +7,6 @@ Messages carry fal's own ``detail`` text; never a header value, so never the key
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 
 from prefect_gptimage.errors import (
@@ -19,7 +17,7 @@ from prefect_gptimage.errors import (
     TransientFalError,
 )
 from prefect_gptimage.retry import (
-    fal_http_error,
+    fal_response_error,
     fal_transport_error,
     submit_outcome_unknown,
 )
@@ -39,18 +37,7 @@ def classify(exc: BaseException, *, operation: str, request_id: str | None = Non
     import fal_client  # deferred: fal_client reads its hosts from the environment at import
 
     if isinstance(exc, fal_client.FalClientHTTPError | httpx.HTTPStatusError):
-        response = exc.response
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = response.text
-        return fal_http_error(
-            response.status_code,
-            response.headers,
-            body,
-            operation=operation,
-            request_id=request_id,
-        )
+        return fal_response_error(exc.response, operation, request_id)
     if isinstance(exc, fal_client.FalClientTimeoutError):
         return TransientFalError(f"fal {operation} timed out", request_id=request_id)
     if isinstance(exc, httpx.TransportError):

@@ -167,11 +167,11 @@ def use_s3_client(client: S3Client | None) -> Iterator[None]:
         _RUN_CLIENT.reset(token)
 
 
-def resolve_client(client: ClientSource) -> S3Client:
+def resolve_client(client: ClientSource, *, max_attempts: int = 5) -> S3Client:
     """The client to use: ``client``, one built from a prefect-aws block, the flow's (see
-    :func:`use_s3_client`), or the shared default."""
+    :func:`use_s3_client`), or the shared default (with ``max_attempts`` botocore tries)."""
     if client is None:
-        return _RUN_CLIENT.get() or get_s3_client()
+        return _RUN_CLIENT.get() or get_s3_client(max_attempts=max_attempts)
     if hasattr(client, "get_boto3_session") or hasattr(client, "bucket_name"):
         return client_from_block(client)  # type: ignore[arg-type]
     return client  # type: ignore[return-value]

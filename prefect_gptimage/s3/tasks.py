@@ -1,9 +1,11 @@
 """Prefect tasks for S3 staging: thin wrappers over :mod:`prefect_gptimage.s3.staging`.
 
 They add what Prefect contributes and nothing else: 3 retries with exponential backoff (1, 2, 4 s,
-jittered) for transient failures only (:func:`~prefect_gptimage.retry.retry_if_transient`), and
-no result caching (an upload must happen when asked; idempotency comes from the deterministic key
-and the SHA-256 check in :func:`~prefect_gptimage.s3.staging.stage_image`).
+jittered) for transient failures only (:func:`~prefect_gptimage.retry.transient_retries`),
+and no result caching (an upload must happen when asked; idempotency comes from the deterministic
+key and the SHA-256 check in :func:`~prefect_gptimage.s3.staging.stage_image`). The retries are the
+task's one layer: with no ``client`` given, the task's S3 client has botocore's own retries off.
+A plain call of the staging functions retries in botocore instead (its standard mode).
 """
 
 from __future__ import annotations
@@ -13,25 +15,23 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
-from prefect_gptimage.s3.clients import ClientSource
+from prefect_gptimage.retry import transient_retries
+from prefect_gptimage.s3.clients import ClientSource, resolve_client
 from prefect_gptimage.s3.keys import manifest_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage
 from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, stage_file, stage_image
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
-from prefect_gptimage.tasks.retry import retry_if_transient
 
 __all__ = ["stage_image_task", "stage_manifest_task"]
 
 #: 3 retries, 1 s, 2 s, 4 s (plus up to 50% jitter), transient failures only; never cached.
-_STAGING_TASK_OPTIONS: dict[str, Any] = {
-    "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
-    "retry_jitter_factor": 0.5,
-    "retry_condition_fn": retry_if_transient,
-    "cache_policy": NO_CACHE,
-}
+_STAGING_TASK_OPTIONS: dict[str, Any] = transient_retries(3) | {"cache_policy": NO_CACHE}
+
+
+def _one_try(client: ClientSource) -> ClientSource:
+    """The task retries, so the default client must not (botocore ``max_attempts=1``)."""
+    return resolve_client(client, max_attempts=1) if client is None else client
 
 
 @task(name="stage-image-s3", **_STAGING_TASK_OPTIONS)
@@ -50,7 +50,9 @@ def stage_image_task(
         ...     target = S3Target(bucket="my-images")
         ...     return [stage_image_task(i, request.prompt, request, target) for i in images]
     """
-    return stage_image(image, prompt=prompt, request=request, target=target, client=client)
+    return stage_image(
+        image, prompt=prompt, request=request, target=target, client=_one_try(client)
+    )
 
 
 @task(name="stage-manifest-s3", **_STAGING_TASK_OPTIONS)
@@ -68,5 +70,5 @@ def stage_manifest_task(
         's3://my-images/gptimage/manifests/nightly-1.jsonl'
     """
     return stage_file(
-        Path(path), manifest_key(target, run_key), MANIFEST_CONTENT_TYPE, target, client
+        Path(path), manifest_key(target, run_key), MANIFEST_CONTENT_TYPE, target, _one_try(client)
     )

@@ -7,7 +7,6 @@
 * :mod:`~prefect_gptimage.tasks.cache`: cache keys and cache reads;
 * :mod:`~prefect_gptimage.tasks.concurrency`: the cap on fal requests in flight;
 * :mod:`~prefect_gptimage.tasks.window`: a bounded, ordered fan-out over a task runner;
-* :mod:`~prefect_gptimage.tasks.retry`: the Prefect retry condition (transient failures only).
 """
 
 from __future__ import annotations

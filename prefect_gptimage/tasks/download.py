@@ -1,23 +1,22 @@
 """Prefect tasks: download one generated image and verify it (:mod:`prefect_gptimage.fal.media`).
 
 The download retries its own transient failures (the one retry layer), so the tasks have no
-Prefect retries. :func:`adownload_image` runs the same download in a worker thread, so an async
-flow overlaps many downloads without blocking its event loop.
+Prefect retries. :func:`adownload_image` runs the same download in a worker thread
+(:mod:`._twin`), so an async flow overlaps many downloads without blocking its event loop.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
-import anyio
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from prefect_gptimage.fal.media import download_image_file
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage, ImageFile
 from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.policies import media_policy, retry_policy
 
 __all__ = ["adownload_image", "download_image"]
@@ -67,19 +66,4 @@ def download_image(
     return download(image, request, request_id, index, output_dir)
 
 
-@task(**DOWNLOAD_OPTIONS)
-async def adownload_image(
-    image: ImageFile,
-    request: AnyRequest,
-    request_id: str,
-    index: int = 0,
-    output_dir: str | None = None,
-) -> DownloadedImage:
-    """Async twin of :func:`download_image` (the download runs in a worker thread).
-
-    Example:
-        >>> files = await asyncio.gather(*(adownload_image(img, request, handle.request_id, i)
-        ...                                for i, img in enumerate(output.images)))
-    """
-    job = functools.partial(download, image, request, request_id, index, output_dir)
-    return await anyio.to_thread.run_sync(job)
+adownload_image = task(**DOWNLOAD_OPTIONS)(async_twin(download_image.fn))

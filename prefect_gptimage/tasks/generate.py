@@ -23,13 +23,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.transactions import CommitMode, Transaction, transaction
-from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import AnyRequest, GenerationResult, GptImageOutput, RequestHandle
 from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import cached_generation, is_submit_cached
 from prefect_gptimage.tasks.concurrency import fal_request_slot
 from prefect_gptimage.tasks.download import download, download_image
@@ -165,16 +165,4 @@ def generate_images(
     return generate(request, options)
 
 
-@task(**GENERATE_OPTIONS)
-async def agenerate_images(
-    request: AnyRequest, options: GenerationOptions | None = None
-) -> GenerationResult:
-    """Async twin of :func:`generate_images`, for async flows.
-
-    The same path runs in a worker thread (as prefect-aws's async tasks run boto3), so an async
-    flow can await many of these at once: they overlap at fal, under the same cap and cache.
-
-    Example:
-        >>> results = await asyncio.gather(*(agenerate_images(r) for r in requests))
-    """
-    return await run_sync_in_worker_thread(generate, request, options)
+agenerate_images = task(**GENERATE_OPTIONS)(async_twin(generate_images.fn))

@@ -1,9 +1,10 @@
 """Prefect tasks over fal's queue: submit, wait, fetch result, cancel, each with an async twin.
 
 Thin wrappers over the client layer (:mod:`prefect_gptimage.fal`), in prefect-aws's style: a task
-per operation, the async twin named with an ``a`` prefix and sharing the task's name, cache policy
-and records. The client retries transient failures itself (the one retry layer, see
-:mod:`prefect_gptimage.retry`), so these tasks have no Prefect retries.
+per operation, and an async twin named with an ``a`` prefix that shares the task's name, cache
+policy and records, and runs the same body in a worker thread (see :mod:`._twin`). The client
+retries transient failures itself (the one retry layer, :mod:`prefect_gptimage.retry`), so these
+tasks have no Prefect retries.
 
 The paid steps are cached (see :mod:`prefect_gptimage.tasks.cache`): :func:`submit_request` on
 the normalized request, :func:`fetch_result` on the request id, both persisted the moment they
@@ -28,10 +29,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.fal.async_client import AsyncFalQueueClient
 from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import CACHE_EXPIRATION, RESULT_CACHE, SUBMIT_CACHE
 from prefect_gptimage.tasks.policies import retry_policy
 
@@ -74,11 +75,6 @@ def sync_client(credentials: FalCredentials | None) -> FalQueueClient:
     return FalQueueClient.shared((credentials or FalCredentials()).get_key(), retry_policy())
 
 
-def async_client(credentials: FalCredentials | None) -> AsyncFalQueueClient:
-    """An async client for ``credentials`` (None: the environment's key)."""
-    return AsyncFalQueueClient((credentials or FalCredentials()).get_key(), retry=retry_policy())
-
-
 def _submitted(handle: RequestHandle, request: AnyRequest) -> RequestHandle:
     get_run_logger().info(
         "submitted %s to %s (%d image(s), %s quality)",
@@ -106,22 +102,6 @@ def submit_request(
     return _submitted(
         sync_client(credentials).submit(request, start_timeout=start_timeout), request
     )
-
-
-@task(**SUBMIT_OPTIONS)
-async def asubmit_request(
-    request: AnyRequest,
-    credentials: FalCredentials | None = None,
-    variant: int = 0,
-    start_timeout: float | None = None,
-) -> RequestHandle:
-    """Async twin of :func:`submit_request` (same cache records).
-
-    Example:
-        >>> handle = await asubmit_request(GptImageRequest(prompt="a koi pond", quality="low"))
-    """
-    client = async_client(credentials)
-    return _submitted(await client.submit(request, start_timeout=start_timeout), request)
 
 
 @task(
@@ -164,24 +144,6 @@ def fetch_result(
     return client.result(handle)
 
 
-@task(**FETCH_OPTIONS)
-async def afetch_result(
-    handle: RequestHandle,
-    credentials: FalCredentials | None = None,
-    wait: bool = True,
-    timeout: float | None = None,
-) -> GptImageOutput:
-    """Async twin of :func:`fetch_result` (same cache records).
-
-    Example:
-        >>> output = await afetch_result(handle)
-    """
-    client = async_client(credentials)
-    if wait:
-        await client.wait(handle, timeout=timeout, log=get_run_logger())
-    return await client.result(handle)
-
-
 @task(**CANCEL_OPTIONS)
 def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = None) -> bool:
     """Cancel a request; False if it had already completed.
@@ -192,7 +154,6 @@ def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = N
     return sync_client(credentials).cancel(handle)
 
 
-@task(**CANCEL_OPTIONS)
-async def acancel_request(handle: RequestHandle, credentials: FalCredentials | None = None) -> bool:
-    """Async twin of :func:`cancel_request`."""
-    return await async_client(credentials).cancel(handle)
+asubmit_request = task(**SUBMIT_OPTIONS)(async_twin(submit_request.fn))
+afetch_result = task(**FETCH_OPTIONS)(async_twin(fetch_result.fn))
+acancel_request = task(**CANCEL_OPTIONS)(async_twin(cancel_request.fn))
