@@ -53,6 +53,20 @@ class GptImageSettings(PrefectBaseSettings):
         default=16, description="Cap on fal requests in flight when no global limit exists."
     )
     output_dir: str = Field(default="gptimage-output", description="Where images are written.")
+    resubmit_expired: bool = Field(
+        default=True,
+        description=(
+            "Submit anew, paying twice, a request whose result fal no longer has (404 after it "
+            "completed); logged as 'paid twice: fal expired the result'. False: the row fails."
+        ),
+    )
+    lock_url: str | None = Field(
+        default=None,
+        description=(
+            "redis://host:port/db of a Redis server that serializes submits of the same request "
+            "across processes and machines (needs the `redis` extra); unset: no lock."
+        ),
+    )
     retry_budget: float = Field(
         default=90.0,
         gt=0,
