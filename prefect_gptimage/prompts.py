@@ -8,6 +8,11 @@ an otherwise identical request; it is part of the cache key, never sent to fal.
 CSV cells are text: empty cells mean "fal's default", ``num_images`` and ``sync_mode`` are read
 as numbers and booleans, and ``image_urls`` holds a JSON list or URLs separated by ``|``.
 
+Files must be UTF-8 (a byte-order mark is accepted in both formats). A malformed file, whatever
+is wrong with it (another encoding, ``NaN``/``Infinity`` or a 5000-digit integer in JSON, absurdly
+deep nesting, a CSV field over 131,072 characters), raises :class:`InvalidPromptFile` naming the
+line, never a bare ``UnicodeDecodeError``, ``RecursionError`` or ``csv.Error``.
+
 Example:
     >>> rows = load_prompt_file("prompts.csv")        # prompt,quality,image_size
     >>> rows[0].request.quality, rows[0].line
@@ -16,8 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,32 +45,119 @@ class PromptRow:
     variant: int = 0
 
 
+#: csv's own limit on one field (the module default); a longer field is a malformed file.
+CSV_FIELD_LIMIT = 131_072
+#: Deepest JSON nesting read from a prompt file (a request is two levels deep).
+MAX_JSON_DEPTH = 32
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_UTF32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+
+
+class _Malformed(Exception):
+    """A problem with the file itself at ``line``: turned into :class:`InvalidPromptFile`."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number fal accepts (JSON has no NaN or Infinity)")
+
+
+def _json_value(text: str) -> Any:
+    """``json.loads`` that refuses NaN/Infinity and excessive nesting with a ``ValueError``."""
+    if _nesting(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:  # pragma: no cover - _nesting catches it first
+        raise ValueError("nested too deeply") from None
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting in ``text`` outside strings (cheap, linear, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _check_encoding(path: Path) -> None:
+    """Refuse anything but UTF-8 up front, naming the line (UTF-16/32 by their byte-order mark).
+
+    Read line by line in binary, so memory stays flat and the line number is exact (a text
+    reader decodes in blocks and would fail lines before the bad byte).
+    """
+    with path.open("rb") as fh:
+        head = fh.read(4)
+        if head.startswith(_UTF32_BOMS):
+            raise _Malformed(1, "the file is UTF-32 encoded: save it as UTF-8")
+        if head.startswith(_UTF16_BOMS):
+            raise _Malformed(1, "the file is UTF-16 encoded: save it as UTF-8")
+        fh.seek(0)
+        for number, raw in enumerate(fh, start=1):
+            if b"\x00" in raw:
+                raise _Malformed(
+                    number, "contains a NUL byte (UTF-16 without a byte-order mark?): save as UTF-8"
+                )
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = raw[exc.start : exc.start + 1].hex()
+                raise _Malformed(
+                    number,
+                    f"not UTF-8 text (byte 0x{byte}, column {exc.start + 1}): save it as UTF-8",
+                ) from None
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        for row in reader:
-            cells = {
-                k.strip(): v for k, v in row.items() if k and v is not None and v.strip() != ""
-            }
-            if cells:
-                yield reader.line_num, cells
+        line = 1
+        try:
+            for row in reader:
+                line = reader.line_num
+                cells = {
+                    k.strip(): v
+                    for k, v in row.items()
+                    if isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() != ""
+                }
+                if cells:
+                    yield line, cells
+        except csv.Error as exc:
+            # csv counts a line once it is parsed: the record that failed starts on the next one
+            raise _Malformed(reader.line_num + 1, f"not valid CSV ({exc})") from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for number, text in enumerate(fh, start=1):
             if not text.strip():
                 continue
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InvalidPromptFile(
-                    str(path), [(number, "json", f"not JSON ({exc.msg})")]
-                ) from None
+                data = _json_value(text)
+            except ValueError as exc:  # also: integers over Python's 4300-digit limit
+                raise _Malformed(number, str(exc)) from None
             if not isinstance(data, dict):
-                raise InvalidPromptFile(
-                    str(path), [(number, "json", "each line must be an object")]
-                )
+                raise _Malformed(number, "each line must be a JSON object")
             yield number, data
 
 
@@ -71,9 +165,29 @@ def _image_urls(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)
+            try:
+                return _json_value(text)
+            except ValueError as exc:
+                raise InvalidRequestError("image_urls", f"not a JSON list of URLs: {exc}") from None
         return [u.strip() for u in text.split("|") if u.strip()]
     return value
+
+
+def _variant(value: Any) -> int:
+    """The ``variant`` column: a whole number >= 0 (text in CSV, a number in JSON)."""
+    if value is None or value == "":
+        return 0
+    number: Any = value
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
+            raise InvalidRequestError("variant", f"must be a whole number >= 0, got {value!r}")
+        number = int(text)
+    if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 10**18:
+        raise InvalidRequestError("variant", f"must be a whole number >= 0, got {value!r}")
+    return number
 
 
 def row_to_request(
@@ -81,7 +195,7 @@ def row_to_request(
 ) -> PromptRow:
     """Validate one row (``defaults`` fill the cells it leaves empty)."""
     fields = {**(defaults or {}), **cells}
-    variant = int(fields.pop("variant", 0) or 0)
+    variant = _variant(fields.pop("variant", 0))
     if "image_urls" in fields:
         fields["image_urls"] = _image_urls(fields["image_urls"])
     return PromptRow(line=0, request=parse_request(fields), variant=variant)
@@ -100,15 +214,25 @@ def load_prompt_file(
     reader = _csv_rows if path.suffix.lower() == ".csv" else _jsonl_rows
     rows: list[PromptRow] = []
     problems: list[tuple[int, str, str]] = []
-    for line, cells in reader(path):
-        try:
-            row = row_to_request(cells, defaults)
-        except InvalidRequestError as exc:
-            problems.append((line, exc.field, str(exc)))
-        except (ValueError, TypeError) as exc:
-            problems.append((line, "variant", f"variant: {exc}"))
-        else:
-            rows.append(PromptRow(line=line, request=row.request, variant=row.variant))
+    line = 0
+    try:
+        _check_encoding(path)
+        for line, cells in reader(path):
+            try:
+                row = row_to_request(cells, defaults)
+            except InvalidRequestError as exc:
+                problems.append((line, exc.field, str(exc)))
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                problems.append((line, "request", f"request: {exc}"))
+            else:
+                rows.append(PromptRow(line=line, request=row.request, variant=row.variant))
+    except _Malformed as exc:
+        problems.append((exc.line, "file", exc.message))
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start : exc.start + 1].hex()
+        problems.append((line + 1, "file", f"not UTF-8 text (byte 0x{byte}): save it as UTF-8"))
+    except OSError as exc:
+        raise InvalidRequestError("prompt_file", f"{path}: cannot read it ({exc})") from None
     if problems:
         raise InvalidPromptFile(str(path), problems)
     if not rows:

@@ -15,11 +15,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
+import re
+import threading
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.errors import FalError, InvalidRequestError
 
 TEXT_TO_IMAGE_ENDPOINT = "fal-ai/gpt-image-1.5"
 EDIT_ENDPOINT = "fal-ai/gpt-image-1.5/edit"
@@ -38,6 +44,48 @@ CONTENT_TYPES: dict[str, str] = {
     "webp": "image/webp",
 }
 
+#: URL schemes fal accepts for input images: a URL it can fetch, or an inline ``data:`` URI.
+INPUT_URL_SCHEMES = ("https", "http", "data")
+
+
+def check_input_url(url: str) -> str:
+    """``url`` if fal can fetch it as an input image (http(s) with a host, or ``data:``).
+
+    Anything else (``javascript:``, ``file:///...``, a bare word, a relative path) would be
+    refused by fal only at submit, so it is refused here, before anything is paid for.
+
+    Example:
+        >>> check_input_url("https://example.com/a.png")
+        'https://example.com/a.png'
+        >>> check_input_url("file:///etc/passwd")
+        Traceback (most recent call last):
+        ...
+        ValueError: must be an http(s) URL or a data: URI, got scheme 'file'
+    """
+    if not isinstance(url, str):  # pragma: no cover - the field's type is checked first
+        raise ValueError("must be a string URL")
+    text = url.strip()
+    scheme, sep, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not sep or not scheme.isascii() or not scheme.isalpha():
+        raise ValueError(f"must be an http(s) URL or a data: URI, got {_short(url)!r}")
+    if scheme not in INPUT_URL_SCHEMES:
+        raise ValueError(f"must be an http(s) URL or a data: URI, got scheme {scheme!r}")
+    if scheme == "data":
+        if "," not in rest:
+            raise ValueError("a data: URI needs a ',' before its payload")
+    elif not rest.startswith("//") or not _AUTHORITY.match(rest[2:]):
+        raise ValueError(f"an {scheme} URL needs a host, got {_short(url)!r}")
+    return url
+
+
+#: A URL's host part after ``//``: something before the first ``/``, ``?`` or ``#`` (and ``@``).
+_AUTHORITY = re.compile(r"^(?:[^/?#@]*@)?[^/?#@:]+")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class _RequestBase(BaseModel):
     """Fields shared by both endpoints (fal-protocol §4.1)."""
@@ -55,6 +103,13 @@ class _RequestBase(BaseModel):
         default=False,
         description="Return images as data: URIs and keep them out of fal's request history.",
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain text, not only whitespace")
+        return value
 
     def to_arguments(self) -> dict[str, Any]:
         """The JSON body for fal, every default spelled out (the normalized request)."""
@@ -101,6 +156,21 @@ class GptImageEditRequest(_RequestBase):
     image_size: EditImageSize = "auto"
     input_fidelity: InputFidelity = "high"
     mask_image_url: str | None = Field(default=None, description="What part of the image to edit.")
+
+    @field_validator("image_urls")
+    @classmethod
+    def _input_urls(cls, value: list[str]) -> list[str]:
+        for position, url in enumerate(value):
+            try:
+                check_input_url(url)
+            except ValueError as exc:
+                raise ValueError(f"item {position}: {exc}") from None
+        return value
+
+    @field_validator("mask_image_url")
+    @classmethod
+    def _mask_url(cls, value: str | None) -> str | None:
+        return value if value is None else check_input_url(value)
 
 
 AnyRequest = GptImageRequest | GptImageEditRequest
@@ -211,3 +281,157 @@ class GenerationResult(BaseModel):
     from_cache: bool = Field(
         default=False, description="True when no submit was paid for: the request was cached."
     )
+
+
+# -- what came back must add up ------------------------------------------------------------------
+
+
+class ImageCountMismatch(FalError):
+    """fal's result holds a different number of images than the request's ``num_images``.
+
+    Permanent (polling again returns the same result). The request was paid for: the images that
+    did arrive are kept (``delivered``), and the shortfall (or the surplus) is reported for the
+    row. ``error_type`` is ``image_count_mismatch`` in the summary and the manifest.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        expected: int = 0,
+        delivered: int = 0,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, error_type="image_count_mismatch", request_id=request_id)
+        self.expected = expected
+        self.delivered = delivered
+
+    def __reduce__(self) -> Any:  # keyword attributes survive pickling (Prefect persists states)
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+class DuplicateRequestId(FalError):
+    """fal returned one request id for two different submits of the same run.
+
+    Staging that result under both rows' names would label one image with two prompts, so every
+    row involved fails. ``error_type`` is ``duplicate_request_id``.
+    """
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message, error_type="duplicate_request_id", request_id=request_id)
+
+    def __reduce__(self) -> Any:
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+def _rebuild(cls: type[FalError], message: str, state: dict[str, Any]) -> FalError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
+
+
+def check_image_count(
+    request: AnyRequest,
+    output: GptImageOutput,
+    *,
+    request_id: str | None = None,
+    images: list[DownloadedImage] | None = None,
+) -> None:
+    """Raise :class:`ImageCountMismatch` unless ``output`` has exactly ``request.num_images``.
+
+    fal bills the request however many images it returns, so an empty or short result is not a
+    success, and a surplus is not silently staged. Call it after the delivered ``images`` are on
+    disk, so that they are kept (and named in the message) even though the row fails.
+
+    Example:
+        >>> check_image_count(GptImageRequest(prompt="two kites", num_images=2),
+        ...                   GptImageOutput(images=[ImageFile(url="https://v3.fal.media/a.png")]))
+        Traceback (most recent call last):
+        ...
+        prefect_gptimage.schemas.ImageCountMismatch: fal returned 1 image(s) for num_images=2: ...
+    """
+    expected, got = request.num_images, len(output.images)
+    if got == expected:
+        return
+    shortfall = f"{expected - got} missing" if got < expected else f"{got - expected} extra"
+    where = f" (request {request_id})" if request_id else ""
+    message = f"fal returned {got} image(s) for num_images={expected}{where}: {shortfall}"
+    if images:
+        message += f"; the {len(images)} delivered image(s) are kept in {_folder(images)}"
+    raise ImageCountMismatch(message, expected=expected, delivered=got, request_id=request_id)
+
+
+def _folder(images: list[DownloadedImage]) -> str:
+    folders = sorted({str(image.path).rsplit("/", 1)[0] for image in images})
+    return folders[0] if len(folders) == 1 else ", ".join(folders)
+
+
+def _request_identity(request: AnyRequest, variant: int) -> str:
+    return json.dumps([request.endpoint, request.to_arguments(), variant], sort_keys=True)
+
+
+class RequestIdLedger:
+    """Which request of a run each fal request id belongs to (thread-safe).
+
+    A run that submits several different requests opens one ledger (:func:`use_request_id_ledger`)
+    and each request claims its id (:func:`claim_request_id`) before its images are downloaded and
+    staged. A second, different request claiming the same id fails, and the id is marked
+    conflicted so that the run can fail the first claimant too (:meth:`conflicts`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[str, tuple[str, str]] = {}
+        self._conflicts: dict[str, list[str]] = {}
+
+    def claim(self, request_id: str, request: AnyRequest, variant: int = 0) -> None:
+        """Record that ``request`` got ``request_id``; raise :class:`DuplicateRequestId` if a
+        different request of the run already did."""
+        identity = _request_identity(request, variant)
+        with self._lock:
+            owner = self._owners.setdefault(request_id, (identity, request.prompt))
+            if owner[0] == identity:
+                return
+            self._conflicts.setdefault(request_id, [owner[1]]).append(request.prompt)
+        raise DuplicateRequestId(
+            f"fal returned request id {request_id} for two different requests of this run "
+            f"(prompts {_short(owner[1])!r} and {_short(request.prompt)!r}): its images are not "
+            "staged under either name",
+            request_id=request_id,
+        )
+
+    def conflicts(self) -> dict[str, list[str]]:
+        """Request ids claimed by more than one request, with those requests' prompts."""
+        with self._lock:
+            return {rid: list(prompts) for rid, prompts in self._conflicts.items()}
+
+    def conflicted(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._conflicts
+
+
+_LEDGER: contextvars.ContextVar[RequestIdLedger | None] = contextvars.ContextVar(
+    "prefect_gptimage_request_id_ledger", default=None
+)
+
+
+@contextlib.contextmanager
+def use_request_id_ledger(ledger: RequestIdLedger) -> Iterator[RequestIdLedger]:
+    """Within the block (and the tasks it submits: Prefect runs them in a copy of this context,
+    which shares the ledger object), :func:`claim_request_id` records claims in ``ledger``."""
+    token = _LEDGER.set(ledger)
+    try:
+        yield ledger
+    finally:
+        _LEDGER.reset(token)
+
+
+def claim_request_id(request_id: str, request: AnyRequest, variant: int = 0) -> None:
+    """Claim ``request_id`` for ``request`` in the run's ledger (no-op outside a ledger).
+
+    Raises :class:`DuplicateRequestId` when another request of the run already holds it.
+    """
+    ledger = _LEDGER.get()
+    if ledger is not None:
+        ledger.claim(request_id, request, variant)
