@@ -75,7 +75,9 @@ def check_url(url: str, allowed: tuple[str, ...]) -> None:
     if not host_allowed(parsed.host, allowed):
         raise PermanentDownloadError(
             f"refusing to download from host {parsed.host!r}: not in "
-            f"PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS ({', '.join(allowed)})"
+            f"PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS ({', '.join(allowed)}): add it to that "
+            "variable to allow it (the host named by fal_client's FAL_QUEUE_RUN_HOST or "
+            "FAL_RUN_HOST is trusted without it)"
         )
 
 

@@ -7,11 +7,19 @@ The decisions themselves live below (:mod:`prefect_gptimage.retry`,
 
 from __future__ import annotations
 
+import os
+
+import httpx
+
 from prefect_gptimage.fal.media import MediaPolicy
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.settings import get_settings
 
-__all__ = ["media_policy", "retry_policy"]
+__all__ = ["FAL_HOST_VARIABLES", "configured_fal_hosts", "media_policy", "retry_policy"]
+
+#: fal_client's own variables naming the host it talks to (``host`` or ``host:port``, always
+#: https): images served by that host are trusted like fal's CDN.
+FAL_HOST_VARIABLES = ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST")
 
 
 def retry_policy() -> RetryPolicy:
@@ -19,10 +27,38 @@ def retry_policy() -> RetryPolicy:
     return RetryPolicy(budget=get_settings().retry_budget)
 
 
+def configured_fal_hosts() -> tuple[str, ...]:
+    """The bare host names (no port) that ``FAL_QUEUE_RUN_HOST`` / ``FAL_RUN_HOST`` name.
+
+    Only variables that are set count: fal's defaults (``queue.fal.run``, ``fal.run``) serve no
+    media, which comes from ``*.fal.media``.
+
+    Example:
+        >>> os.environ["FAL_QUEUE_RUN_HOST"] = "localhost:8443"
+        >>> configured_fal_hosts()
+        ('localhost',)
+    """
+    hosts: list[str] = []
+    for name in FAL_HOST_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        try:
+            host = httpx.URL(f"https://{value}").host.lower().rstrip(".")
+        except (httpx.InvalidURL, ValueError):
+            continue  # fal_client cannot use it either
+        if host and not set(host) & set("*?[]") and host not in hosts:  # a host, not a pattern
+            hosts.append(host)
+    return tuple(hosts)
+
+
 def media_policy() -> MediaPolicy:
-    """Allowed media hosts and the size limit, from ``PREFECT_GPTIMAGE_*``."""
+    """Allowed media hosts and the size limit, from ``PREFECT_GPTIMAGE_*``, plus the host(s)
+    fal_client is configured to talk to (``FAL_QUEUE_RUN_HOST``, ``FAL_RUN_HOST``): a
+    fal-compatible gateway, proxy or emulator serves its own images. Still https only, and
+    every redirect hop is checked against the same list.
+    """
     settings = get_settings()
-    return MediaPolicy(
-        allowed_hosts=tuple(settings.allowed_media_hosts),
-        max_bytes=settings.max_download_bytes,
-    )
+    allowed = list(settings.allowed_media_hosts)
+    allowed += [host for host in configured_fal_hosts() if host not in allowed]
+    return MediaPolicy(allowed_hosts=tuple(allowed), max_bytes=settings.max_download_bytes)
