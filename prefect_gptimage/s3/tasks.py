@@ -34,7 +34,7 @@ def _one_try(client: ClientSource) -> ClientSource:
     return resolve_client(client, max_attempts=1) if client is None else client
 
 
-@task(name="stage-image-s3", **_STAGING_TASK_OPTIONS)
+@task(name="gptimage-stage-image", **_STAGING_TASK_OPTIONS)
 def stage_image_task(
     image: DownloadedImage,
     prompt: str,
@@ -55,7 +55,7 @@ def stage_image_task(
     )
 
 
-@task(name="stage-manifest-s3", **_STAGING_TASK_OPTIONS)
+@task(name="gptimage-stage-manifest", **_STAGING_TASK_OPTIONS)
 def stage_manifest_task(
     path: str,
     run_key: str,
