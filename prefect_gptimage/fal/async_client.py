@@ -3,11 +3,12 @@
 The same core (:mod:`prefect_gptimage.fal._core`), retry policy and submit guard; only the I/O is
 performed with fal_client's ``AsyncClient``. Method for method the same API, awaited.
 
-Example:
-    >>> client = AsyncFalQueueClient()
-    >>> handle = await client.submit(GptImageRequest(prompt="a red kite", quality="low"))
-    >>> await client.wait(handle)
-    >>> (await client.result(handle)).images
+Example (it talks to fal, so it is not run as a doctest)::
+
+    client = AsyncFalQueueClient()
+    handle = await client.submit(GptImageRequest(prompt="a red kite", quality="low"))
+    await client.wait(handle)
+    (await client.result(handle)).images
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ fal_client's own retry loop never fires (see :mod:`prefect_gptimage.fal._transpo
 resent only when it provably never reached fal's queue; an ambiguous one raises
 :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown`.
 
-Example:
-    >>> client = FalQueueClient()                               # FAL_KEY from the environment
-    >>> handle = client.submit(GptImageRequest(prompt="a red kite", quality="low"))
-    >>> client.wait(handle)                                     # polls adaptively
-    >>> client.result(handle).images[0].url
+Example (it talks to fal, so it is not run as a doctest)::
+
+    client = FalQueueClient()                               # FAL_KEY from the environment
+    handle = client.submit(GptImageRequest(prompt="a red kite", quality="low"))
+    client.wait(handle)                                     # polls adaptively
+    client.result(handle).images[0].url
 """
 
 from __future__ import annotations

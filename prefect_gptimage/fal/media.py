@@ -11,12 +11,13 @@
   the requested ``image_size`` (and the width/height fal reported).
 * Idempotent: a file already at the destination is verified locally and reused, with no network.
 
-Example:
-    >>> img = download_image_file(
-    ...     ImageFile(url="https://v3.fal.media/files/x.png"), dest_dir="out", request_id="r1",
-    ...     endpoint="fal-ai/gpt-image-1.5", index=0, expected_format="png",
-    ...     expected_size=(1024, 1024))
-    >>> img.sha256
+Example (it talks to fal, so it is not run as a doctest)::
+
+    img = download_image_file(
+        ImageFile(url="https://v3.fal.media/files/x.png"), dest_dir="out", request_id="r1",
+        endpoint="fal-ai/gpt-image-1.5", index=0, expected_format="png",
+        expected_size=(1024, 1024))
+    img.sha256
 """
 
 from __future__ import annotations
