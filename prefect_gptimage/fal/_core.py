@@ -70,7 +70,6 @@ class Op:
     """One exchange with fal. ``run`` returns its value (sync shell) or an awaitable (async)."""
 
     name: str = field(init=False, default="")
-    request_id: str | None = field(init=False, default=None)
 
     def run(self, io: Io) -> Any:  # pragma: no cover - every op overrides it
         raise NotImplementedError
