@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -37,7 +38,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import BatchIncomplete
+from prefect_gptimage.errors import BatchIncomplete, FalError
+from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file
 from prefect_gptimage.reporting.artifacts import (
@@ -47,7 +49,9 @@ from prefect_gptimage.reporting.artifacts import (
 from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import slugify
-from prefect_gptimage.s3.clients import bucket_target, use_s3_client
+from prefect_gptimage.s3.clients import use_s3_client
+from prefect_gptimage.s3.preflight import probe_bucket
+from prefect_gptimage.schemas import DuplicateRequestId, RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached, request_fingerprint
 from prefect_gptimage.tasks.generate import GenerationOptions
@@ -109,9 +113,18 @@ def batch_to_s3(
     Without a bucket the images and manifest stay in ``output_dir`` only. ``prefix`` defaults to
     the ``S3Bucket`` block's folder, else ``gptimage``. When any row fails the run ends Failed
     with a :class:`BatchIncomplete` carrying the summary (a plain call raises it).
+
+    Before the first submit it checks that the images can land (see
+    :mod:`prefect_gptimage.flows._preflight`): ``max_cost`` is a finite number >= 0, the bucket
+    name is valid, the fal host is an allowed media host and (not in a dry run) the bucket takes
+    a write. Any failure raises one error and submits nothing.
     """
     log = get_run_logger()
+    max_cost = check_budget(max_cost)
     rows = unique_rows(load_prompt_file(prompt_file, defaults))
+    target, s3_client = preflight_bucket(
+        bucket, prefix, presign_expires=presign_expires, probe=False
+    )
     run_key = run_key_for(prompt_file, defaults)
     estimate, cached = plan_cost(rows)
     summary = RunSummary(estimated_cost_usd=estimate)
@@ -128,7 +141,8 @@ def batch_to_s3(
             message=f"estimated cost ${estimate:.3f} exceeds max_cost ${max_cost:.3f}: "
             "nothing submitted",
         )
-    target, s3_client = bucket_target(bucket, prefix, presign_expires=presign_expires)
+    if target is not None:
+        probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
     out = Path(output_dir or get_settings().output_dir) / run_key
     progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
     last_log = 0.0
@@ -151,16 +165,27 @@ def batch_to_s3(
             },
         )
 
+    # one fal request id per request: a second row given the same id fails (see _flag_duplicates)
+    ledger = RequestIdLedger()
+    reported: dict[str, PromptRow] = {}
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
     with (
         use_s3_client(s3_client),
+        use_request_id_ledger(ledger),
         RunReport(out, run_key, target, summary) as report,
         ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency)) as runner,
     ):
         # rows come back in file order, so the same batch always writes the same manifest
         for row, result in in_order(rows, submit, on_finished=progress.advance):
             if isinstance(result, RowOutcome):
-                report.add(result, row.request.prompt)
+                # generate() claims it first when it can: then nothing was staged twice
+                with contextlib.suppress(DuplicateRequestId):
+                    ledger.claim(result.request_id, row.request, row.variant)
+                if ledger.conflicted(result.request_id):
+                    report.fail(_duplicate(result.request_id, ledger), row.request)
+                else:
+                    report.add(result, row.request.prompt)
+                    reported[result.request_id] = row
             else:
                 report.fail(
                     result if isinstance(result, BaseException) else RuntimeError(str(result)),
@@ -171,8 +196,33 @@ def batch_to_s3(
                 log.info("%s: %s", run_key, progress.status())  # counts, elapsed, ETA
         progress.finish()
         log.info("%s: %s", run_key, progress.status())
+        _flag_duplicates(ledger, reported, report)
         state = report.close()
     if report.summary.ok:
         return state
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
     return Failed(message=state.message, data=BatchIncomplete(report.summary, state.message))
+
+
+def _duplicate(request_id: str, ledger: RequestIdLedger) -> DuplicateRequestId:
+    prompts = ", ".join(repr(p[:60]) for p in ledger.conflicts().get(request_id, []))
+    return DuplicateRequestId(
+        f"fal returned request id {request_id} for several different requests of this batch "
+        f"(prompts {prompts}): which one it belongs to is unknown, so every row involved fails",
+        request_id=request_id,
+    )
+
+
+def _flag_duplicates(
+    ledger: RequestIdLedger, reported: dict[str, PromptRow], report: RunReport
+) -> None:
+    """Fail the rows reported as done before a later row claimed their request id too.
+
+    The later row never staged anything (its claim failed first); the earlier one had already
+    staged and been reported, so its images stay listed and its failure is added beside them.
+    """
+    for request_id in ledger.conflicts():
+        row = reported.get(request_id)
+        if row is not None:
+            error: FalError = _duplicate(request_id, ledger)
+            report.fail(error, row.request)

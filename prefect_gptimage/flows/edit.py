@@ -19,11 +19,20 @@ from prefect.client.schemas.objects import State
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.flows._preflight import bucket_name, preflight_bucket
 from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import slugify
-from prefect_gptimage.s3.clients import bucket_target, use_s3_client
-from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest, InputFidelity, Quality
+from prefect_gptimage.s3.clients import use_s3_client
+from prefect_gptimage.schemas import (
+    GptImageEditRequest,
+    GptImageRequest,
+    InputFidelity,
+    Quality,
+    RequestIdLedger,
+    use_request_id_ledger,
+)
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.generate import GenerationOptions
 from prefect_gptimage.tasks.rows import generate_and_stage
@@ -44,17 +53,26 @@ def generate_then_edit(
 ) -> State[RunSummary]:
     """Generate from ``prompt``, then edit that image with ``edit_prompt``; both staged to S3.
 
-    ``prefix`` defaults to the ``S3Bucket`` block's folder, else ``gptimage``.
+    ``prefix`` defaults to the ``S3Bucket`` block's folder, else ``gptimage``. Before the first
+    submit the bucket name must be valid, the bucket must take a write and the fal host must be
+    an allowed media host; otherwise one error is raised and nothing is paid.
     """
     first = GptImageRequest(prompt=prompt, quality=quality)
     run_key = f"edit-{slugify(prompt, 30)}-{slugify(edit_prompt, 30)}"
     out = Path(output_dir or get_settings().output_dir) / run_key
-    target, s3_client = bucket_target(bucket, prefix, presign_expires=presign_expires)
-    if target is None:
-        raise ValueError("generate_then_edit needs a bucket: the edit reads the image from S3")
+    if bucket_name(bucket) is None:
+        raise InvalidRequestError(
+            "bucket", "generate_then_edit needs a bucket: the edit reads the image from S3"
+        )
+    target, s3_client = preflight_bucket(bucket, prefix, presign_expires=presign_expires)
+    assert target is not None
     request: GptImageRequest | GptImageEditRequest = first
     options = GenerationOptions(credentials=credentials, output_dir=str(out), timeout=timeout)
-    with use_s3_client(s3_client), RunReport(out, run_key, target) as report:
+    with (
+        use_s3_client(s3_client),
+        use_request_id_ledger(RequestIdLedger()),
+        RunReport(out, run_key, target) as report,
+    ):
         try:
             base = generate_and_stage(first, target, options)
             report.add(base, first.prompt)

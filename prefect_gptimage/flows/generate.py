@@ -17,10 +17,11 @@ from prefect.client.schemas.objects import State
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.flows._preflight import preflight_bucket
 from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import slugify
-from prefect_gptimage.s3.clients import bucket_target, use_s3_client
+from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import request_fingerprint
@@ -46,11 +47,14 @@ def generate_to_s3(
     The run writes a manifest and an HTML gallery beside the images, and (with a bucket) stages
     the manifest and publishes the table, gallery and link artifacts. ``prefix`` defaults to
     the ``S3Bucket`` block's folder, else ``gptimage``.
+
+    Before submitting, the bucket name must be valid, the bucket must take a write and the fal
+    host must be an allowed media host; otherwise one error is raised and nothing is paid.
     """
     fingerprint = request_fingerprint(request, variant)[:10]
     run_key = run_key or f"generate-{slugify(request.prompt, 40)}-{fingerprint}"
     out = Path(output_dir or get_settings().output_dir) / run_key
-    target, s3_client = bucket_target(bucket, prefix, presign_expires=presign_expires)
+    target, s3_client = preflight_bucket(bucket, prefix, presign_expires=presign_expires)
     with use_s3_client(s3_client), RunReport(out, run_key, target) as report:
         try:
             options = GenerationOptions(

@@ -18,9 +18,11 @@ from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.flows._preflight import bucket_name, check_fal_media_host
 from prefect_gptimage.flows.generate import generate_to_s3
 from prefect_gptimage.reporting.run_report import finish
 from prefect_gptimage.reporting.summary import RunSummary
+from prefect_gptimage.s3.preflight import validate_bucket_name
 from prefect_gptimage.schemas import ImageSize, OutputFormat, Quality, parse_request
 
 
@@ -58,8 +60,14 @@ def scheduled_content(
     """Generate the day's images from ``template`` and stage them under ``{prefix}/``.
 
     ``bucket`` is a bucket name or a prefect-aws ``S3Bucket`` block; ``prefix`` defaults to the
-    block's folder, else ``scheduled``.
+    block's folder, else ``scheduled``. The bucket name and the fal media host are checked here,
+    before the template is even filled; ``generate_to_s3`` then probes the bucket with a write
+    before its submit.
     """
+    check_fal_media_host()
+    name = bucket_name(bucket)
+    if name is not None:
+        validate_bucket_name(name)
     day = run_date(date)
     request = parse_request(
         {

@@ -55,6 +55,7 @@ from prefect_gptimage.s3.keys import (
 from prefect_gptimage.s3.models import MAX_PRESIGN_EXPIRES, S3Target, StagedFile, StagedImage
 from prefect_gptimage.s3.models import MIN_PART_SIZE as MIN_PART_SIZE
 from prefect_gptimage.s3.models import MiB as MiB
+from prefect_gptimage.s3.preflight import check_target, probe_bucket, validate_bucket_name
 from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, presign, stage_file, stage_image
 from prefect_gptimage.s3.tasks import stage_image_task, stage_manifest_task
 
@@ -67,6 +68,7 @@ __all__ = [
     "StagedFile",
     "StagedImage",
     "TransientS3StagingError",
+    "check_target",
     "client_from_block",
     "gallery_key",
     "get_s3_client",
@@ -75,6 +77,7 @@ __all__ = [
     "manifest_key",
     "normalize_prefix",
     "presign",
+    "probe_bucket",
     "reset_s3_clients",
     "safe_id",
     "slugify",
@@ -83,4 +86,5 @@ __all__ = [
     "stage_image_task",
     "stage_manifest_task",
     "target_from_bucket_block",
+    "validate_bucket_name",
 ]

@@ -1,0 +1,117 @@
+"""What every flow checks before its first submit, so that nothing is paid for images that
+cannot land (issue 12, item 3).
+
+* the budget (``max_cost``) is a finite number >= 0: ``nan`` would switch the guard off;
+* the bucket name follows S3's rules (locally) and, unless it is a dry run, the bucket exists
+  and takes a write (:func:`prefect_gptimage.s3.preflight.probe_bucket`);
+* the fal host is trusted for media: when ``FAL_QUEUE_RUN_HOST`` names a host other than fal's
+  own queue, the images it returns are served from that host, so it must be in the allowed
+  media hosts (:func:`prefect_gptimage.tasks.policies.media_policy`), or every image would be
+  paid for and then refused at download. fal's own queue serves media from ``*.fal.media``,
+  which the default allowlist has.
+
+Each failure raises one error (``InvalidRequestError``, ``ConfigurationError`` or a permanent
+``S3StagingError``) before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import ValidationError
+
+from prefect_gptimage.errors import ConfigurationError, InvalidRequestError
+from prefect_gptimage.fal.media import host_allowed
+from prefect_gptimage.s3.clients import bucket_target
+from prefect_gptimage.s3.models import S3Target
+from prefect_gptimage.s3.preflight import probe_bucket, validate_bucket_name
+from prefect_gptimage.tasks.policies import media_policy
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["FAL_DEFAULT_QUEUE_HOST", "check_budget", "check_fal_media_host", "preflight_bucket"]
+
+#: fal_client's default queue host (its media come from ``*.fal.media``, not from here).
+FAL_DEFAULT_QUEUE_HOST = "queue.fal.run"
+
+_HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")  # a name, an IPv4 or a bracketed IPv6 address
+
+
+def check_budget(max_cost: Any) -> float | None:
+    """``max_cost`` as a float if it is None or a finite number >= 0, else InvalidRequestError."""
+    if max_cost is None:
+        return None
+    if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)):
+        raise InvalidRequestError("max_cost", f"must be a number of USD, got {max_cost!r}")
+    value = float(max_cost)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequestError(
+            "max_cost", f"must be a finite number >= 0 (USD), got {max_cost!r}: nothing submitted"
+        )
+    return value
+
+
+def check_fal_media_host() -> None:
+    """ConfigurationError when a custom ``FAL_QUEUE_RUN_HOST`` is not an allowed media host."""
+    value = os.environ.get("FAL_QUEUE_RUN_HOST", "").strip()
+    if not value or value.lower().rstrip(".") == FAL_DEFAULT_QUEUE_HOST:
+        return
+    try:
+        host = httpx.URL(f"https://{value}").host
+        if not _HOST.match(host):
+            raise ValueError(host)
+    except (httpx.InvalidURL, ValueError):
+        raise ConfigurationError(
+            f"FAL_QUEUE_RUN_HOST={value!r} is not a host name (host or host:port)"
+        ) from None
+    allowed = media_policy().allowed_hosts
+    if not host or not host_allowed(host, allowed):
+        raise ConfigurationError(
+            f"FAL_QUEUE_RUN_HOST names {host or value!r}, which is not an allowed media host "
+            f"({', '.join(allowed)}): its images would be paid for and then refused at download. "
+            "Add it to PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS; nothing submitted"
+        )
+
+
+def bucket_name(bucket: Any) -> str | None:
+    """The bucket name of a flow's ``bucket`` parameter (a name or an ``S3Bucket`` block)."""
+    if bucket is None or bucket == "":
+        return None
+    if isinstance(bucket, str):
+        return bucket
+    name = getattr(bucket, "bucket_name", None)
+    return name if isinstance(name, str) else None
+
+
+def preflight_bucket(
+    bucket: Any,
+    prefix: str | None,
+    *,
+    presign_expires: int,
+    default_prefix: str = "gptimage",
+    probe: bool = True,
+) -> tuple[S3Target | None, S3Client | None]:
+    """Check the fal media host and the bucket, then ``bucket_target(...)``.
+
+    The name is checked locally first (so ``Bad_Bucket!`` or ``b`` never reach the network nor
+    pydantic), then, with ``probe``, the bucket must take a write with the credentials the run
+    will stage with (an ``S3Bucket`` block's own).
+    """
+    check_fal_media_host()
+    name = bucket_name(bucket)
+    if name is not None:
+        validate_bucket_name(name)
+    try:
+        target, client = bucket_target(
+            bucket, prefix, presign_expires=presign_expires, default_prefix=default_prefix
+        )
+    except ValidationError as exc:  # S3Target's own checks (prefix, presign_expires)
+        raise InvalidRequestError.from_validation_error(exc) from None
+    if target is not None and probe:
+        probe_bucket(target, client)
+    return target, client
