@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import json
+import pickle
 from typing import Any
 
 import pytest
 
-from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.errors import FalError, InvalidRequestError
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.schemas import (
     EDIT_ENDPOINT,
     TEXT_TO_IMAGE_ENDPOINT,
+    DownloadedImage,
+    DuplicateRequestId,
     GenerationResult,
     GptImageEditRequest,
     GptImageOutput,
     GptImageRequest,
+    ImageCountMismatch,
+    ImageFile,
     RequestHandle,
+    RequestIdLedger,
+    check_image_count,
+    claim_request_id,
     parse_request,
     request_for_endpoint,
+    use_request_id_ledger,
 )
 
 
@@ -152,3 +161,72 @@ def test_generation_result_round_trip_keeps_the_request_class(
     assert back.request.endpoint == request_.endpoint
     stored = json.loads(result.model_dump_json())["request"]
     assert {k: v for k, v in stored.items() if v is not None} == request_.to_arguments()
+
+
+# -- counts must add up (issue 12, item 7) -------------------------------------------------------
+
+
+def _output(n: int) -> GptImageOutput:
+    return GptImageOutput(images=[ImageFile(url=f"https://v3.fal.media/{i}.png") for i in range(n)])
+
+
+@pytest.mark.parametrize(("asked", "got"), [(1, 1), (4, 4)])
+def test_a_full_result_passes(asked: int, got: int) -> None:
+    check_image_count(GptImageRequest(prompt="kites", num_images=asked), _output(got))
+
+
+@pytest.mark.parametrize(
+    ("asked", "got", "text"), [(1, 0, "1 missing"), (4, 1, "3 missing"), (4, 13, "9 extra")]
+)
+def test_a_result_with_another_count_is_an_error(asked: int, got: int, text: str) -> None:
+    request = GptImageRequest(prompt="kites", num_images=asked)
+    with pytest.raises(ImageCountMismatch) as info:
+        check_image_count(request, _output(got), request_id="rid-1")
+    exc = info.value
+    assert isinstance(exc, FalError) and not exc.transient
+    assert (exc.expected, exc.delivered, exc.request_id) == (asked, got, "rid-1")
+    assert exc.error_type == "image_count_mismatch"
+    assert text in str(exc) and f"num_images={asked}" in str(exc) and "rid-1" in str(exc)
+    back = pickle.loads(pickle.dumps(exc))  # Prefect persists failed states
+    assert type(back) is ImageCountMismatch and str(back) == str(exc)
+    assert (back.expected, back.delivered, back.error_type) == (asked, got, "image_count_mismatch")
+
+
+def test_a_short_result_names_the_kept_images(tmp_path: Any) -> None:
+    image = DownloadedImage(
+        path=str(tmp_path / "rid-1-0.png"),
+        source_url="https://v3.fal.media/0.png",
+        request_id="rid-1",
+        endpoint=TEXT_TO_IMAGE_ENDPOINT,
+        index=0,
+        content_type="image/png",
+        format="png",
+        width=1024,
+        height=1024,
+        bytes=10,
+        sha256="0" * 64,
+    )
+    with pytest.raises(ImageCountMismatch, match="1 delivered image") as info:
+        check_image_count(GptImageRequest(prompt="kites", num_images=2), _output(1), images=[image])
+    assert str(tmp_path) in str(info.value)
+
+
+def test_one_request_id_for_two_requests_is_refused() -> None:
+    a = GptImageRequest(prompt="a tram", quality="low")
+    b = GptImageRequest(prompt="a canal", quality="low")
+    claim_request_id("rid", a)  # outside a ledger: nothing to compare with
+    claim_request_id("rid", b)
+    with use_request_id_ledger(RequestIdLedger()) as ledger:
+        claim_request_id("rid", a)
+        claim_request_id("rid", a)  # the same request again (a retry, a cache hit): fine
+        claim_request_id("other", b)
+        assert not ledger.conflicts()
+        with pytest.raises(DuplicateRequestId) as info:
+            claim_request_id("rid", b)
+        assert info.value.error_type == "duplicate_request_id" and "'a tram'" in str(info.value)
+        with pytest.raises(DuplicateRequestId):
+            claim_request_id("rid", a, variant=1)  # another variant is another request
+        assert ledger.conflicted("rid") and not ledger.conflicted("other")
+        assert ledger.conflicts() == {"rid": ["a tram", "a canal", "a tram"]}
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is DuplicateRequestId and back.request_id == "rid"
