@@ -1,0 +1,341 @@
+"""Many processes, one shared cache, one Redis lock: never pay twice (issue 9, items 1 and 2).
+
+Processes stand in for machines: each has its own ``PREFECT_HOME`` and reports to one real
+``prefect server start`` (on PostgreSQL when it is installed); they share result storage (an
+S3Bucket block on that server, through ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``, or one
+``PREFECT_LOCAL_STORAGE_PATH``) and a real ``redis-server`` through ``PREFECT_GPTIMAGE_LOCK_URL``.
+The fal emulator counts what was paid: ``accepted`` and ``duplicate_submits``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefect_gptimage.testing import FalEmulator, Fault
+from prefect_gptimage.testing.services import PrefectServer, RedisServer
+
+#: One row of a batch, as a worker runs it: a flow that waits at a barrier (so that every process
+#: reaches the submit at the same moment), then generates the request.
+WORKER = """
+import json, os, sys, time
+from pathlib import Path
+
+from prefect import flow
+
+from prefect_gptimage import GenerationOptions, GptImageRequest, generate_images
+
+
+@flow(name="scale-out-row")
+def row(prompt: str, out: str) -> dict:
+    barrier = os.environ.get("BARRIER_DIR")
+    if barrier:
+        (Path(barrier) / f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if len(list(Path(barrier).glob("ready-*"))) >= int(os.environ["BARRIER_N"]):
+                break
+            time.sleep(0.01)
+    started = time.time()
+    result = generate_images(
+        GptImageRequest(prompt=prompt, quality="low"), GenerationOptions(output_dir=out)
+    )
+    return {
+        "request_id": result.handle.request_id,
+        "from_cache": result.from_cache,
+        "started": started,
+        "seconds": time.time() - started,
+    }
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(row(sys.argv[1], sys.argv[2])))
+"""
+
+#: Saves the shared result storage block on the server (as an operator would, once).
+SAVE_BLOCK = """
+import sys
+from prefect_aws import AwsCredentials, S3Bucket
+
+name, bucket, endpoint = sys.argv[1:4]
+credentials = AwsCredentials(
+    aws_access_key_id="testing",
+    aws_secret_access_key="testing",
+    region_name="us-east-1",
+    aws_client_parameters={"endpoint_url": endpoint},
+)
+S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials).save(
+    name, overwrite=True
+)
+"""
+
+#: How long the emulator holds each submit's answer (after accepting it): the window in which a
+#: second process, without a lock, would submit the same request again.
+SUBMIT_DELAY = 3.0
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Path:
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def machine_env(server: PrefectServer, **extra: str) -> dict[str, str]:
+    """A process on its own "machine": a fresh Prefect home, the shared server, the emulator
+    (FAL_* and SSL_CERT_FILE come from the session's environment), nothing else from Prefect."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PREFECT_") or k.startswith("PREFECT_GPTIMAGE_")
+    }
+    env.pop("PREFECT_GPTIMAGE_LOCK_URL", None)
+    env.update(
+        PREFECT_HOME=tempfile.mkdtemp(prefix="gptimage-machine-"),
+        PREFECT_API_URL=server.api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    env.update(extra)
+    return env
+
+
+def run_together(
+    worker: Path, prompt: str, envs: list[dict[str, str]], tmp_path: Path, check: bool = True
+) -> list[dict[str, Any]]:
+    """Start one worker process per env at once; they meet at a barrier before generating.
+
+    Each result is the worker's JSON line; with ``check=False`` a failed worker gives
+    ``{"failed": <stderr tail>}`` instead of failing the test.
+    """
+    barrier = Path(tempfile.mkdtemp(dir=tmp_path, prefix="barrier-"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), prompt, str(tmp_path / f"images-{i}")],
+            env={**env, "BARRIER_DIR": str(barrier), "BARRIER_N": str(len(envs))},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, env in enumerate(envs)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        if proc.returncode != 0 and not check:
+            results.append({"failed": err[-2000:]})
+            continue
+        assert proc.returncode == 0, err[-4000:]
+        line = next(x for x in reversed(out.splitlines()) if x.startswith("RESULT "))
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    return results
+
+
+def run_one(worker: Path, prompt: str, env: dict[str, str], out: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(worker), prompt, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    return result
+
+
+@pytest.fixture
+def s3_results(prefect_server: PrefectServer, local_s3: Any, s3_bucket: str) -> Iterator[str]:
+    """An S3Bucket block on the shared server (moto's S3): the name for
+    ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``."""
+    name = f"s3-bucket/results-{s3_bucket}"
+    env = machine_env(prefect_server)
+    done = subprocess.run(
+        [sys.executable, "-c", SAVE_BLOCK, name.split("/")[1], s3_bucket, local_s3.endpoint_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    yield name
+
+
+def test_same_request_on_two_machines_at_once_is_submitted_once(
+    fal_emulator: FalEmulator,
+    redis_server: RedisServer,
+    prefect_server: PrefectServer,
+    s3_results: str,
+    worker: Path,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """Two processes, each with its own Prefect home, reach the same request's submit together:
+    one submits, the other waits on the Redis lock and reuses its fal request. A third machine
+    (fresh home, no lock) finds both records in the shared S3 storage and pays nothing."""
+    prompt = f"a harbour crane at dusk {unique}"
+    fal_emulator.inject(Fault("submit", "slow", count=None, match=unique, delay=SUBMIT_DELAY))
+    before = fal_emulator.stats
+    shared = {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": s3_results}
+    locked = {**shared, "PREFECT_GPTIMAGE_LOCK_URL": redis_server.url}
+    envs = [machine_env(prefect_server, **locked) for _ in range(2)]
+    results = run_together(worker, prompt, envs, tmp_path)
+    after = fal_emulator.stats
+    print(f"prefect server backend: {prefect_server.backend}; runs: {results}")
+    assert after["accepted"] - before["accepted"] == 1
+    assert after["duplicate_submits"] - before["duplicate_submits"] == 0
+    assert results[0]["request_id"] == results[1]["request_id"]
+    assert sorted(r["from_cache"] for r in results) == [False, True]
+    assert abs(results[0]["started"] - results[1]["started"]) < SUBMIT_DELAY  # really together
+
+    third = run_one(worker, prompt, machine_env(prefect_server, **shared), tmp_path / "third")
+    assert third["request_id"] == results[0]["request_id"] and third["from_cache"]
+    assert fal_emulator.stats["accepted"] == after["accepted"]
+
+
+def test_without_a_lock_two_machines_at_once_do_not_wait_for_each_other(
+    fal_emulator: FalEmulator,
+    prefect_server: PrefectServer,
+    worker: Path,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """What the lock is for: the same two processes on a shared cache but without
+    PREFECT_GPTIMAGE_LOCK_URL both miss the cache. Neither waits for the other's handle: both
+    submit (paid twice), or, when the second sees the first's submit intent in time, it refuses
+    with "outcome unknown" and its row fails. Either way only the lock makes both rows succeed
+    on one payment."""
+    prompt = f"a harbour crane at dawn {unique}"
+    fal_emulator.inject(Fault("submit", "slow", count=None, match=unique, delay=SUBMIT_DELAY))
+    before = fal_emulator.stats
+    shared = {"PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "shared-results")}
+    envs = [machine_env(prefect_server, **shared) for _ in range(2)]
+    results = run_together(worker, prompt, envs, tmp_path, check=False)
+    paid = fal_emulator.stats["accepted"] - before["accepted"]
+    print(f"without a lock: paid {paid}; runs: {[r.get('request_id', 'failed') for r in results]}")
+    failed = [r for r in results if "failed" in r]
+    if paid == 2:
+        assert not failed and results[0]["request_id"] != results[1]["request_id"]
+    else:
+        assert paid == 1 and len(failed) == 1 and "outcome unknown" in failed[0]["failed"]
+    assert not any(r.get("from_cache") for r in results)  # nobody waited for a handle
+
+
+# -- in this process: the lock itself, Redis down and back ---------------------------------------
+
+
+def _submit_in_flow(prompt: str) -> Any:
+    """``submit_request`` in a flow run of this process; its final state."""
+    from prefect import flow
+
+    from prefect_gptimage import GptImageRequest, submit_request
+
+    @flow(name="locked-submit")
+    def one() -> dict[str, Any]:
+        state = submit_request(GptImageRequest(prompt=prompt, quality="low"), return_state=True)
+        return {"state": state}
+
+    return one()["state"]
+
+
+def _generate_in_flow(prompt: str, out: Path) -> Any:
+    """``generate_images`` in a flow run of this process; its final state."""
+    from prefect import flow
+
+    from prefect_gptimage import GenerationOptions, GptImageRequest, generate_images
+
+    @flow(name="locked-generate")
+    def one() -> dict[str, Any]:
+        state = generate_images(
+            GptImageRequest(prompt=prompt, quality="low"),
+            GenerationOptions(output_dir=str(out)),
+            return_state=True,
+        )
+        return {"state": state}  # a failed task, not a failed flow
+
+    return one()["state"]
+
+
+def test_redis_down_is_a_clear_error_not_a_second_payment(
+    fal_emulator: FalEmulator,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """Redis stopped mid-way: a generated request is still served from the cache (cache reads
+    take no lock), a new one fails at once naming the lock service, and nothing reaches fal;
+    Redis back on the same port, the new one is submitted once."""
+    from prefect_gptimage.tasks.cache import LockServiceUnavailable
+
+    monkeypatch.setenv("PREFECT_GPTIMAGE_LOCK_URL", redis_server.url)
+    before = fal_emulator.stats["accepted"]
+    first = _generate_in_flow(f"a lock test {unique} one", tmp_path)
+    assert first.is_completed() and fal_emulator.stats["accepted"] == before + 1
+
+    redis_server.stop(remove=False)
+    again = _generate_in_flow(f"a lock test {unique} one", tmp_path)
+    assert again.is_completed() and again.result().from_cache
+    started = time.monotonic()
+    down = _generate_in_flow(f"a lock test {unique} two", tmp_path)
+    assert down.is_failed()
+    with pytest.raises(LockServiceUnavailable, match=r"unreachable.*nothing was submitted"):
+        down.result()
+    assert time.monotonic() - started < 30
+    assert fal_emulator.stats["accepted"] == before + 1
+
+    redis_server.start()
+    second = _generate_in_flow(f"a lock test {unique} two", tmp_path)
+    assert second.is_completed() and not second.result().from_cache
+    assert fal_emulator.stats["accepted"] == before + 2
+
+
+def test_lock_is_a_lease_released_after_each_submit(
+    fal_emulator: FalEmulator,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    unique: str,
+) -> None:
+    """Sync and async submits release their lock at commit; a lock whose holder died expires."""
+    import asyncio
+
+    from redis import Redis
+
+    from prefect_gptimage import GptImageRequest, asubmit_request
+    from prefect_gptimage.tasks.cache import redis_lock_manager, submit_cache_key
+
+    monkeypatch.setenv("PREFECT_GPTIMAGE_LOCK_URL", redis_server.url)
+    redis = Redis.from_url(redis_server.url)
+    request = GptImageRequest(prompt=f"a lease test {unique}", quality="low")
+    lock_key = f"lock:{submit_cache_key(request)}"
+
+    assert _submit_in_flow(request.prompt).is_completed()
+    assert not redis.exists(lock_key)
+
+    from prefect import flow
+
+    @flow(name="locked-async-submit")
+    async def twice() -> list[str | None]:
+        states = [await asubmit_request(request, return_state=True) for _ in range(2)]
+        return [s.name for s in states]
+
+    assert asyncio.run(twice()) == ["Cached", "Cached"]
+    assert not redis.exists(lock_key)  # Prefect releases with the sync call: it worked
+
+    crashed = redis_lock_manager(redis_server.url, lease=1.0)
+    assert crashed.acquire_lock("k-" + unique, holder="crashed")
+    assert 0 < redis.pttl(f"lock:k-{unique}") <= 1000  # a lease, not forever
+    other = redis_lock_manager(redis_server.url, lease=1.0)
+    started = time.monotonic()
+    assert other.acquire_lock("k-" + unique, holder="next", acquire_timeout=10)
+    assert time.monotonic() - started < 3
+    other.release_lock("k-" + unique, holder="next")
