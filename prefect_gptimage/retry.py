@@ -310,7 +310,7 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     budget: float = Field(
-        default=90.0,
+        default=60.0,
         gt=0,
         description="Seconds a call may spend retrying, from its first attempt.",
     )

@@ -68,7 +68,7 @@ class GptImageSettings(PrefectBaseSettings):
         ),
     )
     retry_budget: float = Field(
-        default=90.0,
+        default=60.0,
         gt=0,
         description=(
             "Seconds one call to fal, a media host or S3 may spend retrying transient failures "
