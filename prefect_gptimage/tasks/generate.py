@@ -26,6 +26,7 @@ from prefect.transactions import CommitMode, Transaction, transaction
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.errors import PermanentFalError
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import AnyRequest, GenerationResult, GptImageOutput, RequestHandle
 from prefect_gptimage.settings import get_settings
@@ -33,9 +34,17 @@ from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import cached_generation, is_submit_cached
 from prefect_gptimage.tasks.concurrency import fal_request_slot
 from prefect_gptimage.tasks.download import download, download_image
+from prefect_gptimage.tasks.intents import unresolved_intent
 from prefect_gptimage.tasks.queue import fetch_result, submit_request
 
-__all__ = ["GenerationOptions", "agenerate_images", "durable", "generate", "generate_images"]
+__all__ = [
+    "GenerationOptions",
+    "agenerate_images",
+    "durable",
+    "expired",
+    "generate",
+    "generate_images",
+]
 
 
 class GenerationOptions(BaseModel):
@@ -58,9 +67,26 @@ class GenerationOptions(BaseModel):
         default=None, gt=0, description="Seconds to wait for fal before cancelling the request."
     )
     refresh_cache: bool = Field(default=False, description="Submit anew even if cached.")
+    resubmit_unknown: bool = Field(
+        default=False,
+        description=(
+            "Submit anew a request whose earlier submit's outcome is unknown (possibly billed: "
+            "a dropped connection, a killed run). Off: such a request fails, unpaid, saying so."
+        ),
+    )
     variant: int = Field(default=0, ge=0, description="Ask for a fresh image of a same request.")
     resubmits: int = Field(
-        default=1, ge=0, description="Fresh submits after a failure fal did not bill."
+        default=1,
+        ge=0,
+        description="Fresh submits after a failure fal did not bill, or a result fal expired.",
+    )
+    resubmit_expired: bool | None = Field(
+        default=None,
+        description=(
+            "Submit anew, paying twice, a request whose result fal no longer has (404 after it "
+            "completed); logged as 'paid twice: fal expired the result'. None: the setting "
+            "PREFECT_GPTIMAGE_RESUBMIT_EXPIRED (default True)."
+        ),
     )
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Lower the local cap on fal requests in flight."
@@ -96,12 +122,22 @@ def _submit_and_fetch(
                 slot.enter_context(fal_request_slot(local_limit=options.max_in_flight))
                 held = True
 
-        if refresh or not is_submit_cached(request, options.variant):
+        if refresh or (
+            not is_submit_cached(request, options.variant)
+            # a submit whose outcome is unknown fails unsent: it needs no slot
+            and (options.resubmit_unknown or unresolved_intent(request, options.variant) is None)
+        ):
             hold()
         for attempt in range(options.resubmits + 1):
             submit = submit_request.with_options(refresh_cache=refresh)
             with durable():
-                state = submit(request, options.credentials, options.variant, return_state=True)
+                state = submit(
+                    request,
+                    options.credentials,
+                    options.variant,
+                    resubmit_unknown=options.resubmit_unknown,
+                    return_state=True,
+                )
             # _sync: under agenerate_images this runs in a worker thread of an async task
             handle: RequestHandle = state.result(_sync=True)  # type: ignore[call-overload]
             hold()
@@ -111,11 +147,39 @@ def _submit_and_fetch(
                 return handle, output, state.name == "Cached"
             except Exception as exc:
                 reason = resubmit_reason(exc)
+                if reason is not None and expired(exc) and not _resubmit_expired(options):
+                    raise PermanentFalError(
+                        f"{exc}. fal expired the result of {handle.request_id}: not submitted "
+                        "again (resubmit_expired is off), so nothing is paid twice",
+                        status_code=404,
+                        request_id=handle.request_id,
+                    ) from exc
                 if reason is None or attempt == options.resubmits:
                     raise
-                log.warning("submitting %s again: %s", handle.request_id, reason)
+                if expired(exc):
+                    log.warning(
+                        "paid twice: fal expired the result of %s (%s); submitting it again",
+                        handle.request_id,
+                        reason,
+                    )
+                else:
+                    log.warning("submitting %s again: %s", handle.request_id, reason)
                 refresh = True
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def expired(exc: BaseException) -> bool:
+    """fal no longer knows a request it accepted (404): its result expired, or was never kept.
+
+    A fresh submit pays for the request again ("paid twice: fal expired the result").
+    """
+    return isinstance(exc, PermanentFalError) and exc.status_code == 404
+
+
+def _resubmit_expired(options: GenerationOptions) -> bool:
+    if options.resubmit_expired is not None:
+        return options.resubmit_expired
+    return get_settings().resubmit_expired
 
 
 def generate(request: AnyRequest, options: GenerationOptions | None = None) -> GenerationResult:
@@ -155,8 +219,11 @@ def generate_images(
     """The whole path for one request: submit → wait → fetch result → download each image.
 
     Each step is its own task (the paid ones cached). A request that fails at fal with a
-    server-side error (not billed), or that fal has forgotten, is submitted anew up to
-    ``options.resubmits`` times; any other failure fails at once with fal's message.
+    server-side error (not billed) is submitted anew up to ``options.resubmits`` times. So is one
+    whose result fal expired (404), which pays for it twice: logged as "paid twice: fal expired
+    the result", and off with ``resubmit_expired=False``. A submit whose outcome is unknown
+    (possibly billed) fails without paying again unless ``resubmit_unknown``. Any other failure
+    fails at once with fal's message.
 
     Example:
         >>> result = generate_images(GptImageRequest(prompt="a kite", num_images=2))

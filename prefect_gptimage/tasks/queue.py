@@ -9,7 +9,8 @@ tasks have no Prefect retries.
 The paid steps are cached (see :mod:`prefect_gptimage.tasks.cache`): :func:`submit_request` on
 the normalized request, :func:`fetch_result` on the request id, both persisted the moment they
 complete. ``refresh_cache=True`` submits anew; ``variant`` asks for a fresh image of an identical
-request.
+request. Each submit is written down before it is sent (:mod:`prefect_gptimage.tasks.intents`), so
+one whose outcome is unknown (possibly billed) is not paid again by a re-run.
 
 Example:
     >>> from prefect import flow
@@ -26,7 +27,9 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.client import FalQueueClient
@@ -34,6 +37,7 @@ from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import CACHE_EXPIRATION, RESULT_CACHE, SUBMIT_CACHE
+from prefect_gptimage.tasks.intents import guarded_submit
 from prefect_gptimage.tasks.policies import retry_policy
 
 __all__ = [
@@ -86,22 +90,44 @@ def _submitted(handle: RequestHandle, request: AnyRequest) -> RequestHandle:
     return handle
 
 
+def _refreshing() -> bool:
+    """Whether the running task was asked to ignore its cache (``refresh_cache``)."""
+    context = TaskRunContext.get()
+    if context is None:
+        return False
+    refresh = context.task.refresh_cache
+    return bool(PREFECT_TASKS_REFRESH_CACHE.value() if refresh is None else refresh)
+
+
 @task(**SUBMIT_OPTIONS)
 def submit_request(
     request: AnyRequest,
     credentials: FalCredentials | None = None,
     variant: int = 0,
     start_timeout: float | None = None,
+    resubmit_unknown: bool = False,
 ) -> RequestHandle:
     """Submit one request to fal's queue (the only billable call); cached and persisted.
+
+    The submit is written down before it is sent (:mod:`prefect_gptimage.tasks.intents`): if an
+    earlier submit of the same request may have been enqueued and billed without its answer being
+    stored (a dropped connection, a killed process), this fails with ``SubmitOutcomeUnknown``
+    ("outcome unknown, possibly billed") instead of paying again, unless ``resubmit_unknown`` (or
+    the task's ``refresh_cache``) asks for a new submit.
 
     Example:
         >>> handle = submit_request(GptImageRequest(prompt="a koi pond", quality="low"))
         >>> handle.request_id
     """
-    return _submitted(
-        sync_client(credentials).submit(request, start_timeout=start_timeout), request
+    client = sync_client(credentials)
+    handle = guarded_submit(
+        request,
+        variant,
+        lambda: client.submit(request, start_timeout=start_timeout),
+        resubmit_unknown=resubmit_unknown,
+        refresh=_refreshing(),
     )
+    return _submitted(handle, request)
 
 
 @task(

@@ -1,0 +1,236 @@
+"""Submit intents: a durable note, written *before* the billable submit, that it may have happened.
+
+fal's queue API has no idempotency key, so a submit whose answer is lost (a dropped connection, a
+2xx without a request id, a process killed while waiting for the answer) may have been enqueued
+and billed. The submit cache record (:mod:`prefect_gptimage.tasks.cache`) only exists once the
+answer came back; without it, the next run would pay again. So every submit follows this
+protocol, in the same result store as the cache records, keyed by the request's fingerprint
+(:func:`~prefect_gptimage.tasks.cache.request_fingerprint`):
+
+1. before the submit, the intent is written ``submitting``;
+2. the submit;
+3. after it, the intent becomes ``submitted`` with the handle, and the submit task's cache record
+   (the handle) is committed as the task completes.
+
+An error that proves nothing was enqueued (a connect error, a 4xx at submit, a retry budget spent
+on 429s) marks the intent ``not_submitted``. A
+:class:`~prefect_gptimage.errors.SubmitOutcomeUnknown` from the client (or an error the client did
+not classify) marks it ``unknown``. A crash anywhere leaves it as it was.
+
+On the next submit of the same request (its cache record missing):
+
+* ``submitted``: the recorded handle is resumed; nothing is paid;
+* ``submitting`` or ``unknown``: *outcome unknown, possibly billed*: the submit fails with
+  :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown` and is not sent, unless the caller asks
+  to resubmit (``resubmit_unknown=True``, CLI ``--resubmit-unknown``, or ``refresh_cache=True``);
+* ``not_submitted`` or no intent: submitted.
+
+Example:
+    >>> from prefect_gptimage.schemas import GptImageRequest
+    >>> intent_key(GptImageRequest(prompt="a kite")).startswith("gptimage-intent-")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, Literal, cast
+
+from prefect.logging import get_logger
+from prefect.results import ResultStore, default_cache
+from pydantic import BaseModel, ValidationError
+
+from prefect_gptimage.errors import GptImageError, SubmitOutcomeUnknown
+from prefect_gptimage.schemas import AnyRequest, RequestHandle
+from prefect_gptimage.tasks import cache
+
+__all__ = [
+    "OUTCOME_UNKNOWN",
+    "SubmitIntent",
+    "guarded_submit",
+    "intent_key",
+    "outcome_unknown",
+    "read_intent",
+    "unresolved_intent",
+    "write_intent",
+]
+
+logger = get_logger("prefect_gptimage.intents")
+
+#: ``error_type`` of the :class:`SubmitOutcomeUnknown` raised for a row whose submit may have been
+#: billed (it shows in the run summary and the manifest).
+OUTCOME_UNKNOWN = "submit_outcome_unknown"
+
+IntentState = Literal["submitting", "submitted", "unknown", "not_submitted"]
+#: States that leave the submit's outcome unknown: the request may have been enqueued and billed.
+UNRESOLVED: frozenset[str] = frozenset({"submitting", "unknown"})
+
+
+class SubmitIntent(BaseModel):
+    """The durable record of one submit of a request (stored as a plain dict)."""
+
+    state: IntentState
+    fingerprint: str
+    endpoint: str
+    written_at: float
+    host: str
+    pid: int
+    handle: RequestHandle | None = None
+    reason: str | None = None
+
+    @property
+    def unresolved(self) -> bool:
+        """True when the submit's outcome is unknown (it may have been enqueued and billed)."""
+        return self.state in UNRESOLVED
+
+    def describe(self) -> str:
+        """What happened to this submit, for an error message."""
+        when = datetime.fromtimestamp(self.written_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        if self.state == "unknown":
+            return f"the submit at {when} UTC got no usable answer ({self.reason})"
+        return (
+            f"a submit started at {when} UTC by {self.host} (pid {self.pid}) recorded no answer: "
+            "the process stopped (or is still running) between sending it and storing fal's reply"
+        )
+
+
+def intent_key(request: AnyRequest, variant: int = 0) -> str:
+    """The result-store key of the submit intent of this request."""
+    return "gptimage-intent-" + cache.request_fingerprint(request, variant)
+
+
+def _store() -> ResultStore:
+    """The cache records' store, read and written without Prefect's in-memory copy (another
+    process may have changed an intent since)."""
+    return cache._store().model_copy(
+        update={"cache_result_in_memory": False, "cache": default_cache()}
+    )
+
+
+def read_intent(request: AnyRequest, variant: int = 0) -> SubmitIntent | None:
+    """The submit intent of this request, or None (none, expired or unreadable)."""
+    store, key = _store(), intent_key(request, variant)
+    if not store.exists(key):
+        return None
+    try:
+        return SubmitIntent.model_validate(store.read(key).result)
+    except (ValidationError, ValueError, OSError, TypeError):
+        return None
+
+
+def unresolved_intent(request: AnyRequest, variant: int = 0) -> SubmitIntent | None:
+    """The intent of this request when its submit's outcome is unknown, else None."""
+    intent = read_intent(request, variant)
+    return intent if intent is not None and intent.unresolved else None
+
+
+def write_intent(
+    request: AnyRequest,
+    variant: int,
+    state: IntentState,
+    *,
+    handle: RequestHandle | None = None,
+    reason: str | None = None,
+) -> SubmitIntent:
+    """Write (replace) the intent of this request; it expires with the cache records."""
+    intent = SubmitIntent(
+        state=state,
+        fingerprint=cache.request_fingerprint(request, variant),
+        endpoint=request.endpoint,
+        written_at=time.time(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        handle=handle,
+        reason=reason,
+    )
+    _store().write(
+        obj=intent.model_dump(mode="json"),
+        key=intent_key(request, variant),
+        # a stdlib datetime: the record's metadata validates it into Prefect's DateTime
+        expiration=cast(Any, datetime.now(timezone.utc) + cache.CACHE_EXPIRATION),
+    )
+    return intent
+
+
+def outcome_unknown(intent: SubmitIntent) -> SubmitOutcomeUnknown:
+    """The error for a request whose earlier submit may have been enqueued and billed."""
+    return SubmitOutcomeUnknown(
+        f"outcome unknown, possibly billed: {intent.describe()}. It is not submitted again: "
+        "check fal's dashboard, then run with resubmit_unknown=True (CLI --resubmit-unknown) "
+        "or refresh_cache=True (--refresh) to submit it anew.",
+        error_type=OUTCOME_UNKNOWN,
+    )
+
+
+def guarded_submit(
+    request: AnyRequest,
+    variant: int,
+    submit: Callable[[], RequestHandle],
+    *,
+    resubmit_unknown: bool = False,
+    refresh: bool = False,
+) -> RequestHandle:
+    """``submit()`` under the intent protocol (see the module docs).
+
+    ``resubmit_unknown``: submit even when an earlier submit's outcome is unknown. ``refresh``
+    (the task's ``refresh_cache``): submit anew whatever the intent says.
+    """
+    earlier = None if refresh else read_intent(request, variant)
+    if earlier is not None:
+        if earlier.state == "submitted" and earlier.handle is not None:
+            logger.info(
+                "resuming %s: submitted earlier, but the run stopped before caching it",
+                earlier.handle.request_id,
+            )
+            return earlier.handle
+        if earlier.unresolved and not resubmit_unknown:
+            raise outcome_unknown(earlier)
+        if earlier.unresolved:
+            logger.warning("submitting again a request whose earlier submit may have been billed")
+    write_intent(request, variant, "submitting")  # if this fails, nothing is sent
+    try:
+        handle = submit()
+    except SubmitOutcomeUnknown as exc:
+        _record(request, variant, "unknown", exc.message)
+        raise SubmitOutcomeUnknown(
+            f"outcome unknown, possibly billed: {exc.message} A plain re-run does not submit "
+            "it again (resubmit_unknown=True, CLI --resubmit-unknown, does).",
+            error_type=OUTCOME_UNKNOWN,
+            status_code=exc.status_code,
+            request_id=exc.request_id,
+        ) from exc
+    except GptImageError:  # classified by the client: provably not enqueued (see retry.py)
+        _record(request, variant, "not_submitted")
+        raise
+    except Exception as exc:  # not classified: it may have failed after fal accepted it
+        reason = f"{type(exc).__name__}: {exc}"
+        _record(request, variant, "unknown", reason)
+        raise SubmitOutcomeUnknown(
+            f"outcome unknown, possibly billed: the submit failed unexpectedly ({reason}). "
+            "A plain re-run does not submit it again (resubmit_unknown=True, CLI "
+            "--resubmit-unknown, does).",
+            error_type=OUTCOME_UNKNOWN,
+        ) from exc
+    _record(request, variant, "submitted", handle=handle)
+    return handle
+
+
+def _record(
+    request: AnyRequest,
+    variant: int,
+    state: IntentState,
+    reason: str | None = None,
+    handle: RequestHandle | None = None,
+) -> None:
+    """Write an intent after the submit: a failure to write is logged, never hides the outcome.
+
+    (The intent stays ``submitting`` then: unresolved, so nothing is paid twice.)
+    """
+    try:
+        write_intent(request, variant, state, handle=handle, reason=reason)
+    except Exception as exc:
+        logger.warning("could not record the submit's outcome (%s): %s", state, exc)
