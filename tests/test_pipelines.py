@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from prefect_gptimage.flows import generate_then_edit, generate_to_s3, scheduled
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.schemas import GptImageRequest
 from prefect_gptimage.tasks.cache import request_fingerprint
-from prefect_gptimage.testing import FalEmulator
+from prefect_gptimage.testing import FalEmulator, Fault
 from prefect_gptimage.testing.s3 import LocalS3Server
 
 
@@ -137,3 +138,24 @@ def test_generate_to_s3_stages_with_content_type(
         head = local_s3.client().head_object(Bucket=s3_bucket, Key=key)
         assert head["ContentType"] == "image/webp"
         assert head["Metadata"]["sha256"] == image["sha256"]
+
+
+def test_unknown_submit_outcome_is_listed_and_not_paid_again(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    """A dropped submit answer: the row is reported 'outcome unknown, possibly billed' in the
+    summary and the manifest, and a plain re-run reports it again without submitting."""
+    request = GptImageRequest(prompt=f"a signal box {unique}", quality="low")
+    fal_emulator.inject(Fault("submit", "drop_after_accept", count=1, match=unique))
+    for run in range(2):
+        submits, accepted = fal_emulator.stats["submit"], fal_emulator.stats["accepted"]
+        summary = summary_of(generate_to_s3(request, output_dir=str(tmp_path), return_state=True))
+        assert not summary.ok and summary.submitted == 0 and summary.images_total == 0
+        (failure,) = summary.failures
+        assert failure.error_type == "submit_outcome_unknown"
+        assert failure.reason.startswith("outcome unknown, possibly billed")
+        manifest = Path(str(summary.manifest_uri)).read_text().splitlines()
+        assert [json.loads(line)["error_type"] for line in manifest] == ["submit_outcome_unknown"]
+        # the first run sent it once (fal accepted it); the re-run sends nothing
+        assert fal_emulator.stats["submit"] == submits + (run == 0)
+        assert fal_emulator.stats["accepted"] == accepted + (run == 0)
