@@ -349,7 +349,7 @@ def test_stage_image_sets_content_type_and_ascii_metadata(
     prompt = "Ünïcödé prompt — with «quotes» and 日本語"
     image = make_image(tmp_path, fmt="jpeg", size=(40, 30), endpoint=EDIT, index=2)
     request = GptImageEditRequest(
-        prompt=prompt, quality="medium", image_size="1536x1024", image_urls=["u"]
+        prompt=prompt, quality="medium", image_size="1536x1024", image_urls=["https://a/u.png"]
     )
     staged = stage_image(image, prompt=prompt, request=request, target=S3Target(bucket=bucket))
 
