@@ -5,6 +5,7 @@ are real presigned URLs."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import threading
@@ -28,6 +29,7 @@ from prefect.context import get_run_context
 
 from prefect_gptimage.errors import PermanentFalError
 from prefect_gptimage.reporting.artifacts import (
+    TABLE_COLUMNS,
     BatchProgress,
     artifact_key,
     format_duration,
@@ -263,7 +265,12 @@ def test_manifest_parameters_redact_data_uris_and_signatures() -> None:
     assert len(json.dumps(params)) < 300
     assert params["image_urls"][0].startswith("data:image/png;base64,<")
     assert params["image_urls"][1] == "https://b.s3.amazonaws.com/x.png?<presigned query redacted>"
-    edit = GptImageEditRequest(prompt="pp", quality="medium", image_size="auto", image_urls=["u"])
+    edit = GptImageEditRequest(
+        prompt="pp",
+        quality="medium",
+        image_size="auto",
+        image_urls=["https://a/u.png"],
+    )
     assert cost_per_image(edit) == 0.051
     assert cost_per_image(GptImageRequest.model_construct(prompt="pp", quality="ultra")) is None
 
@@ -350,12 +357,52 @@ def test_gallery_refuses_non_http_urls(batch: dict[str, Any]) -> None:
 
 
 def test_results_table_rows(batch: dict[str, Any]) -> None:
+    """Five short columns a 1400 px screen shows whole; the details are in the manifest."""
     rows = results_table(batch["staged"], batch["failures"], requests=batch["requests"])
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
-    assert rows[0]["size"] == "32x24" and rows[0]["cost_usd"] == 0.009
-    assert rows[2]["format"] == "jpeg" and rows[2]["cost_usd"] == 0.199
-    assert rows[3]["reason"] == "content policy <violation>"
+    assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "ok", "failed"]
+    assert all(tuple(r) == TABLE_COLUMNS for r in rows) and len(TABLE_COLUMNS) <= 5
+    assert rows[0]["size"] == "32x24 low png" and rows[0]["cost_usd"] == 0.009
+    assert rows[2]["size"] == "32x24 high jpeg" and rows[2]["cost_usd"] == 0.199
+    assert rows[0]["image"] == f"[00.png]({batch['staged'][0].url})"  # a link, one short word
+    assert rows[3]["status"] == "failed: content policy &lt;violation&gt;"
+    assert all(len(html.unescape(r["prompt"].replace("\\", ""))) <= 60 for r in rows)
     assert results_table(batch["staged"], requests=batch["requests"], max_rows=2) == rows[:2]
+
+
+#: An entity the Prefect UI would show literally: it decodes only &amp; &lt; &gt; &quot;.
+LITERAL_ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-f]+|(?!(?:amp|lt|gt|quot);)[a-z][a-z0-9]*);", re.I)
+SPECIAL_PROMPTS = [
+    "Cats | dogs & <birds> #1 -- 50% *off* `code` [x](y) \\ back",
+    "R&D &middot; &#35; <script>alert('x')</script> | \"quoted\" #hash & amp;",
+]
+
+
+def test_artifacts_have_no_literal_entities_and_pipes_keep_the_table(
+    batch: dict[str, Any],
+) -> None:
+    staged = batch["staged"][:2]
+    prompts = {staged[0].request_id: SPECIAL_PROMPTS[0], "req-b": SPECIAL_PROMPTS[1]}
+    staged = [staged[0], batch["staged"][2]]
+    failure = FailureLine(
+        prompt=SPECIAL_PROMPTS[1], parameters={}, endpoint="e", reason="bad | <input> #2 & more"
+    )
+    md = gallery_markdown(staged, [failure], prompts=prompts, requests=batch["requests"])
+    rows = results_table(staged, [failure], prompts=prompts, requests=batch["requests"])
+    cells = " ".join(str(v) for r in rows for v in r.values())
+
+    for text in (md, cells):
+        # the prompts' own "&middot;" and "&#35;" arrive escaped (&amp;...), so they show as typed
+        assert not LITERAL_ENTITY.search(text), LITERAL_ENTITY.findall(text)
+        assert "<script" not in text and "<birds>" not in text
+        assert "&lt;script&gt;" in text and "&amp;middot;" in text
+        assert "\\#1" in text and "\\*off\\*" in text and "\\[x\\]\\(y\\)" in text
+    assert "·" in md  # the separator is the plain character, not &middot;
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 3  # header and two images
+    assert all(line.count("|") == 4 for line in table)  # a prompt's "|" adds no column
+    assert "Cats ¦ dogs" in md
+    assert rows[0]["prompt"].startswith("Cats \\| dogs")  # a table artifact cell: escaped pipe
+    assert "valid until" in md and "UTC" in md  # when the thumbnails stop working
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,13 +431,17 @@ def test_publish_results_creates_artifacts(prefect_api: None, batch: dict[str, A
 
     artifacts = flow_artifacts(flow_run_id)
     by_key = {a.key: a for a in artifacts if a.key}
-    assert set(by_key) == {published.table_key, published.gallery_key}
+    assert all(a.key for a in artifacts)  # no unnamed cards: each link has its own key
+    link_keys = {artifact_key(prefix, "image", s.request_id, s.index) for s in batch["staged"][:2]}
+    assert set(by_key) == {published.table_key, published.gallery_key} | link_keys
 
     table = by_key[published.table_key]
     assert table.type == "table"
     rows = json.loads(table.data)
     assert len(rows) == 4
-    assert {r["s3_uri"] for r in rows if r["status"] == "ok"} == {s.s3_uri for s in batch["staged"]}
+    links_in_table = {re.sub(r"^\[.*?\]\((.*)\)$", r"\1", r["image"]) for r in rows[:3]}
+    assert links_in_table == {s.url for s in batch["staged"]}
+    assert "manifest" in (table.description or "")  # where the details went
 
     gallery = by_key[published.gallery_key]
     assert gallery.type == "markdown"
@@ -404,6 +455,28 @@ def test_publish_results_creates_artifacts(prefect_api: None, batch: dict[str, A
         url = re.search(r"\]\((http[^)]+)\)$", link.data)
         assert url is not None
         assert httpx.get(url.group(1), timeout=10).status_code == 200  # the link works
+
+
+def test_publish_results_by_default_makes_two_keyed_artifacts(
+    prefect_api: None, batch: dict[str, Any]
+) -> None:
+    """Per-image links are folded into the table and the gallery, not one card per image."""
+    prefix = f"Folded {uuid.uuid4().hex[:6]}"
+
+    @flow
+    def publish_flow() -> tuple[Any, Any]:
+        published = publish_results(
+            batch["staged"], batch["failures"], key_prefix=prefix, requests=batch["requests"]
+        )
+        return published, get_run_context().flow_run.id  # type: ignore[union-attr]
+
+    published, flow_run_id = publish_flow()
+    assert published.link_ids == [] and published.links_omitted == 0
+    artifacts = flow_artifacts(flow_run_id)
+    assert sorted(a.key for a in artifacts) == sorted([published.table_key, published.gallery_key])
+    gallery = next(a for a in artifacts if a.key == published.gallery_key)
+    assert gallery.data.count("<a href=") == 3  # each thumbnail links to its image
+    assert not LITERAL_ENTITY.search(gallery.data)
 
 
 def test_batch_progress_throttles_and_reaches_100(prefect_api: None) -> None:

@@ -2,13 +2,21 @@
 
 What the Prefect UI (3.8) renders, and so what this package produces:
 
-* a **table** artifact: one row per image (prompt, request id, S3 URI, presigned link, WxH,
-  format, estimated cost) and per failure (:func:`results_table`, here);
+* a **table** artifact: one row per image and per failure, five short columns (a link to the
+  image, the prompt cut to 60 characters, size/quality/format, estimated cost, status), so it
+  reads at 1400 px (:func:`results_table`, here); request ids, ``s3://`` URIs, bytes and
+  checksums are in the run manifest;
 * a **markdown gallery**: linked thumbnails with escaped prompts
   (:func:`~prefect_gptimage.gallery.gallery_markdown`);
-* one **link** artifact per image, capped (default 50; the rest are in the table);
+* per-image **link** artifacts only on request (``max_links``), each with its own key: by default
+  the links are folded into the table and the gallery instead of one unnamed card per image;
 * a **progress** artifact (:class:`~prefect_gptimage.progress.BatchProgress`) updated at most
   every ~2 % or 2 s.
+
+Every artifact is keyed (``{key_prefix}-results``, ``-gallery``, ``-progress``), so a re-run
+adds a version to the same entry of the Artifacts page. Text in them is escaped for the Prefect
+UI's markdown renderer without entities it would show literally (see
+:mod:`prefect_gptimage.reporting.gallery`).
 
 This module publishes the first three (:func:`publish_results`) and is the import point for all
 of it: the gallery writers (:mod:`prefect_gptimage.reporting.gallery`), progress
@@ -16,7 +24,7 @@ of it: the gallery writers (:mod:`prefect_gptimage.reporting.gallery`), progress
 (:mod:`prefect_gptimage.reporting.artifact_keys`) are re-exported here.
 
 The images are shown through presigned S3 URLs, which the viewer's browser fetches directly;
-they stop working when the URLs expire (``S3Target.presign_expires``).
+they stop working when the URLs expire (``S3Target.presign_expires``); the gallery states when.
 
 Artifact keys may hold only lowercase letters, digits and dashes: build them with
 :func:`artifact_key`. Creating artifacts needs a Prefect API; inside a flow run they are attached
@@ -44,7 +52,9 @@ from prefect_gptimage.reporting.gallery import (
     FailureLike,
     escape_text,
     gallery_markdown,
+    links_valid_until,
     lookup_request,
+    safe_url,
     write_html_gallery,
 )
 from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
@@ -53,6 +63,7 @@ from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import AnyRequest
 
 __all__ = [
+    "TABLE_COLUMNS",
     "BatchProgress",
     "FailureLike",
     "PublishedArtifacts",
@@ -67,6 +78,17 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
+#: Columns of the results table artifact, in order.
+TABLE_COLUMNS = ("image", "prompt", "size", "cost_usd", "status")
+
+
+def _md_link(text: str, url: str) -> str:
+    """A markdown link to an http(s) URL (anything else: the text alone)."""
+    if safe_url(url) == "#":
+        return text
+    return f"[{text}]({url.replace('(', '%28').replace(')', '%29').replace(' ', '%20')})"
+
+
 def results_table(
     staged: Sequence[StagedImage],
     failures: Sequence[FailureLike] = (),
@@ -74,48 +96,45 @@ def results_table(
     prompts: Mapping[str, str] | None = None,
     requests: Mapping[str, AnyRequest] | None = None,
     max_rows: int | None = None,
+    prompt_chars: int = 60,
 ) -> list[dict[str, Any]]:
     """Rows for the table artifact: images first, then failures (``status`` tells them apart).
 
+    Five short columns (:data:`TABLE_COLUMNS`): ``image`` (a markdown link, ``00.png``, to the
+    presigned URL), ``prompt`` (cut to ``prompt_chars``), ``size`` (``WxH quality format``),
+    ``cost_usd`` and ``status`` (``ok`` or ``failed: reason``). The Prefect UI renders each cell
+    as markdown, so text is escaped (:func:`escape_text`). Everything else about an image is in
+    the run manifest.
+
     Example:
         >>> from prefect_gptimage.reporting.manifest import FailureLine
-        >>> results_table([], [FailureLine(prompt="p", parameters={}, endpoint="e", reason="r")])
+        >>> results_table([], [FailureLine(prompt="p|q", parameters={}, endpoint="e",
+        ...                                reason="<r>")])
         ... # doctest: +NORMALIZE_WHITESPACE
-        [{'status': 'failed', 'prompt': 'p', 'request_id': '', 'index': None, 's3_uri': '',
-          'link': '', 'size': '', 'format': '', 'bytes': None, 'cost_usd': None, 'reason': 'r'}]
+        [{'image': '', 'prompt': 'p\\\\|q', 'size': '', 'cost_usd': None,
+          'status': 'failed: &lt;r&gt;'}]
     """
     rows: list[dict[str, Any]] = []
     for image in staged:
         prompt, request = lookup_request(image.request_id, prompts, requests)
+        quality = f" {request.quality}" if request is not None else ""
         rows.append(
             {
-                "status": "ok",
-                "prompt": " ".join(prompt.split())[:300],
-                "request_id": image.request_id,
-                "index": image.index,
-                "s3_uri": image.s3_uri,
-                "link": image.url,
-                "size": f"{image.width}x{image.height}",
-                "format": image.format,
-                "bytes": image.bytes,
+                "image": _md_link(f"{image.index:02d}.{image.format}", image.url),
+                "prompt": escape_text(prompt, prompt_chars, in_table=False),
+                "size": f"{image.width}x{image.height}{quality} {image.format}",
                 "cost_usd": cost_per_image(request),
-                "reason": "",
+                "status": "ok",
             }
         )
     for failure in failures:
         rows.append(
             {
-                "status": "failed",
-                "prompt": " ".join(failure.prompt.split())[:300],
-                "request_id": failure.request_id or "",
-                "index": None,
-                "s3_uri": "",
-                "link": "",
+                "image": "",
+                "prompt": escape_text(failure.prompt, prompt_chars, in_table=False),
                 "size": "",
-                "format": "",
-                "bytes": None,
                 "cost_usd": None,
-                "reason": failure.reason[:300],
+                "status": f"failed: {escape_text(failure.reason, 80, in_table=False)}",
             }
         )
     return rows if max_rows is None else rows[:max_rows]
@@ -140,13 +159,13 @@ def publish_results(
     requests: Mapping[str, AnyRequest] | None = None,
     prompts: Mapping[str, str] | None = None,
     title: str | None = None,
-    max_links: int = 20,
+    max_links: int = 0,
     max_gallery: int = 60,
     max_table_rows: int = 2000,
-    key_links: bool = False,
     totals: ManifestTotals | None = None,
+    manifest_uri: str | None = None,
 ) -> PublishedArtifacts:
-    """Create the table, gallery and link artifacts of a batch (in the current flow run).
+    """Create the table and gallery artifacts of a batch (in the current flow run).
 
     Args:
         staged: the staged images.
@@ -157,14 +176,15 @@ def publish_results(
         requests: request id -> the request (its ``prompt``, and quality/size for the cost
             column).
         prompts: request id -> prompt, when ``requests`` is not at hand (takes precedence).
-        max_links: at most this many link artifacts; the rest are only in the table.
+        max_links: also create a link artifact for each of the first ``max_links`` images, keyed
+            ``{key_prefix}-image-{request}-{index}`` (each key is an entry of its own on the
+            Artifacts page). Default 0: the links are in the table and the gallery only.
         max_gallery: thumbnails in the gallery (each is a full image the browser downloads).
         max_table_rows: table rows (the manifest has every line).
-        key_links: give link artifacts keys (``{key_prefix}-image-{request}-{index}``). Off by
-            default: each key is a separate entry on the global Artifacts page, while keyless
-            links still show on the flow run's Artifacts tab.
         totals: the whole run's counts and cost, when ``staged`` holds only its first images
             (a large batch keeps only what the table shows); by default counted from ``staged``.
+        manifest_uri: where the run manifest is (``s3://...``), named in the table's description
+            as the place for the details.
 
     Example:
         >>> @flow  # doctest: +SKIP
@@ -194,6 +214,12 @@ def publish_results(
     table_desc = f"{n_images} images, {len(failures)} failures"
     if total_rows > len(rows):
         table_desc += f"; first {len(rows)} rows shown, the run manifest has all {total_rows}"
+    table_desc += (
+        f". Request ids, s3:// URIs, bytes and checksums: manifest {manifest_uri}"
+        if manifest_uri
+        else ". Request ids, s3:// URIs, bytes and checksums: the run manifest"
+    )
+    until = links_valid_until(staged[:max_gallery])
     table_id = call_sync(create_table_artifact, table=rows, key=table_key, description=table_desc)
     gallery_id = call_sync(
         create_markdown_artifact,
@@ -207,7 +233,8 @@ def publish_results(
             totals=totals,
         ),
         key=gallery_key,
-        description=f"Thumbnail gallery of {n_images} images",
+        description=f"Thumbnail gallery of {n_images} images"
+        + (f" (presigned links valid until {until})" if until else ""),
     )
     link_ids: list[UUID] = []
     for image in staged[:max_links]:
@@ -217,17 +244,16 @@ def publish_results(
                 create_link_artifact,
                 link=image.url,
                 link_text=(
-                    f"{image.index:02d} {escape_text(prompt, 60)} ({image.width}x{image.height})"
+                    f"{image.index:02d} {escape_text(prompt, 60, in_table=False)} "
+                    f"({image.width}x{image.height})"
                 ),
-                key=(
-                    artifact_key(key_prefix, "image", image.request_id, image.index)
-                    if key_links
-                    else None
+                key=artifact_key(key_prefix, "image", image.request_id, image.index),
+                description=(
+                    f"{image.s3_uri} (presigned link, valid until {links_valid_until([image])})"
                 ),
-                description=f"{image.s3_uri} (presigned link, expires {image.url_expires_at:%c})",
             )
         )
-    omitted = max(0, n_images - max_links)
+    omitted = max(0, n_images - max_links) if max_links > 0 else 0
     if omitted:
         run_logger(_log).info(
             "%d images have no link artifact (cap %d); see table %r", omitted, max_links, table_key

@@ -1,22 +1,37 @@
-"""Galleries of a batch's images: the markdown gallery artifact and a standalone HTML page.
+r"""Galleries of a batch's images: the markdown gallery artifact and a standalone HTML page.
 
 Both render the same records (staged or downloaded images, failures) for people to look at, so
 they share the escaping rules kept here: prompts and reasons are user input and are always
-HTML-escaped (and markdown-neutralized in markdown); only ``http(s)`` URLs become links. The
-markdown gallery uses raw ``<img src="presigned-url" width="160">`` tags (the Prefect UI honours
-the width, which makes thumbnails; ``![](url)`` would be drawn full size), each wrapped in a link
-to the full image. The HTML page shows downloaded images through relative paths and staged ones
-through their presigned URLs, which expire (``S3Target.presign_expires``).
+escaped; only ``http(s)`` URLs become links. The markdown gallery uses raw
+``<img src="presigned-url" width="160">`` tags (the Prefect UI honours the width, which makes
+thumbnails; ``![](url)`` would be drawn full size), each wrapped in a link to the full image. The
+HTML page shows downloaded images through relative paths and staged ones through their presigned
+URLs.
+
+**Presigned links expire** (``S3Target.presign_expires``, 1 day by default): the gallery says
+until when. After that each thumbnail is drawn as a broken image with its prompt as alt text, and
+its link answers 403; the ``s3://`` URIs in the run manifest stay valid, and re-running the batch
+(served from the cache: nothing is paid again) publishes the gallery again with fresh links.
+
+**Escaping for the Prefect UI.** Its markdown renderer decodes only ``&amp;``, ``&lt;``,
+``&gt;`` and ``&quot;``; any other entity (``&middot;``, ``&#35;``) is shown literally. So text
+is HTML-escaped with those three, markdown specials get a backslash (CommonMark's escape, drawn
+as the plain character), and a ``|`` inside a gallery table row becomes ``¦`` (U+00A6) so it can
+never split a cell. No other entity is ever written.
 
 Example:
-    >>> escape_text("<b>*hi*</b>")
-    '&lt;b&gt;&#42;hi&#42;&lt;/b&gt;'
+    >>> escape_text("<b>*hi*</b> | #1 & more")
+    '&lt;b&gt;\\*hi\\*&lt;/b&gt; ¦ \\#1 &amp; more'
+    >>> escape_text("a | b", in_table=False)
+    'a \\| b'
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import os
+import re
 import shutil
 import threading
 import urllib.parse
@@ -32,8 +47,10 @@ __all__ = [
     "THUMB_WIDTH",
     "FailureLike",
     "HtmlGallery",
+    "escape_attr",
     "escape_text",
     "gallery_markdown",
+    "links_valid_until",
     "lookup_request",
     "safe_url",
     "write_html_gallery",
@@ -55,16 +72,40 @@ class FailureLike(Protocol):
 
 THUMB_WIDTH = 160
 
-_MD_SPECIAL = {c: f"&#{ord(c)};" for c in "\\`*_{}[]()#+!|~$"}
+#: CommonMark backslash escapes: drawn as the plain character, never as markup.
+_MD_SPECIAL = {c: "\\" + c for c in "\\`*_{}[]()#+!|~$"}
+#: A pipe inside a gallery table row: looks like one, cannot split the row's cells.
+TABLE_PIPE = "\u00a6"
+_ATTR_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+!|~$<>&\"']")
 
 
-def escape_text(value: str, limit: int | None = 300) -> str:
-    """Untrusted text for markdown/HTML: escaped, markdown specials neutralized, one line."""
+def _one_line(value: object, limit: int | None) -> str:
     text = " ".join(str(value).split())
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
-    escaped = html.escape(text, quote=True)
-    return "".join(_MD_SPECIAL.get(c, c) for c in escaped)
+    return text
+
+
+def escape_text(value: str, limit: int | None = 300, *, in_table: bool = True) -> str:
+    """Untrusted text for a markdown artifact: one line, cut to ``limit`` characters,
+    HTML-escaped (``&amp; &lt; &gt;`` only) and markdown specials backslash-escaped.
+
+    ``in_table`` (the default): ``|`` becomes ``¦``, so the text is safe in a markdown table row.
+    Otherwise ``|`` is backslash-escaped like the other specials (a table artifact's cells).
+    """
+    escaped = html.escape(_one_line(value, limit), quote=False)
+    out = "".join(_MD_SPECIAL.get(c, c) for c in escaped)
+    return out.replace("\\|", TABLE_PIPE) if in_table else out
+
+
+def escape_attr(value: str, limit: int | None = 100) -> str:
+    """Untrusted text for a double-quoted HTML attribute (``alt``) inside a markdown table row.
+
+    Markdown does not apply inside an attribute (a backslash would show), so markdown and HTML
+    specials are replaced by spaces instead: the alt text, shown in place of an expired
+    thumbnail, is the prompt's words.
+    """
+    return _one_line(_ATTR_SPECIAL.sub(" ", str(value)), limit)
 
 
 def safe_url(value: str) -> str:
@@ -86,6 +127,16 @@ def lookup_request(
     return prompt, request
 
 
+def links_valid_until(staged: Sequence[StagedImage]) -> str | None:
+    """When the first of these presigned links expires, in UTC (``'2026-12-01 17:35 UTC'``)."""
+    if not staged:
+        return None
+    first = min(s.url_expires_at for s in staged)
+    if first.tzinfo is not None:
+        first = first.astimezone(dt.timezone.utc)
+    return f"{first:%Y-%m-%d %H:%M} UTC"
+
+
 def gallery_markdown(
     staged: Sequence[StagedImage],
     failures: Sequence[FailureLike] = (),
@@ -96,10 +147,13 @@ def gallery_markdown(
     max_images: int = 60,
     thumb_width: int = THUMB_WIDTH,
     totals: ManifestTotals | None = None,
+    prompt_chars: int = 60,
 ) -> str:
     """The markdown gallery: a table of linked thumbnails with escaped prompts, then failures.
 
-    ``totals`` gives the whole run's image count and cost when ``staged`` is only its start.
+    Three narrow columns (image, prompt cut to ``prompt_chars``, size/format/cost), readable at
+    1400 px; request ids, ``s3://`` URIs and checksums are in the run manifest. ``totals`` gives
+    the whole run's image count and cost when ``staged`` is only its start.
     """
     if totals is None:
         n_images = len(staged)
@@ -112,24 +166,30 @@ def gallery_markdown(
     out = [
         f"# {escape_text(title, 200)}",
         "",
-        f"**{n_images}** images, **{len(failures)}** failures, estimated cost "
-        f"**${cost:.3f}**. Thumbnails use presigned links, which expire.",
-        "",
+        f"**{n_images}** images, **{len(failures)}** failures, estimated cost **${cost:.3f}**.",
     ]
+    until = links_valid_until(staged[:max_images])
+    if until:
+        out += [
+            "",
+            f"Thumbnails and links are presigned S3 URLs, valid until **{until}**. After that the "
+            "thumbnails show as broken images; the s3:// URIs in the run manifest stay valid, and "
+            "re-running the batch (from the cache, at no cost) publishes fresh links.",
+        ]
+    out.append("")
     if staged:
-        out += ["| Image | Prompt | Details |", "|---|---|---|"]
+        out += ["| Image | Prompt | Size · cost |", "|---|---|---|"]
         for image in staged[:max_images]:
             prompt, request = lookup_request(image.request_id, prompts, requests)
             url = safe_url(image.url)
             price = cost_per_image(request)
-            details = (
-                f"{image.width}x{image.height} {escape_text(image.format, 10)}"
-                + (f" &middot; ${price:.3f}" if price is not None else "")
-                + f" &middot; {escape_text(image.request_id, 80)} &#35;{image.index}"
+            details = f"{image.width}x{image.height} {escape_text(image.format, 10)}" + (
+                f" · ${price:.3f}" if price is not None else ""
             )
             out.append(
                 f'| <a href="{url}"><img src="{url}" width="{thumb_width}" '
-                f'alt="{escape_text(prompt, 100)}"></a> | {escape_text(prompt)} | {details} |'
+                f'alt="{escape_attr(prompt, 40)}"></a> | {escape_text(prompt, prompt_chars)} '
+                f"| {details} |"
             )
         if n_images > max_images:
             out += ["", f"… and {n_images - max_images} more in the results table and manifest."]

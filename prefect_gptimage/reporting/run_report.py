@@ -47,7 +47,7 @@ class RunReport:
     """Collects a run's outcomes in bounded memory; :meth:`close` settles the final state.
 
     ``out`` receives ``manifest.jsonl`` and ``index.html``; with a ``target`` the manifest is
-    staged to S3 and the table, gallery and link artifacts are published. Used as a context
+    staged to S3 and the results table and gallery artifacts are published. Used as a context
     manager, an exception inside the block discards the unfinished files.
     """
 
@@ -120,6 +120,7 @@ class RunReport:
             key_prefix=self.run_key,
             requests=self._requests,
             totals=self.manifest.totals(),
+            manifest_uri=staged_manifest.s3_uri,
         )
         return finish(summary)
 
