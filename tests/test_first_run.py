@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -174,3 +176,175 @@ def test_generate_against_a_fal_compatible_host_needs_no_allowlist(
     assert refused.returncode == 1
     assert "refusing to download from host 'localhost'" in refused.stderr
     assert "PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS" in refused.stderr
+
+
+# -- 2a. the temporary Prefect API is quiet and leaves nothing behind ---------------------------
+
+
+def test_a_run_on_the_temporary_api_prints_nothing_about_it_and_leaves_no_files(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": f"{unique} quiet", "quality": "low"}) + "\n")
+    private_tmp = tmp_path / "tmp"  # the CLI's temporary folder, watched
+    private_tmp.mkdir()
+    env = _user_env(tmp_path)  # no PREFECT_API_URL, telemetry setting left at Prefect's default
+    env.update({"PREFECT_HOME": str(tmp_path / "home"), "TMPDIR": str(private_tmp)})
+
+    done = run_cli_process(["generate", f"a gull {unique}", "--quality", "low", "--json"], env)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "temporary API server" not in done.stderr  # offline, telemetry used to log an error
+    assert "telemetry" not in done.stderr.lower()
+    assert list(private_tmp.iterdir()) == []  # the server's log is gone too
+
+
+def test_a_users_own_server_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect_gptimage.cli._early_api import EarlyApi
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert EarlyApi.start() is None  # nothing started, nothing of the user's changed
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+
+
+# -- 2b. a missing fal key --------------------------------------------------------------------
+
+
+def _keyless_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in _user_env(tmp_path).items() if k not in KEY_VARIABLES}
+    env["FAL_HOME_DIR"] = str(tmp_path / "fal-home")  # no `fal auth login` token there
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    return env
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_a_missing_key_is_one_line_before_prefect_and_nothing_is_written(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path, command: str
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": f"{unique} keyless", "quality": "low"}) + "\n")
+    args = {
+        "generate": ["generate", f"an owl {unique}", "--quality", "low"],
+        "batch": ["batch", str(rows), "--bucket", "b"],
+    }[command]
+    submits = fal_emulator.stats["submit"]
+    started = time.monotonic()
+
+    done = run_cli_process(args, _keyless_env(tmp_path))
+
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "FAL_KEY" in lines[0] and "fal auth login" in lines[0]
+    assert elapsed < 6, f"{elapsed:.1f}s: Prefect was started first"  # it used to take 8-13 s
+    assert not (tmp_path / "images").exists()
+    assert not (tmp_path / "home").exists()  # no Prefect home, database or server
+    assert fal_emulator.stats["submit"] == submits
+
+
+def test_dry_run_needs_no_key(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a dry run without a key", "quality": "low"}) + "\n")
+
+    done = run_cli_process(["batch", str(rows), "--dry-run"], _keyless_env(tmp_path))
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dry run: $" in done.stderr
+    assert "FAL_KEY" not in done.stderr
+
+
+def _jwt(exp: float) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none'})}.{part({'exp': int(exp)})}.sig"
+
+
+def test_a_fal_auth_login_token_counts_as_a_key(
+    fal_emulator: FalEmulator, prefect_harness: dict[str, Any], unique: str, tmp_path: Path
+) -> None:
+    env = {**_keyless_env(tmp_path), "PREFECT_API_URL": str(prefect_harness["api_url"])}
+    home = Path(env["FAL_HOME_DIR"])
+    home.mkdir()
+    (home / "auth0_token").write_text(f"refresh-token\n{_jwt(time.time() + 3600)}\n")
+
+    done = run_cli_process(["generate", f"a crane {unique}", "--quality", "low"], env)
+
+    # fal_client sent the login token (the emulator only takes "Key ..." and answers 401): the
+    # CLI did not refuse to start for want of a key
+    assert "no fal key found" not in done.stderr
+    assert done.returncode == 1
+    assert "401" in done.stderr or "authoriz" in done.stderr.lower(), done.stderr[-2000:]
+
+
+# -- 2c. help is plain text -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["demo"], ["emulator"]])
+def test_help_is_plain_text(command: list[str], tmp_path: Path) -> None:
+    done = run_cli_process([*command, "--help"], _user_env(tmp_path))
+
+    assert done.returncode == 0, done.stderr
+    assert "usage: prefect-gptimage" in done.stdout
+    assert "``" not in done.stdout
+    assert ":func:" not in done.stdout and ":class:" not in done.stdout
+
+
+# -- 2d, 2e. the demo -------------------------------------------------------------------------
+
+
+def test_demo_without_moto_says_what_to_install(tmp_path: Path) -> None:
+    shadow = tmp_path / "no-moto" / "moto"  # what `pip install prefect-gptimage` leaves: no moto
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'moto'\", name='moto')\n"
+    )
+    env = _user_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow.parent), env.get("PYTHONPATH")]))
+    out = tmp_path / "demo-out"
+
+    done = run_cli_process(["demo", "--output-dir", str(out)], env)
+
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert 'pip install "prefect-gptimage[demo]"' in lines[0]
+    assert not out.exists()
+
+
+def _images(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.suffix in (".png", ".jpg", ".webp")}
+
+
+def test_demo_twice_pays_once_and_each_run_folder_holds_that_runs_images(tmp_path: Path) -> None:
+    from prefect_gptimage.cli.demo import sample_prompt_file
+    from prefect_gptimage.flows.batch import run_key_for
+
+    out = tmp_path / "demo-output"
+    run_folder = out / run_key_for(sample_prompt_file(), None)
+    run_folder.mkdir(parents=True)  # images an older demo left behind
+    (run_folder / "0b10b925-old-request-0.png").write_bytes(b"stale")
+    env = _user_env(tmp_path)
+    for name in ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        env.pop(name, None)  # the demo brings its own fal host
+    args = ["demo", "--output-dir", str(out), "--latency", "0.05"]
+
+    first = run_cli_process(args, env)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "fal calls: 5 submits" in first.stdout
+    images = _images(run_folder)
+    assert len(images) == 6  # the sample's 6 images, and nothing older
+    manifest = (run_folder / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 6
+
+    second = run_cli_process(args, env)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 new submits: every image came from the cache" in second.stdout
+    assert "5 cached" in second.stderr  # Prefect's own line agrees
+    assert _images(run_folder) == images  # the same files, no new ones
+    assert (out / ".prefect").is_dir()  # where the cache lives, with the output

@@ -15,7 +15,11 @@ unused. Any failure falls back to Prefect's own start-up, so this can only make 
 faster, never break it. Unlike Prefect's, on POSIX it gets its listening socket from us (no
 other process can take the port while it boots), runs in its own session (Ctrl+C reaches only
 the CLI, which stops it after Prefect's exit hooks have flushed logs and events to it) and, on
-Linux, is terminated if the CLI dies. Its output goes to a log file, summed up at exit.
+Linux, is terminated if the CLI dies. Its telemetry is off (``PREFECT_SERVER_ANALYTICS_ENABLED``
+for that process only: offline, the failed upload was the one line a normal run logged). Its
+output goes to a log file that is unlinked at once on POSIX (read back through a descriptor we
+keep, so nothing is left in the temporary folder even after ``kill -9``), and summed up at exit.
+A user's own server (``PREFECT_API_URL``, or a profile naming one) is never touched.
 
 Example::
 
@@ -38,14 +42,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-# what Prefect's SubprocessASGIServer sets for its server (no UI, ephemeral mode)
+# what Prefect's SubprocessASGIServer sets for its server (no UI, ephemeral mode), and no
+# telemetry: a throwaway server has nothing to report, and offline the upload fails and logs
 _SERVER_ENV = {
     "PREFECT_UI_ENABLED": "0",
     "PREFECT__SERVER_EPHEMERAL": "1",
     "PREFECT__SERVER_FINAL": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
+#: At most this many of the server's error lines are printed at exit.
+_EXCERPT_LINES = 3
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -87,10 +95,20 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
 class EarlyApi:
     """A temporary Prefect API server started ahead of need (see the module docstring)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        log_path: Path,
+        log_reader: BinaryIO | None = None,
+    ) -> None:
         self.process: subprocess.Popen[bytes] | None = process
         self.port = port
         self.log_path = log_path
+        #: the log, kept open after its name was unlinked (POSIX); None: read it by name
+        self.log_reader = log_reader
+        #: whether Prefect uses this server (only then is its log worth a word at exit)
+        self.adopted = False
         self.api_url = f"http://127.0.0.1:{port}/api"
 
     @classmethod
@@ -159,7 +177,12 @@ class EarlyApi:
         finally:
             log.close()  # the server holds its own descriptors
             sock.close()
-        early = cls(process, port, Path(log.name))
+        reader: BinaryIO | None = None
+        if os.name == "posix":  # no name left behind, whatever happens to us
+            with contextlib.suppress(OSError):
+                reader = open(log.name, "rb")  # noqa: SIM115  # read in stop(), closed there
+                os.unlink(log.name)
+        early = cls(process, port, Path(log.name), reader)
         atexit.register(early.stop)  # registered before Prefect's hooks, so it runs after them
         return early
 
@@ -168,15 +191,16 @@ class EarlyApi:
 
         Waits until the server answers (at most Prefect's own
         ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``). Returns whether it was adopted;
-        when not, Prefect behaves exactly as if this module did not exist.
+        when not, Prefect behaves as if this module did not exist, except that the temporary
+        server Prefect then starts itself has its telemetry off too.
         """
         try:
-            adopted = self._adopt()
+            self.adopted = self._adopt()
         except Exception:  # e.g. Prefect < 3.6 (no refresh_global_settings_context): its own way
-            adopted = False
-        if not adopted:
+            self.adopted = False
+        if not self.adopted:
             self.stop()
-        return adopted
+        return self.adopted
 
     def _adopt(self) -> bool:
         import httpx
@@ -199,6 +223,9 @@ class EarlyApi:
                         refresh_global_settings_context()
                         return True
                 time.sleep(0.05)
+        # too slow to answer (a loaded machine) or gone: Prefect starts its own temporary
+        # server, from this process's environment; it is as throwaway as ours
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         return False
 
     def stop(self) -> None:
@@ -217,18 +244,27 @@ class EarlyApi:
         self._report_log()
 
     def _report_log(self) -> None:
-        """Say in a few lines what the server logged (kept in its file), or delete the file."""
+        """Say in a few lines what the server logged, and remove the log."""
         try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+            if self.log_reader is not None:
+                data = self.log_reader.read()
+            else:
+                data = self.log_path.read_bytes()
         except OSError:
-            return
-        lines = summarize_server_log(text)
-        if not lines:
-            self.log_path.unlink(missing_ok=True)
-            return
-        for line in lines:
+            data = b""
+        finally:
+            if self.log_reader is not None:
+                self.log_reader.close()
+                self.log_reader = None
+            with contextlib.suppress(OSError):
+                self.log_path.unlink(missing_ok=True)
+        if not self.adopted:
+            return  # never used (stopped unadopted, perhaps mid start-up): nothing to tell
+        text = data.decode("utf-8", errors="replace")
+        for line in summarize_server_log(text):
             print(f"prefect-gptimage: {line}", file=sys.stderr)
-        print(f"prefect-gptimage: the server's log: {self.log_path}", file=sys.stderr)
+        for line in server_log_excerpt(text):
+            print(f"prefect-gptimage:   {line}", file=sys.stderr)
 
 
 #: What Prefect's in-memory messaging logs for each event a slow consumer had no room for.
@@ -269,3 +305,22 @@ def summarize_server_log(text: str) -> list[str]:
     if not lines:
         lines.append("Prefect's temporary API server wrote to its log.")
     return lines
+
+
+def server_log_excerpt(text: str, limit: int = _EXCERPT_LINES) -> list[str]:
+    """The first few error or warning lines of the server's log (other than dropped events),
+    shortened: the log itself is removed at exit, so these are what a user gets to see.
+
+    Example:
+        >>> server_log_excerpt("12:00:00.000 | ERROR   | prefect.server - boom\n")
+        ['12:00:00.000 | ERROR   | prefect.server - boom']
+    """
+    found = []
+    for line in text.splitlines():
+        if (" | ERROR " in line or " | CRITICAL " in line or " | WARNING " in line) and (
+            _DROPPED not in line
+        ):
+            found.append(line if len(line) <= 200 else line[:199] + "…")
+            if len(found) == limit:
+                break
+    return found

@@ -3,6 +3,10 @@
 Configured only by the environment a user already has: fal_client's variables (``FAL_KEY``, ...),
 Prefect's (``PREFECT_API_URL``, or none for an ephemeral API), boto3's (``AWS_*``).
 
+A command that would call fal checks first that fal_client can find a key (``FAL_KEY``,
+``FAL_KEY_ID`` with ``FAL_KEY_SECRET``, or a ``fal auth login`` token), before Prefect starts:
+without one it says so in one line, exits 2 and writes nothing. ``--dry-run`` needs no key.
+
 Exit status: 0 when every image was produced, 1 when any failed, 2 for invalid input (the message
 names the field and nothing is submitted).
 
@@ -15,14 +19,47 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
 from prefect_gptimage.errors import BatchIncomplete, InvalidRequestError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: What ``prefect-gptimage --help`` says first (plain text: argparse prints it as is).
+DESCRIPTION = (
+    "Generate images with OpenAI GPT Image 1.5 on fal.ai as Prefect flows: one prompt, a prompt "
+    "file, the bundled fal emulator, or an offline demo. Configured by FAL_KEY, AWS_* and "
+    "Prefect's own settings."
+)
+
+#: The one line a user without a fal key reads (nothing was started, submitted or written).
+MISSING_KEY = (
+    "no fal key found: set FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET), or run 'fal auth login'; "
+    "nothing was submitted"
+)
+
+
+def fal_key_available() -> bool:
+    """Whether fal_client will find credentials, checked without importing it.
+
+    The same places fal_client looks (``fal_client.auth``): ``FAL_KEY``, ``FAL_KEY_ID`` with
+    ``FAL_KEY_SECRET``, then the token ``fal auth login`` saved in ``$FAL_HOME_DIR/auth0_token``
+    (default ``~/.fal``).
+    """
+    if os.environ.get("FAL_KEY"):
+        return True
+    if os.environ.get("FAL_KEY_ID") and os.environ.get("FAL_KEY_SECRET"):
+        return True
+    home = Path(os.environ.get("FAL_HOME_DIR") or Path.home() / ".fal").expanduser()
+    try:
+        return bool((home / "auth0_token").read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return False
 
 
 def _add_request_options(p: argparse.ArgumentParser) -> None:
@@ -69,14 +106,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefect-gptimage", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="prefect-gptimage", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images for one prompt")
+    gen = sub.add_parser(
+        "generate",
+        help="generate images for one prompt",
+        description="Generate images for one prompt (edit images with --edit-image).",
+    )
     _add_request_options(gen)
     _add_run_options(gen)
 
-    batch = sub.add_parser("batch", help="generate every row of a prompt file (JSONL or CSV)")
+    batch = sub.add_parser(
+        "batch",
+        help="generate every row of a prompt file (JSONL or CSV)",
+        description="Generate every row of a prompt file (JSONL or CSV), staged to S3.",
+    )
     batch.add_argument("file", help="prompt file: .jsonl or .csv, one request per row")
     batch.add_argument(
         "--concurrency", type=int, default=8, metavar="C", help="requests in flight (default 8)"
@@ -92,8 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(batch)
 
-    demo = sub.add_parser("demo", help="run a sample batch offline: bundled emulator, local S3")
-    demo.add_argument("--output-dir", default="demo-output", metavar="DIR")
+    demo = sub.add_parser(
+        "demo",
+        help="run a sample batch offline: bundled emulator, local S3",
+        description="Run a sample batch offline: the bundled fal emulator, a local S3 server\n"
+        "(moto) and a temporary Prefect API. A second run into the same --output-dir\n"
+        "is served from the cache. Needs moto, in the demo extra:\n\n"
+        '  pip install "prefect-gptimage[demo]"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--output-dir",
+        default="demo-output",
+        metavar="DIR",
+        help="images, manifest and gallery, and the demo's Prefect home and cache in DIR/.prefect "
+        "(default demo-output)",
+    )
     demo.add_argument("--prompt-file", metavar="FILE", help="default: the bundled sample")
     demo.add_argument("--latency", type=float, default=1.0, help="emulated generation seconds")
 
@@ -227,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
     commands = {"generate": cmd_generate, "batch": cmd_batch}
+    if not getattr(args, "dry_run", False) and not fal_key_available():
+        return _fail_usage(MISSING_KEY)  # before any server, import or file: one line
     early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
     try:
         return commands[args.command](args, early)
