@@ -91,7 +91,7 @@ class SubmitIntent(BaseModel):
         """What happened to this submit, for an error message."""
         when = datetime.fromtimestamp(self.written_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         if self.state == "unknown":
-            return f"the submit at {when} UTC got no usable answer ({self.reason})"
+            return f"the submit at {when} UTC: {self.reason}"
         return (
             f"a submit started at {when} UTC by {self.host} (pid {self.pid}) recorded no answer: "
             "the process stopped (or is still running) between sending it and storing fal's reply"
@@ -195,7 +195,7 @@ def guarded_submit(
     try:
         handle = submit()
     except SubmitOutcomeUnknown as exc:
-        _record(request, variant, "unknown", exc.message)
+        _record(request, variant, "unknown", exc.message.split(". ", 1)[0])  # not its advice
         raise SubmitOutcomeUnknown(
             f"outcome unknown, possibly billed: {exc.message} A plain re-run does not submit "
             "it again (resubmit_unknown=True, CLI --resubmit-unknown, does).",
