@@ -11,7 +11,9 @@
     │   ├── PermanentFalError        4xx (401, 403, 404, 422, ...), failed validation at fal
     │   ├── FalRequestFailed         the request itself ended failed at fal (COMPLETED + error)
     │   ├── FalRequestTimeout        our own deadline passed; the fal request was cancelled
-    │   └── SubmitOutcomeUnknown     the submit was sent but no answer came back: NOT retried
+    │   ├── SubmitOutcomeUnknown     the submit was sent but no answer came back: NOT retried
+    │   ├── ImageCountMismatch       fal returned more or fewer images than num_images
+    │   └── DuplicateRequestId       one fal request id for two different submits
     ├── DownloadError                fetching or verifying an image
     │   ├── TransientDownloadError
     │   └── PermanentDownloadError   wrong format/size, not https, host not allowed, too big
@@ -135,6 +137,51 @@ class SubmitOutcomeUnknown(FalError):
     fal may have accepted (and will bill) the request, and the queue API has no idempotency key,
     so it is deliberately *not* retried: retrying could pay twice for one image.
     """
+
+
+class ImageCountMismatch(FalError):
+    """fal's result holds a different number of images than the request's ``num_images``.
+
+    Permanent (polling again returns the same result). The request was paid for: the images that
+    did arrive are kept (``delivered``), and the shortfall (or the surplus) is reported for the
+    row. ``error_type`` is ``image_count_mismatch`` in the summary and the manifest.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        expected: int = 0,
+        delivered: int = 0,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, error_type="image_count_mismatch", request_id=request_id)
+        self.expected = expected
+        self.delivered = delivered
+
+    def __reduce__(self) -> Any:  # keyword attributes survive pickling (Prefect persists states)
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+class DuplicateRequestId(FalError):
+    """fal returned one request id for two different submits of the same run.
+
+    Staging that result under both rows' names would label one image with two prompts, so every
+    row involved fails. ``error_type`` is ``duplicate_request_id``.
+    """
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message, error_type="duplicate_request_id", request_id=request_id)
+
+    def __reduce__(self) -> Any:
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+def _rebuild(cls: type[FalError], message: str, state: dict[str, Any]) -> FalError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
 
 
 class DownloadError(GptImageError):

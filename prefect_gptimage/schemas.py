@@ -25,7 +25,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from prefect_gptimage.errors import FalError, InvalidRequestError
+from prefect_gptimage.errors import (
+    DuplicateRequestId,
+    ImageCountMismatch,
+    InvalidRequestError,
+)
 
 TEXT_TO_IMAGE_ENDPOINT = "fal-ai/gpt-image-1.5"
 EDIT_ENDPOINT = "fal-ai/gpt-image-1.5/edit"
@@ -286,51 +290,6 @@ class GenerationResult(BaseModel):
 # -- what came back must add up ------------------------------------------------------------------
 
 
-class ImageCountMismatch(FalError):
-    """fal's result holds a different number of images than the request's ``num_images``.
-
-    Permanent (polling again returns the same result). The request was paid for: the images that
-    did arrive are kept (``delivered``), and the shortfall (or the surplus) is reported for the
-    row. ``error_type`` is ``image_count_mismatch`` in the summary and the manifest.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        expected: int = 0,
-        delivered: int = 0,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(message, error_type="image_count_mismatch", request_id=request_id)
-        self.expected = expected
-        self.delivered = delivered
-
-    def __reduce__(self) -> Any:  # keyword attributes survive pickling (Prefect persists states)
-        return _rebuild, (type(self), self.message, self.__dict__)
-
-
-class DuplicateRequestId(FalError):
-    """fal returned one request id for two different submits of the same run.
-
-    Staging that result under both rows' names would label one image with two prompts, so every
-    row involved fails. ``error_type`` is ``duplicate_request_id``.
-    """
-
-    def __init__(self, message: str, *, request_id: str | None = None) -> None:
-        super().__init__(message, error_type="duplicate_request_id", request_id=request_id)
-
-    def __reduce__(self) -> Any:
-        return _rebuild, (type(self), self.message, self.__dict__)
-
-
-def _rebuild(cls: type[FalError], message: str, state: dict[str, Any]) -> FalError:
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    exc.__dict__.update(state)
-    return exc
-
-
 def check_image_count(
     request: AnyRequest,
     output: GptImageOutput,
@@ -349,7 +308,7 @@ def check_image_count(
         ...                   GptImageOutput(images=[ImageFile(url="https://v3.fal.media/a.png")]))
         Traceback (most recent call last):
         ...
-        prefect_gptimage.schemas.ImageCountMismatch: fal returned 1 image(s) for num_images=2: ...
+        prefect_gptimage.errors.ImageCountMismatch: fal returned 1 image(s) for num_images=2: ...
     """
     expected, got = request.num_images, len(output.images)
     if got == expected:

@@ -8,18 +8,21 @@ from typing import Any
 
 import pytest
 
-from prefect_gptimage.errors import FalError, InvalidRequestError
+from prefect_gptimage.errors import (
+    DuplicateRequestId,
+    FalError,
+    ImageCountMismatch,
+    InvalidRequestError,
+)
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.schemas import (
     EDIT_ENDPOINT,
     TEXT_TO_IMAGE_ENDPOINT,
     DownloadedImage,
-    DuplicateRequestId,
     GenerationResult,
     GptImageEditRequest,
     GptImageOutput,
     GptImageRequest,
-    ImageCountMismatch,
     ImageFile,
     RequestHandle,
     RequestIdLedger,
