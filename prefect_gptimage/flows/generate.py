@@ -45,7 +45,7 @@ def generate_to_s3(
     """Generate the images of one request into ``output_dir``; stage them to ``bucket`` if given.
 
     The run writes a manifest and an HTML gallery beside the images, and (with a bucket) stages
-    the manifest and publishes the table, gallery and link artifacts. ``prefix`` defaults to
+    the manifest and publishes the results table and gallery artifacts. ``prefix`` defaults to
     the ``S3Bucket`` block's folder, else ``gptimage``.
 
     Before submitting, the bucket name must be valid, the bucket must take a write and the fal
