@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
-from prefect_gptimage.errors import BatchIncomplete, InvalidRequestError
+from prefect_gptimage.errors import BatchIncomplete, ConfigurationError, InvalidRequestError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -234,7 +234,18 @@ def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int
         refresh=args.refresh,
         return_state=True,
     )
-    return _emit(state.result(raise_on_failure=False), args.json)
+    return _emit_or_fail(state.result(raise_on_failure=False), args.json)
+
+
+def _emit_or_fail(result: Any, as_json: bool, ok: bool = True) -> int:
+    """A flow's result: its summary, or the one error a check raised before paying (invalid
+    input or configuration: exit 2; anything else, e.g. a bucket that cannot take the images: 1)."""
+    if isinstance(result, InvalidRequestError | ConfigurationError):
+        return _fail_usage(str(result))
+    if isinstance(result, BaseException):
+        print(f"prefect-gptimage: error: {result}", file=sys.stderr)
+        return EXIT_FAILED
+    return _emit(result, as_json, ok=ok)
 
 
 def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
@@ -267,8 +278,7 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
     if isinstance(summary, BatchIncomplete):  # some rows failed: report them with the rest
         summary = summary.summary
     if isinstance(summary, BaseException):
-        print(f"prefect-gptimage: error: {summary}", file=sys.stderr)
-        return EXIT_FAILED
+        return _emit_or_fail(summary, args.json)
     if args.dry_run or not state.is_completed():
         print(state.message, file=sys.stderr)
     return _emit(summary, args.json, ok=state.is_completed())
