@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import secrets
 import socket
 import threading
 import time
@@ -18,7 +19,13 @@ from urllib.parse import urlsplit
 
 from prefect_gptimage.schemas import CONTENT_TYPES
 from prefect_gptimage.testing.faults import FaultBook
-from prefect_gptimage.testing.images import ImageFactory, resolve_size, variant_for
+from prefect_gptimage.testing.images import (
+    ImageFactory,
+    misspell,
+    quoted_text,
+    resolve_size,
+    variant_for,
+)
 from prefect_gptimage.testing.inputs import InputFetcher
 from prefect_gptimage.testing.state import (
     COMPLETED,
@@ -29,15 +36,32 @@ from prefect_gptimage.testing.state import (
 )
 
 
+def check_rate(rate: float) -> float:
+    """A misspelling rate: a probability, 0..1."""
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"misspell_rate must be between 0 and 1, got {rate}")
+    return rate
+
+
 class EmulatorCore:
     """State shared by every connection of one emulator."""
 
     def __init__(
-        self, *, latency: float, concurrency_limit: int, require_key: bool, seed: int | None
+        self,
+        *,
+        latency: float,
+        concurrency_limit: int,
+        require_key: bool,
+        seed: int | None,
+        misspell_rate: float = 0.0,
     ) -> None:
         self.model = QueueModel(latency, concurrency_limit)
         self.faults = FaultBook(seed)
         self.images = ImageFactory()
+        self.misspell_rate = check_rate(misspell_rate)
+        # misspellings are a hash of this, the quoted text, the submission and the image index
+        self.text_seed = str(seed) if seed is not None else secrets.token_hex(8)
         self.require_key = require_key
         self.base_url = ""
         self.own_netlocs: set[str] = set()
@@ -93,6 +117,14 @@ class EmulatorCore:
             self._executor = ThreadPoolExecutor(8, thread_name_prefix="fal-emulator-inputs")
         return self._executor.submit(fetcher.check, arguments)
 
+    def image_text(self, req: EmulatedRequest, index: int) -> str:
+        """The text drawn into image ``index`` of ``req``: the prompt's quoted text, maybe
+        misspelled. Which submissions are misspelled depends only on the seed, the text, how many
+        identical inputs were submitted before (``req.ordinal``) and ``index``."""
+        text = quoted_text(req.prompt)
+        key = f"{self.text_seed}\x00{text}\x00{req.ordinal}\x00{index}"
+        return misspell(text, req.misspell_rate, key) if text else ""
+
     def image_bytes(self, req: EmulatedRequest, index: int, fmt: str | None = None) -> bytes:
         args = req.arguments
         width, height = resolve_size(str(args.get("image_size", "1024x1024")))
@@ -102,6 +134,7 @@ class EmulatorCore:
             fmt or str(args.get("output_format", "png")),
             transparent=args.get("background") == "transparent",
             variant=variant_for(req.prompt, index),
+            text=self.image_text(req, index),
         )
 
     def result_body(self, req: EmulatedRequest) -> dict[str, Any]:

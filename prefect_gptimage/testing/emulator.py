@@ -26,7 +26,7 @@ import types
 from typing import Any
 
 from prefect_gptimage.testing.certs import shared_tls
-from prefect_gptimage.testing.core import EmulatorCore
+from prefect_gptimage.testing.core import EmulatorCore, check_rate
 from prefect_gptimage.testing.faults import Fault
 from prefect_gptimage.testing.inputs import InputFetcher
 from prefect_gptimage.testing.server import EmulatorHTTPServer
@@ -47,7 +47,13 @@ class FalEmulator:
             ``127.0.0.1`` and ``::1``). On loopback, ``::1`` is served too when available.
         port: port to bind; 0 picks a free one.
         require_key: answer 401 unless ``Authorization: Key <anything>`` is sent.
-        seed: seeds the RNG that rolls fault probabilities, so runs are reproducible.
+        seed: seeds the RNG that rolls fault probabilities, so runs are reproducible, and the
+            misspellings (None: random ones).
+        misspell_rate: how often the text a prompt quotes is drawn misspelled, 0..1 (changeable
+            with :meth:`set_misspell_rate`). Prompts that quote text ("…" or “…”) get it drawn
+            legibly into their images; with a rate, one letter of an image's text is swapped or
+            replaced that often. Which images are misspelled is deterministic: a hash of the
+            seed, the text, how many identical inputs were submitted before and the image index.
 
     Example::
 
@@ -73,6 +79,7 @@ class FalEmulator:
         port: int = 0,
         require_key: bool = True,
         seed: int | None = 0,
+        misspell_rate: float = 0.0,
     ) -> None:
         self._bind_host = host
         self._bind_port = port
@@ -81,6 +88,7 @@ class FalEmulator:
             concurrency_limit=concurrency_limit,
             require_key=require_key,
             seed=seed,
+            misspell_rate=misspell_rate,
         )
         self._servers: list[EmulatorHTTPServer] = []
         self._threads: list[threading.Thread] = []
@@ -203,6 +211,14 @@ class FalEmulator:
         """Change the account concurrency limit (raising it starts queued requests at once)."""
         self.configure(concurrency_limit=limit)
 
+    @property
+    def misspell_rate(self) -> float:
+        return self._core.misspell_rate
+
+    def set_misspell_rate(self, rate: float) -> None:
+        """How often quoted text is drawn misspelled (0..1), for requests submitted from now on."""
+        self._core.misspell_rate = check_rate(rate)
+
     def configure(self, latency: float | None = None, concurrency_limit: int | None = None) -> None:
         model = self._core.model
         with model.cond:
@@ -287,7 +303,16 @@ def serve_forever_cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency-limit", type=int, default=16, help="max requests IN_PROGRESS (default 16)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for fault probabilities")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for fault probabilities and misspellings"
+    )
+    parser.add_argument(
+        "--misspell-rate",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="how often a prompt's quoted text is drawn with a wrong letter, 0..1 (default 0)",
+    )
     parser.add_argument(
         "--no-require-key", action="store_true", help="accept calls without an API key"
     )
@@ -303,6 +328,8 @@ def serve_forever_cli(argv: list[str] | None = None) -> int:
         faults = [Fault.parse(spec) for spec in args.fault]
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
+    if not 0.0 <= args.misspell_rate <= 1.0:
+        parser.error("--misspell-rate must be between 0 and 1")
     emu = FalEmulator(
         latency=args.latency,
         concurrency_limit=args.concurrency_limit,
@@ -310,6 +337,7 @@ def serve_forever_cli(argv: list[str] | None = None) -> int:
         port=args.port,
         require_key=not args.no_require_key,
         seed=args.seed,
+        misspell_rate=args.misspell_rate,
     )
     emu.start()
     for fault in faults:

@@ -5,6 +5,11 @@ verification code is exercised for real. Images differ visibly between prompts a
 (colour and layout come from a hash of prompt and index) but there are only a few variants per
 (size, format, background), and encoded bytes are cached, so thousands of requests stay cheap.
 
+A prompt that quotes text (``a sign that says "OPEN"``, or “curly quotes”) gets that text drawn
+legibly on a light panel across the image, large and dark, in Pillow's bundled font (no system
+font needed), so OCR can read it back. :func:`misspell` alters one letter of it at a given rate,
+which is how the emulator lets an OCR gate be tested. Prompts without quotes draw no text.
+
 Example:
     >>> factory = ImageFactory()
     >>> data = factory.render(1024, 1024, "png", transparent=False, variant=variant_for("a cat", 0))
@@ -14,12 +19,29 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
+import string
 import threading
 import zlib
 from collections import OrderedDict
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from prefect_gptimage.quality.text import quoted_text
+
+__all__ = [
+    "OTHER_FORMAT",
+    "VARIANTS",
+    "ImageFactory",
+    "encode",
+    "is_image",
+    "misspell",
+    "quoted_text",
+    "resolve_size",
+    "sniff_format",
+    "variant_for",
+]
 
 #: How many visually different images exist per (size, format, background).
 VARIANTS = 8
@@ -77,6 +99,106 @@ def is_image(data: bytes) -> bool:
     return True
 
 
+def misspell(text: str, rate: float, key: str) -> str:
+    """``text`` with one letter swapped or replaced, with probability ``rate``; else ``text``.
+
+    Deterministic: the roll, the letter and the change all come from a hash of ``key``, so the
+    same key always gives the same answer. A swap exchanges a letter with the next one (when they
+    differ); a replacement puts another letter, in the same case, in its place.
+
+    Example:
+        >>> misspell("GRAND OPENING", 0.0, "k")
+        'GRAND OPENING'
+        >>> misspell("GRAND OPENING", 1.0, "k") != "GRAND OPENING"
+        True
+    """
+    positions = [i for i, ch in enumerate(text) if ch.isascii() and ch.isalpha()]
+    if not positions or rate <= 0:
+        return text
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    if int.from_bytes(digest[:8], "big") / 2**64 >= rate:
+        return text
+    pos = positions[int.from_bytes(digest[8:12], "big") % len(positions)]
+    chars = list(text)
+    swap_with = pos + 1
+    if digest[12] % 2 and swap_with in positions and chars[swap_with].lower() != chars[pos].lower():
+        chars[pos], chars[swap_with] = chars[swap_with], chars[pos]
+        return "".join(chars)
+    letters = [c for c in string.ascii_lowercase if c != chars[pos].lower()]
+    new = letters[digest[13] % len(letters)]
+    chars[pos] = new.upper() if chars[pos].isupper() else new
+    return "".join(chars)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled font at ``size`` px (FreeType), or its small bitmap font without it."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1, or built without FreeType
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: object, max_width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate, font=font) <= max_width:  # type: ignore[arg-type]
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+def _draw_text(img: Image.Image, text: str) -> Image.Image:
+    """Draw ``text`` dark on a light panel, as large as fits (at most ~1/9 of the height)."""
+    width, height = img.size
+    draw = ImageDraw.Draw(img)
+    size = max(12, height // 9)
+    while True:
+        font = _font(size)
+        lines = _wrap(draw, text, font, int(width * 0.86))
+        line_height = int(size * 1.3)
+        widest = max(draw.textlength(line, font=font) for line in lines)  # type: ignore[arg-type]
+        fits = widest <= width * 0.9 and line_height * len(lines) <= height * 0.8
+        if fits or size <= 12:
+            break
+        size = int(size * 0.85)
+    if not isinstance(font, ImageFont.FreeTypeFont) and size > 11:
+        return _draw_text_scaled(img, lines)
+    block = line_height * len(lines)
+    top = (height - block) // 2
+    pad = size // 2
+    draw.rectangle(
+        (width // 20, top - pad, width - width // 20, top + block + pad), fill=(246, 244, 238, 255)
+    )
+    for k, line in enumerate(lines):
+        draw.text(
+            (width // 2, top + k * line_height + line_height // 2),
+            line,
+            font=font,
+            fill=(20, 20, 24, 255),
+            anchor="mm",
+        )
+    return img
+
+
+def _draw_text_scaled(img: Image.Image, lines: list[str]) -> Image.Image:
+    """Without FreeType: the bitmap font drawn small, then scaled up to a legible size."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [probe.textbbox((0, 0), line, font=font) for line in lines]
+    w = int(max(b[2] for b in boxes)) + 4
+    h = 14 * len(lines) + 4
+    small = Image.new("L", (w, h), 238)
+    draw = ImageDraw.Draw(small)
+    for k, line in enumerate(lines):
+        draw.text((2, 2 + 14 * k), line, font=font, fill=20)
+    scale = max(1, min(img.width * 9 // 10 // w, img.height * 8 // 10 // h))
+    big = small.resize((w * scale, h * scale), Image.Resampling.NEAREST).convert(img.mode)
+    img.paste(big, ((img.width - big.width) // 2, (img.height - big.height) // 2))
+    return img
+
+
 def _draw(width: int, height: int, transparent: bool, variant: int) -> Image.Image:
     colour = _PALETTE[variant % len(_PALETTE)]
     accent = _PALETTE[(variant + 3) % len(_PALETTE)]
@@ -117,27 +239,39 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-_Key = tuple[int, int, str, bool, int]
+_Key = tuple[int, int, str, bool, int, str]
 
 
 class ImageFactory:
     """Renders and caches encoded images; safe to call from many threads at once.
 
     Concurrent callers asking for the same image wait for one encoder instead of all encoding.
+    Images with text are many and distinct, so at most ``max_text_entries`` of them are kept.
     """
 
-    def __init__(self, max_entries: int = 256) -> None:
+    def __init__(self, max_entries: int = 256, max_text_entries: int = 32) -> None:
         self._max = max_entries
+        self._max_text = max_text_entries
         self._lock = threading.Lock()
         self._cache: OrderedDict[_Key, bytes] = OrderedDict()
         self._key_locks: dict[_Key, threading.Lock] = {}
 
     def render(
-        self, width: int, height: int, fmt: str, *, transparent: bool, variant: int
+        self,
+        width: int,
+        height: int,
+        fmt: str,
+        *,
+        transparent: bool,
+        variant: int,
+        text: str = "",
     ) -> bytes:
-        """Encoded bytes of a ``width`` x ``height`` image in ``fmt`` (png, jpeg or webp)."""
+        """Encoded bytes of a ``width`` x ``height`` image in ``fmt`` (png, jpeg or webp).
+
+        ``text``, when given, is drawn legibly across the middle (see the module docs).
+        """
         transparent = transparent and fmt != "jpeg"
-        key: _Key = (width, height, fmt, transparent, variant % VARIANTS)
+        key: _Key = (width, height, fmt, transparent, variant % VARIANTS, text)
         with self._lock:
             data = self._cache.get(key)
             if data is not None:
@@ -149,10 +283,17 @@ class ImageFactory:
                 data = self._cache.get(key)
             if data is not None:
                 return data
-            data = encode(_draw(width, height, transparent, variant), fmt)
+            img = _draw(width, height, transparent, variant)
+            data = encode(_draw_text(img, text) if text else img, fmt)
             with self._lock:
                 self._cache[key] = data
-                while len(self._cache) > self._max:
-                    self._cache.popitem(last=False)
+                self._evict_locked()
                 self._key_locks.pop(key, None)
         return data
+
+    def _evict_locked(self) -> None:
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        with_text = [k for k in self._cache if k[5]]
+        for k in with_text[: max(0, len(with_text) - self._max_text)]:
+            del self._cache[k]

@@ -412,6 +412,7 @@ class FalRequestHandler(BaseHTTPRequestHandler):
             deadline=None if start_timeout is None else now + start_timeout,
             planned_failure=planned,
             input_check=core.start_input_check(arguments) if endpoint == EDIT_ENDPOINT else None,
+            misspell_rate=core.misspell_rate,
         )
         normalized = json.dumps({"endpoint": endpoint, **arguments}, sort_keys=True)
         with model.cond:

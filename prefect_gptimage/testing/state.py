@@ -93,6 +93,8 @@ class EmulatedRequest:
     ends_at: float | None = None
     completed_at: float | None = None
     outcome: Failure | None = None
+    misspell_rate: float = 0.0  # of the quoted text drawn into its images (fixed at submit)
+    ordinal: int = 0  # identical inputs accepted before this one
 
     @property
     def prompt(self) -> str:
@@ -350,6 +352,7 @@ class QueueModel:
             heapq.heappush(self._deadlines, (req.deadline, next(self._heap_seq), req.request_id))
         self.accepted += 1
         self.submits_by_endpoint[req.endpoint] += 1
+        req.ordinal = self.submits_by_input[normalized]
         self.submits_by_input[normalized] += 1
         self._fill_locked(now)
         self.cond.notify_all()
