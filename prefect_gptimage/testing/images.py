@@ -130,6 +130,10 @@ def misspell(text: str, rate: float, key: str) -> str:
     return "".join(chars)
 
 
+#: Widest a line of drawn text may be, as a fraction of the image width.
+_TEXT_WIDTH = 0.7
+
+
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """Pillow's bundled font at ``size`` px (FreeType), or its small bitmap font without it."""
     try:
@@ -156,10 +160,10 @@ def _draw_text(img: Image.Image, text: str) -> Image.Image:
     size = max(12, height // 9)
     while True:
         font = _font(size)
-        lines = _wrap(draw, text, font, int(width * 0.86))
+        lines = _wrap(draw, text, font, int(width * _TEXT_WIDTH))
         line_height = int(size * 1.3)
         widest = max(draw.textlength(line, font=font) for line in lines)  # type: ignore[arg-type]
-        fits = widest <= width * 0.9 and line_height * len(lines) <= height * 0.8
+        fits = widest <= width * _TEXT_WIDTH and line_height * len(lines) <= height * 0.8
         if fits or size <= 12:
             break
         size = int(size * 0.85)
