@@ -1,0 +1,272 @@
+"""``ocr_gated_batch``: a prompt file in, only images whose text reads right staged out.
+
+Per row: generate, read each image's text with OCR and compare it with the text the prompt
+quotes (:mod:`prefect_gptimage.quality`); an image that does not match is regenerated as a new
+``variant`` of the same request, up to ``max_attempts`` attempts per row. Every attempt is an
+ordinary request: cached (a re-run pays for none of them again, and re-reads the same images),
+and priced with :func:`~prefect_gptimage.pricing.estimate_cost`. Only passing images are staged
+to S3 (with a bucket); the rest stay on disk beside them, for a look.
+
+Variants: a row's first attempt is the row's own ``variant``. Regenerations take variants above
+every variant the file uses for that same request, a disjoint run per row, so two rows asking
+for two images of one prompt never share an attempt, and a re-run of the file picks the same
+variants (and so finds them cached).
+
+The returned :class:`OcrGateSummary` holds, per row, every attempt with each image's
+:class:`~prefect_gptimage.quality.gate.OcrVerdict` (what OCR read, the expected text, the score),
+the images kept and their S3 copies, and the totals: rows, passed, regenerations and cost.
+
+Before anything is paid for, the file is validated, the bucket must take a write, and the
+``ocr`` extra must be installed when any row quotes text (else one ``ConfigurationError``).
+
+Example::
+
+    summary = ocr_gated_batch("signs.jsonl", bucket="my-images", max_attempts=3)
+    print(summary.passed, summary.regenerations, summary.regeneration_cost)  # 20 7 0.063
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect_aws import S3Bucket
+from pydantic import BaseModel, Field
+
+from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.flows._preflight import preflight_bucket
+from prefect_gptimage.pricing import estimate_cost
+from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.quality.gate import OcrVerdict, ocr_check
+from prefect_gptimage.quality.ocr import require_ocr
+from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, quoted_text
+from prefect_gptimage.s3 import S3Target, StagedImage, slugify, stage_image
+from prefect_gptimage.s3.clients import use_s3_client
+from prefect_gptimage.schemas import AnyRequest, DownloadedImage
+from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks.cache import request_fingerprint
+from prefect_gptimage.tasks.generate import GenerationOptions, generate
+
+__all__ = ["OcrAttempt", "OcrGateRow", "OcrGateSummary", "attempt_variants", "ocr_gated_batch"]
+
+#: Rows worked on at once. OCR itself runs one image at a time (it uses every core).
+ROW_CONCURRENCY = 4
+
+
+class OcrAttempt(BaseModel):
+    """One request of a row: its variant, what it cost, and the verdict on each image."""
+
+    variant: int
+    request_id: str
+    from_cache: bool = Field(description="True when this run paid nothing for it (cached).")
+    cost: float = Field(description="Estimated USD of the request (estimate_cost).")
+    verdicts: list[OcrVerdict]
+
+
+class OcrGateRow(BaseModel):
+    """One prompt-file row through the gate."""
+
+    line: int
+    prompt: str
+    expected: str = Field(description="The text the prompt quotes ('' : nothing to check).")
+    wanted: int = Field(description="Images the row asks for (num_images).")
+    passed: bool = Field(description="Every wanted image passed within max_attempts.")
+    attempts: list[OcrAttempt] = Field(default_factory=list)
+    images: list[DownloadedImage] = Field(default_factory=list, description="Passing images.")
+    staged: list[StagedImage] = Field(default_factory=list, description="Their S3 copies.")
+    error: str | None = Field(default=None, description="Why the row stopped, if it failed.")
+
+    @property
+    def regenerations(self) -> int:
+        return max(0, len(self.attempts) - 1)
+
+    @property
+    def cost(self) -> float:
+        return round(sum(a.cost for a in self.attempts), 6)
+
+    @property
+    def regeneration_cost(self) -> float:
+        return round(sum(a.cost for a in self.attempts[1:]), 6)
+
+
+class OcrGateSummary(BaseModel):
+    """What ``ocr_gated_batch`` did: totals, then every row in file order."""
+
+    run_key: str
+    rows: int
+    passed: int
+    failed: int
+    staged: int = Field(description="Images staged to S3 (0 without a bucket).")
+    regenerations: int = Field(description="Attempts beyond each row's first.")
+    cost: float = Field(description="Estimated USD of every attempt, cached ones included.")
+    regeneration_cost: float = Field(description="The part of cost spent on regenerations.")
+    cost_this_run: float = Field(description="Estimated USD of the attempts this run submitted.")
+    ocr_seconds: float = Field(description="Time spent reading images.")
+    results: list[OcrGateRow]
+
+
+def attempt_variants(rows: list[PromptRow], max_attempts: int) -> list[list[int]]:
+    """The variants each row may use, first its own, then disjoint fresh ones.
+
+    Example:
+        >>> from prefect_gptimage.prompts import row_to_request
+        >>> a, b = row_to_request({"prompt": 'a "sign"'}), row_to_request({"prompt": "a cat"})
+        >>> attempt_variants([a, b, a], 3)
+        [[0, 1, 2], [0, 1, 2], [0, 3, 4]]
+    """
+    used: dict[str, set[int]] = defaultdict(set)
+    identity = [request_fingerprint(row.request, 0) for row in rows]
+    for ident, row in zip(identity, rows, strict=True):
+        used[ident].add(row.variant)
+    next_free = {ident: max(variants) + 1 for ident, variants in used.items()}
+    plans: list[list[int]] = []
+    for ident, row in zip(identity, rows, strict=True):
+        start = next_free[ident]
+        next_free[ident] = start + max_attempts - 1
+        plans.append([row.variant, *range(start, start + max_attempts - 1)])
+    return plans
+
+
+@task(name="gptimage-ocr-gated-row", task_run_name="ocr-gated row {line}", cache_policy=NO_CACHE)
+def ocr_gated_row(
+    line: int,
+    request: AnyRequest,
+    variants: list[int],
+    target: S3Target | None,
+    options: GenerationOptions,
+    min_score: float = DEFAULT_MIN_SCORE,
+) -> OcrGateRow:
+    """Generate, check and regenerate one row until its images pass or ``variants`` run out."""
+    log = get_run_logger()
+    expected = quoted_text(request.prompt)
+    row = OcrGateRow(
+        line=line, prompt=request.prompt, expected=expected, wanted=request.num_images, passed=False
+    )
+    for variant in variants:
+        try:
+            result = generate(request, options.model_copy(update={"variant": variant}))
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"
+            log.error("row %s: variant %s failed: %s", line, variant, row.error)
+            return row
+        verdicts = [ocr_check(image, expected, min_score) for image in result.images]
+        row.attempts.append(
+            OcrAttempt(
+                variant=variant,
+                request_id=result.handle.request_id,
+                from_cache=result.from_cache,
+                cost=estimate_cost(request),
+                verdicts=verdicts,
+            )
+        )
+        room = row.wanted - len(row.images)
+        row.images += [i for i, v in zip(result.images, verdicts, strict=True) if v.passed][:room]
+        if len(row.images) == row.wanted:
+            row.passed = True
+            break
+        for verdict in verdicts:
+            if not verdict.passed:
+                log.warning(
+                    "row %s, variant %s: read %r, expected %r (score %.3f < %.2f)",
+                    line,
+                    variant,
+                    verdict.read_text,
+                    expected,
+                    verdict.score,
+                    min_score,
+                )
+    if not row.passed:
+        row.error = (
+            f"{len(row.images)} of {row.wanted} image(s) passed OCR in {len(row.attempts)} "
+            f"attempt(s): expected {expected!r}"
+        )
+    if target is not None:
+        row.staged = [
+            stage_image(image, prompt=request.prompt, request=request, target=target)
+            for image in row.images
+        ]
+    return row
+
+
+def _run_key(prompt_file: Path, max_attempts: int, min_score: float) -> str:
+    digest = hashlib.sha256(prompt_file.read_bytes())
+    digest.update(f"{max_attempts}:{min_score}".encode())
+    return f"ocr-gate-{slugify(prompt_file.stem, 40)}-{digest.hexdigest()[:10]}"
+
+
+@flow(
+    name="gptimage-ocr-gated-batch",
+    log_prints=False,
+    task_runner=ThreadPoolTaskRunner[Any](max_workers=ROW_CONCURRENCY),  # type: ignore[arg-type]
+)
+def ocr_gated_batch(
+    prompt_file: str,
+    bucket: str | S3Bucket | None = None,
+    max_attempts: int = 3,
+    min_score: float = DEFAULT_MIN_SCORE,
+    prefix: str | None = None,
+    output_dir: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    credentials: FalCredentials | None = None,
+    timeout: float | None = None,
+    presign_expires: int = 86400,
+) -> OcrGateSummary:
+    """Generate every row of ``prompt_file``, regenerate images whose text OCR misreads, and stage
+    the images that pass to ``bucket`` (if given).
+
+    ``max_attempts`` counts requests per row, the first included. ``min_score`` is the similarity
+    the text must reach (see :mod:`prefect_gptimage.quality.text`). Rows that still fail are in
+    the summary with their last verdicts (``passed=False``); the flow itself completes.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    log = get_run_logger()
+    path = Path(prompt_file)
+    rows = load_prompt_file(path, defaults)
+    if any(quoted_text(row.request.prompt) for row in rows):
+        require_ocr()  # a missing ocr extra fails here, before anything is paid for
+    run_key = _run_key(path, max_attempts, min_score)
+    out = Path(output_dir or get_settings().output_dir) / run_key
+    target, s3_client = preflight_bucket(bucket, prefix, presign_expires=presign_expires)
+    options = GenerationOptions(
+        credentials=credentials, output_dir=str(out), timeout=timeout, download_tasks=False
+    )
+    plans = attempt_variants(rows, max_attempts)
+    with use_s3_client(s3_client):
+        futures = [
+            ocr_gated_row.submit(row.line, row.request, plan, target, options, min_score)
+            for row, plan in zip(rows, plans, strict=True)
+        ]
+        results = [future.result() for future in futures]
+    summary = OcrGateSummary(
+        run_key=run_key,
+        rows=len(results),
+        passed=sum(r.passed for r in results),
+        failed=sum(not r.passed for r in results),
+        staged=sum(len(r.staged) for r in results),
+        regenerations=sum(r.regenerations for r in results),
+        cost=round(sum(r.cost for r in results), 6),
+        regeneration_cost=round(sum(r.regeneration_cost for r in results), 6),
+        cost_this_run=round(
+            sum(a.cost for r in results for a in r.attempts if not a.from_cache), 6
+        ),
+        ocr_seconds=round(
+            sum(v.seconds for r in results for a in r.attempts for v in a.verdicts), 3
+        ),
+        results=results,
+    )
+    log.info(
+        "OCR gate: %s/%s rows passed, %s regeneration(s) costing $%.3f of $%.3f in all",
+        summary.passed,
+        summary.rows,
+        summary.regenerations,
+        summary.regeneration_cost,
+        summary.cost,
+    )
+    return summary
