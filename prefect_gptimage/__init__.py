@@ -81,6 +81,9 @@ _EXPORTS: dict[str, str] = {
     "generate_to_s3": "flows",
     "generate_then_edit": "flows",
     "scheduled_content": "flows",
+    "ocr_gated_batch": "flows",
+    "OcrVerdict": "quality.gate",
+    "ocr_check": "quality.gate",
 }
 
 __all__ = [
@@ -109,6 +112,7 @@ __all__ = [
     "InvalidPromptFile",
     "InvalidRequestError",
     "MediaPolicy",
+    "OcrVerdict",
     "PermanentDownloadError",
     "PermanentFalError",
     "PermanentS3StagingError",
@@ -135,6 +139,8 @@ __all__ = [
     "generate_images",
     "generate_then_edit",
     "generate_to_s3",
+    "ocr_check",
+    "ocr_gated_batch",
     "parse_request",
     "retry_if_transient",
     "scheduled_content",
@@ -199,10 +205,15 @@ if TYPE_CHECKING:
         batch_to_s3,
         generate_then_edit,
         generate_to_s3,
+        ocr_gated_batch,
         scheduled_content,
     )
     from prefect_gptimage.pricing import (
         estimate_cost,
+    )
+    from prefect_gptimage.quality.gate import (
+        OcrVerdict,
+        ocr_check,
     )
     from prefect_gptimage.retry import (
         RetryPolicy,

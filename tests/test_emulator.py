@@ -375,7 +375,7 @@ def test_edit_with_unreachable_or_bad_inputs_fails(emu: FalEmulator, http: httpx
         f"{emu.base_url}/files/00000000-0000-0000-0000-000000000000/0.png",
         "http://127.0.0.1:1/closed-port.png",
         "data:image/png;base64,bm90IGFuIGltYWdl",
-        "ftp://example.com/x.png",
+        "https://127.0.0.1:1/closed-port.png",  # (an ftp:// URL is refused at submit now)
     ]
     rids = [submit(http, "edit me", EDIT, image_urls=[url]) for url in bad]
     for rid in rids:

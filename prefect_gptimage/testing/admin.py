@@ -4,7 +4,7 @@ No auth: it is a local test tool. Routes:
 
 ========  ===============================  ==================================================
 GET       ``/_emulator`` or ``/config``    current config
-POST      ``/_emulator/config``            ``{"latency": s, "concurrency_limit": n}`` (either)
+POST      ``/_emulator/config``            ``latency``, ``concurrency_limit``, ``misspell_rate``
 GET       ``/_emulator/stats``             counters (see :class:`EmulatorStats`)
 POST      ``/_emulator/reset``             forget requests, counters and faults
 GET       ``/_emulator/faults``            fault rules, with how often each fired
@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from prefect_gptimage.testing.core import check_rate
 from prefect_gptimage.testing.faults import Fault
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def config_of(core: EmulatorCore) -> dict[str, Any]:
     return {
         "latency": model.latency,
         "concurrency_limit": model.concurrency_limit,
+        "misspell_rate": core.misspell_rate,
         "require_key": core.require_key,
         "base_url": core.base_url,
     }
@@ -50,8 +52,16 @@ def handle_admin(core: EmulatorCore, method: str, path: str, payload: Any) -> tu
             return 200, config_of(core)
         if route == "config" and method == "POST":
             data = payload or {}
-            if not isinstance(data, dict) or set(data) - {"latency", "concurrency_limit"}:
-                return 400, {"detail": "expected {'latency': s, 'concurrency_limit': n}"}
+            if not isinstance(data, dict) or set(data) - {
+                "latency",
+                "concurrency_limit",
+                "misspell_rate",
+            }:
+                return 400, {
+                    "detail": "expected {'latency': s, 'concurrency_limit': n, 'misspell_rate': r}"
+                }
+            if data.get("misspell_rate") is not None:
+                core.misspell_rate = check_rate(float(data["misspell_rate"]))
             with model.cond:
                 model.configure_locked(
                     time.monotonic(), data.get("latency"), data.get("concurrency_limit")

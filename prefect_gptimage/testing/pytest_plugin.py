@@ -99,9 +99,11 @@ def fal_emulator(request: pytest.FixtureRequest) -> Iterator[FalEmulator]:
     latency = float(request.config.getini("fal_emulator_latency"))
     emulator.clear_faults()
     emulator.set_latency(latency)
+    emulator.set_misspell_rate(0.0)
     yield emulator
     emulator.clear_faults()
     emulator.set_latency(latency)
+    emulator.set_misspell_rate(0.0)
 
 
 @pytest.fixture(scope="session")
