@@ -181,8 +181,8 @@ def submit_outcome_unknown(path: str, what: str) -> SubmitOutcomeUnknown:
     """A submit that was sent but got no usable answer: fal may have accepted and billed it."""
     return SubmitOutcomeUnknown(
         f"submit to {path} got no usable answer ({what}); fal may have accepted and billed it, "
-        "so it is not retried. Check fal's dashboard, or run again with refresh_cache=True to "
-        "submit anew.",
+        "so it is not retried. Check fal's dashboard, or run again with resubmit_unknown=True "
+        "(CLI --resubmit-unknown) to submit anew.",
     )
 
 

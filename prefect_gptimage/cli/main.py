@@ -97,6 +97,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="cancel a request still running after this long",
     )
     p.add_argument("--refresh", action="store_true", help="ignore the cache and submit again")
+    p.add_argument(
+        "--resubmit-unknown",
+        action="store_true",
+        help="submit again requests whose earlier submit's outcome is unknown (possibly billed)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary line last")
     p.add_argument(
         "--verbose",
@@ -232,6 +237,7 @@ def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int
         output_dir=args.output_dir,
         timeout=args.timeout,
         refresh=args.refresh,
+        resubmit_unknown=args.resubmit_unknown,
         return_state=True,
     )
     return _emit_or_fail(state.result(raise_on_failure=False), args.json)
@@ -272,6 +278,7 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
         dry_run=args.dry_run,
         timeout=args.timeout,
         refresh=args.refresh,
+        resubmit_unknown=args.resubmit_unknown,
         return_state=True,
     )
     summary: Any = state.result(raise_on_failure=False)

@@ -55,6 +55,7 @@ from prefect_gptimage.schemas import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached, request_fingerprint
 from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.intents import unresolved_intent
 from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
 from prefect_gptimage.tasks.window import in_order
 
@@ -82,11 +83,17 @@ def unique_rows(rows: list[PromptRow]) -> list[PromptRow]:
     return kept
 
 
-def plan_cost(rows: list[PromptRow]) -> tuple[float, int]:
-    """Estimated USD of the rows not already cached, and how many rows are cached (free)."""
+def plan_cost(rows: list[PromptRow], resubmit_unknown: bool = False) -> tuple[float, int]:
+    """Estimated USD of the rows not already cached, and how many rows are cached (free).
+
+    A row whose earlier submit's outcome is unknown is not submitted (so free) unless
+    ``resubmit_unknown``.
+    """
     cost, cached = 0.0, 0
     for row in rows:
-        if is_submit_cached(row.request, row.variant):
+        if is_submit_cached(row.request, row.variant) or (
+            not resubmit_unknown and unresolved_intent(row.request, row.variant) is not None
+        ):
             cached += 1
         else:
             cost += estimate_cost(row.request)
@@ -107,6 +114,7 @@ def batch_to_s3(
     refresh: bool = False,
     presign_expires: int = 86400,
     credentials: FalCredentials | None = None,
+    resubmit_unknown: bool = False,
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
@@ -118,6 +126,10 @@ def batch_to_s3(
     :mod:`prefect_gptimage.flows._preflight`): ``max_cost`` is a finite number >= 0, the bucket
     name is valid, the fal host is an allowed media host and (not in a dry run) the bucket takes
     a write. Any failure raises one error and submits nothing.
+
+    A row whose earlier submit's outcome is unknown (a dropped answer, a killed run: possibly
+    billed) is not submitted again: it is listed as a failure "outcome unknown, possibly billed"
+    (``error_type`` ``submit_outcome_unknown``) unless ``resubmit_unknown`` (or ``refresh``).
     """
     log = get_run_logger()
     max_cost = check_budget(max_cost)
@@ -126,7 +138,7 @@ def batch_to_s3(
         bucket, prefix, presign_expires=presign_expires, probe=False
     )
     run_key = run_key_for(prompt_file, defaults)
-    estimate, cached = plan_cost(rows)
+    estimate, cached = plan_cost(rows, resubmit_unknown=resubmit_unknown or refresh)
     summary = RunSummary(estimated_cost_usd=estimate)
     log.info(
         "%s: %d request(s), %d cached, estimated cost $%.3f", run_key, len(rows), cached, estimate
@@ -152,6 +164,7 @@ def batch_to_s3(
         output_dir=str(out),
         timeout=timeout,
         refresh_cache=refresh,
+        resubmit_unknown=resubmit_unknown,
         max_in_flight=concurrency,
     )
 

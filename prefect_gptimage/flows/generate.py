@@ -41,6 +41,7 @@ def generate_to_s3(
     variant: int = 0,
     presign_expires: int = 86400,
     run_key: str | None = None,
+    resubmit_unknown: bool = False,
 ) -> State[RunSummary]:
     """Generate the images of one request into ``output_dir``; stage them to ``bucket`` if given.
 
@@ -50,6 +51,9 @@ def generate_to_s3(
 
     Before submitting, the bucket name must be valid, the bucket must take a write and the fal
     host must be an allowed media host; otherwise one error is raised and nothing is paid.
+
+    If an earlier submit of this request may have been billed without its answer being stored,
+    the run fails "outcome unknown, possibly billed" and pays nothing, unless ``resubmit_unknown``.
     """
     fingerprint = request_fingerprint(request, variant)[:10]
     run_key = run_key or f"generate-{slugify(request.prompt, 40)}-{fingerprint}"
@@ -62,6 +66,7 @@ def generate_to_s3(
                 output_dir=str(out),
                 timeout=timeout,
                 refresh_cache=refresh,
+                resubmit_unknown=resubmit_unknown,
                 variant=variant,
             )
             outcome = generate_and_stage(request, target, options)

@@ -28,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import PermanentFalError
 from prefect_gptimage.retry import resubmit_reason
-from prefect_gptimage.schemas import AnyRequest, GenerationResult, GptImageOutput, RequestHandle
+from prefect_gptimage.schemas import (
+    AnyRequest,
+    GenerationResult,
+    GptImageOutput,
+    RequestHandle,
+    check_image_count,
+    claim_request_id,
+)
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import cached_generation, is_submit_cached
@@ -196,10 +203,12 @@ def generate(request: AnyRequest, options: GenerationOptions | None = None) -> G
     else:
         handle, output, from_cache = _submit_and_fetch(request, options)
     dest = str(Path(options.output_dir or get_settings().output_dir))
+    claim_request_id(handle.request_id, request, options.variant)  # one fal request id, one row
     step: Any = download_image if options.download_tasks else download
     images = [
         step(image, request, handle.request_id, i, dest) for i, image in enumerate(output.images)
     ]
+    check_image_count(request, output, request_id=handle.request_id, images=images)
     return GenerationResult(
         handle=handle, request=request, output=output, images=images, from_cache=from_cache
     )
