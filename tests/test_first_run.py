@@ -14,6 +14,8 @@ import base64
 import json
 import os
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -253,6 +255,116 @@ def test_dry_run_needs_no_key(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dry run: $" in done.stderr
     assert "FAL_KEY" not in done.stderr
+
+
+def _sample_dry_run(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], set[int]]:
+    """``batch SAMPLE --dry-run --json`` in a fresh process, and the other processes that ran
+    with its ``PREFECT_HOME`` meanwhile (a temporary API server would be one of them)."""
+    sample = Path(__file__).parent.parent / "prefect_gptimage" / "data" / "sample_prompts.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect_gptimage.cli", "batch", str(sample), "--dry-run", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    needle = f"PREFECT_HOME={env['PREFECT_HOME']}".encode()
+    others: set[int] = set()
+    while proc.poll() is None:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in (proc.pid, os.getpid()):
+                try:
+                    if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                        others.add(int(entry))
+                except OSError:
+                    continue
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), others
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_dry_run_on_a_fresh_home_starts_no_server_and_needs_no_api(tmp_path: Path) -> None:
+    env = _keyless_env(tmp_path)  # no PREFECT_API_URL, no key, a Prefect home that is not there
+    del env["PREFECT_LOCAL_STORAGE_PATH"]  # the home's own storage: $PREFECT_HOME/storage
+    started = time.monotonic()
+
+    done, others = _sample_dry_run(env)
+
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert others == set()  # no uvicorn, no `prefect server`: no child at all
+    assert "temporary server" not in done.stderr.lower()
+    assert not (tmp_path / "home" / "prefect.db").exists()  # no server ran its migrations
+    lines = done.stderr.strip().splitlines()
+    assert lines[-2].endswith(": 5 request(s), 0 cached, estimated cost $0.103"), done.stderr
+    assert lines[-1] == "dry run: $0.103 for 5 request(s)"
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["estimated_cost_usd"] == 0.103 and summary["submitted"] == 0
+    assert elapsed < 10, f"{elapsed:.1f}s"  # ~0.3 s; the bound only guards against a server
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_dry_run_reads_the_local_cache_without_an_api(tmp_path: Path) -> None:
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    from prefect_gptimage.flows.batch import plan_cost
+    from prefect_gptimage.prompts import load_prompt_file
+    from prefect_gptimage.schemas import RequestHandle
+    from prefect_gptimage.tasks.cache import submit_cache_key
+
+    sample = Path(__file__).parent.parent / "prefect_gptimage" / "data" / "sample_prompts.jsonl"
+    row = load_prompt_file(sample)[0]
+    storage = tmp_path / "results"
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(storage)))
+    handle = RequestHandle(endpoint=row.request.endpoint, request_id="req-dry")
+    store.write(obj=handle, key=submit_cache_key(row.request, row.variant))
+    env = _keyless_env(tmp_path)  # PREFECT_LOCAL_STORAGE_PATH=tmp/results, no API
+
+    done, others = _sample_dry_run(env)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert others == set()  # read without asking a (temporary) server for its default store
+    assert "5 request(s), 1 cached" in done.stderr, done.stderr[-3000:]
+    free = round(0.103 - plan_cost([row])[0], 6)  # the cached row is free
+    assert f"dry run: ${free:.3f} for 4 request(s)" in done.stderr
+
+
+def test_dry_run_without_an_api_says_a_block_store_was_not_read(tmp_path: Path) -> None:
+    env = {**_keyless_env(tmp_path), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "s3-bucket/results"}
+
+    done, others = _sample_dry_run(env)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert others == set()
+    assert "cache not read" in done.stderr and "PREFECT_API_URL" in done.stderr
+    assert "dry run: $0.103 for 5 request(s)" in done.stderr
+
+
+def test_dry_run_identity_helpers_match_the_cache_and_keys() -> None:
+    from prefect_gptimage.cli import dry_run
+    from prefect_gptimage.flows.batch import run_key_for
+    from prefect_gptimage.s3.keys import slugify
+    from prefect_gptimage.schemas import GptImageEditRequest
+    from prefect_gptimage.tasks.cache import request_fingerprint
+
+    requests = [
+        GptImageRequest(prompt="a kite", quality="low", num_images=2),
+        GptImageEditRequest(
+            prompt="make it blue",
+            image_urls=["https://b.s3.amazonaws.com/k.png?X-Amz-Date=1&X-Amz-Signature=ab"],
+        ),
+    ]
+    for request in requests:
+        for variant in (0, 3):
+            assert dry_run.request_fingerprint(request, variant) == request_fingerprint(
+                request, variant
+            )
+    for text in ("Crème brûlée, 4K!", "../../etc/passwd", "日本語", "x" * 80):
+        assert dry_run.slugify(text, 40, default="prompts") == slugify(text, 40, default="prompts")
+    sample = Path(__file__).parent.parent / "prefect_gptimage" / "data" / "sample_prompts.jsonl"
+    assert dry_run.run_key_for(sample) == run_key_for(sample, None)
 
 
 def _jwt(exp: float) -> str:

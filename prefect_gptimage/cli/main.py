@@ -291,6 +291,27 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
     return _emit(summary, args.json, ok=state.is_completed())
 
 
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    """``batch FILE --dry-run``: validate and estimate here, with no flow run and no Prefect
+    server (see :mod:`prefect_gptimage.cli.dry_run`)."""
+    from prefect_gptimage.cli.dry_run import plan_dry_run, print_plan
+
+    if args.concurrency < 1:
+        return _fail_usage("--concurrency: must be at least 1")
+    try:
+        plan = plan_dry_run(
+            args.file,
+            bucket=args.bucket,
+            prefix=args.prefix,
+            max_cost=args.max_cost,
+            resubmit_unknown=args.resubmit_unknown or args.refresh,
+        )
+    except (InvalidRequestError, ConfigurationError) as exc:
+        return _fail_usage(str(exc))
+    print_plan(plan, args.json)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["emulator"]:  # its options belong to the emulator's own parser
@@ -302,8 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prefect_gptimage.cli.demo import run_demo
 
         return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
+    if getattr(args, "dry_run", False):  # no key, no flow, no server: an answer in a second
+        return cmd_dry_run(args)
     commands = {"generate": cmd_generate, "batch": cmd_batch}
-    if not getattr(args, "dry_run", False) and not fal_key_available():
+    if not fal_key_available():
         return _fail_usage(MISSING_KEY)  # before any server, import or file: one line
     early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
     try:
