@@ -44,6 +44,9 @@ FaultKind = Literal[
     "truncate",
     "wrong_format",
     "slow",
+    "stuck",
+    "trickle",
+    "huge",
 ]
 
 OPERATIONS: tuple[str, ...] = get_args(Operation)
@@ -53,6 +56,15 @@ FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 SUBMIT_ONLY_KINDS = frozenset({"drop_after_accept", "error_after_accept", "fail"})
 #: Kinds that only make sense when an image file is downloaded.
 MEDIA_ONLY_KINDS = frozenset({"truncate", "wrong_format"})
+#: Kinds for a request that never gets anywhere: status and result answer 202 ``IN_QUEUE``.
+STUCK_KINDS = frozenset({"stuck"})
+#: Kinds that only make sense for a result: a huge body, streamed (``size`` bytes).
+RESULT_ONLY_KINDS = frozenset({"huge"})
+#: Bytes written per piece by ``trickle`` (every ``delay`` seconds: 64 B/s by default).
+TRICKLE_PIECE = 64
+#: Size of a ``huge`` result when no ``size`` is given.
+DEFAULT_HUGE_SIZE = 1 << 30
+
 #: Kinds that replace the whole answer (nothing else happens).
 RESPONSE_KINDS = frozenset(
     {"429", "404", "drop"} | {f"{c}_{s}" for c in (500, 502, 503, 504) for s in ("json", "ingress")}
@@ -113,7 +125,9 @@ class Fault:
         match: only when the request's prompt contains this text.
         status_code: for ``fail`` (default 500) and ``error_after_accept`` (default 503).
         error_type: override fal's ``error_type`` for ``fail``.
-        delay: seconds, for ``slow`` (default 1.0 when left at 0).
+        delay: seconds, for ``slow`` (default 1.0 when left at 0), and for ``trickle`` the pause
+            between pieces of 64 bytes (default 1.0: 64 B/s).
+        size: bytes, for ``huge`` (default 1 GiB): the size of the result body.
         id: identifies the rule in the admin API.
         fired: how many times it has fired so far.
     """
@@ -127,6 +141,7 @@ class Fault:
     status_code: int | None = None
     error_type: str | None = None
     delay: float = 0.0
+    size: int | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     fired: int = 0
 
@@ -139,14 +154,22 @@ class Fault:
             raise ValueError(f"fault kind {self.kind!r} only applies to operation 'submit'")
         if self.kind in MEDIA_ONLY_KINDS and self.operation not in ("media", "any"):
             raise ValueError(f"fault kind {self.kind!r} only applies to operation 'media'")
+        if self.kind in STUCK_KINDS and self.operation not in ("status", "result", "any"):
+            raise ValueError(f"fault kind {self.kind!r} only applies to 'status' and 'result'")
+        if self.kind in RESULT_ONLY_KINDS and self.operation not in ("result", "any"):
+            raise ValueError(f"fault kind {self.kind!r} only applies to operation 'result'")
+        if self.size is not None and self.size < 0:
+            raise ValueError("size must be >= 0")
         if self.count is not None and self.count < 0:
             raise ValueError("count must be >= 0 or None (forever)")
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError("probability must be between 0 and 1")
         if self.delay < 0:
             raise ValueError("delay must be >= 0")
-        if self.kind == "slow" and self.delay == 0:
+        if self.kind in ("slow", "trickle") and self.delay == 0:
             self.delay = 1.0
+        if self.kind == "huge" and self.size is None:
+            self.size = DEFAULT_HUGE_SIZE
         if self.status_code is not None and not 400 <= self.status_code <= 599:
             raise ValueError("status_code must be a 4xx or 5xx code")
 
@@ -195,8 +218,10 @@ class Fault:
         """Parse ``operation:kind[:count[:param]]``.
 
         ``count`` may be ``*`` or ``inf`` for forever; ``param`` is the delay in seconds for
-        ``slow`` and the status code for ``fail`` / ``error_after_accept``.
-        E.g. ``status:503_json:3``, ``media:slow:*:2.5``, ``submit:fail:1:422``.
+        ``slow`` and ``trickle``, the body size in bytes for ``huge`` and the status code for
+        ``fail`` / ``error_after_accept``.
+        E.g. ``status:503_json:3``, ``media:slow:*:2.5``, ``submit:fail:1:422``,
+        ``status:stuck:*``, ``result:trickle:1:0.5``, ``result:huge:1:300000000``.
         """
         parts = spec.strip().split(":")
         if not 2 <= len(parts) <= 4:
@@ -205,8 +230,10 @@ class Fault:
         if len(parts) >= 3 and parts[2]:
             kwargs["count"] = None if parts[2] in ("*", "inf", "forever") else int(parts[2])
         if len(parts) == 4 and parts[3]:
-            if parts[1] == "slow":
+            if parts[1] in ("slow", "trickle"):
                 kwargs["delay"] = float(parts[3])
+            elif parts[1] == "huge":
+                kwargs["size"] = int(parts[3])
             else:
                 kwargs["status_code"] = int(parts[3])
         return cls(**kwargs)

@@ -5,7 +5,12 @@
 own worker thread, so a slow client never blocks ``accept``; :class:`FalRequestHandler` speaks
 fal's queue API (fal-protocol §1), the public media URLs and the ``/_emulator`` admin API.
 HTTP/1.1 keep-alive is supported: every answer carries a Content-Length, except the SSE status
-stream, which is close-delimited.
+stream, which is close-delimited, and a ``huge`` result, which is chunked.
+
+Faults that shape the normal answer rather than replace it: ``stuck`` (status and result answer
+202 ``IN_QUEUE`` whatever the request's real state), ``trickle`` (the body goes out 64 bytes at a
+time, ``delay`` seconds apart) and ``huge`` (a result of ``size`` bytes, streamed from one small
+buffer so the emulator never holds it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from prefect_gptimage.testing.admin import handle_admin
 from prefect_gptimage.testing.core import EmulatorCore
 from prefect_gptimage.testing.faults import (
     RESPONSE_KINDS,
+    STUCK_KINDS,
+    TRICKLE_PIECE,
     Fault,
     error_type_for,
     ingress_html,
@@ -163,6 +170,7 @@ class FalRequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._fal_id: str | None = None
+        self._trickle = 0.0
         url = urlsplit(self.path)
         try:
             body = self._read_body()
@@ -227,7 +235,19 @@ class FalRequestHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
+            self._write(body)
+
+    def _write(self, body: bytes) -> None:
+        """Write ``body``; under a ``trickle`` rule, 64 bytes at a time, slowly."""
+        if not self._trickle:
             self.wfile.write(body)
+            return
+        for i in range(0, len(body), TRICKLE_PIECE):
+            if self.core.model.stopped:
+                raise _Dropped
+            self.wfile.write(body[i : i + TRICKLE_PIECE])
+            self.wfile.flush()
+            time.sleep(self._trickle)
 
     def _json(
         self, code: int, obj: Any, headers: dict[str, str] | None = None, *, fal: bool = True
@@ -272,6 +292,8 @@ class FalRequestHandler(BaseHTTPRequestHandler):
             time.sleep(slow.delay)
         fault = faults.pick(operation, RESPONSE_KINDS | extra, endpoint=endpoint, prompt=prompt)
         self._slow_after = slow.delay if slow is not None and operation == "submit" else 0.0
+        trickle = faults.pick(operation, ("trickle",), endpoint=endpoint, prompt=prompt)
+        self._trickle = trickle.delay if trickle is not None and fault is None else 0.0
         return fault
 
     # -- fal queue ---------------------------------------------------------------------------
@@ -318,6 +340,17 @@ class FalRequestHandler(BaseHTTPRequestHandler):
         if fault is not None:
             self._answer_fault(fault)
             return
+        faults = self.core.faults
+        if op in ("status", "result") and faults.pick(
+            op, STUCK_KINDS, endpoint=req.endpoint, prompt=req.prompt
+        ):
+            self._stuck(req)
+            return
+        if op == "result":
+            huge = faults.pick(op, ("huge",), endpoint=req.endpoint, prompt=req.prompt)
+            if huge is not None:
+                self._huge(huge.size or 0)
+                return
         with_logs = (query.get("logs") or ["0"])[-1].lower() in _TRUTHY
         if op == "status":
             self._status(req, with_logs)
@@ -447,6 +480,42 @@ class FalRequestHandler(BaseHTTPRequestHandler):
             model.advance_locked(now)
             body = model.status_body_locked(req, self.core.base_url, with_logs, now)
         self._json(200 if body["status"] == COMPLETED else 202, body)
+
+    def _stuck(self, req: EmulatedRequest) -> None:
+        """A ``stuck`` rule: the request looks queued at the head of the line, forever."""
+        url = f"{self.core.base_url}/{req.app}/requests/{req.request_id}"
+        body = {
+            "status": "IN_QUEUE",
+            "request_id": req.request_id,
+            "response_url": url,
+            "status_url": url + "/status",
+            "cancel_url": url + "/cancel",
+            "logs": None,
+            "queue_position": 0,
+        }
+        self._json(202, body)
+
+    def _huge(self, size: int) -> None:
+        """A ``huge`` rule: a result of ``size`` bytes (one sync_mode image), chunked, streamed."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-fal-request-id", self._fal_id or "")
+        self.end_headers()
+        self.close_connection = True
+        head = b'{"images": [{"url": "data:image/png;base64,'
+        tail = b'", "content_type": "image/png", "width": 1024, "height": 1024}]}'
+        block = b"A" * (1 << 16)
+        left = max(0, size - len(head) - len(tail))
+        pieces = [head]
+        while left > 0 or pieces:
+            for piece in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if self.core.model.stopped:
+                raise _Dropped
+            pieces = [block[: min(left, len(block))]] if left > 0 else []
+            left -= len(pieces[0]) if pieces else 0
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
 
     def _stream(self, req: EmulatedRequest, with_logs: bool) -> None:
         model = self.core.model
