@@ -11,15 +11,25 @@ failure after the request may have reached fal's queue (a read error or dropped 
 the body went out, an ingress 502/504) is :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown`:
 never resent, because the queue API has no idempotency key. One class serves both the sync and the
 async client.
+
+Every body is read here, whole, under :class:`BodyLimits`: at most ``max_bytes`` (checked against
+``Content-Length`` before reading, then while reading, after content decoding, so a gzip bomb
+stops at the limit too) and within ``timeout`` seconds in all (httpx's own timeout is per read, so
+a body trickled a few bytes at a time would otherwise never end). A success body over the limit is
+a permanent :class:`~prefect_gptimage.errors.PermanentFalError` (never retried, never cached); a
+body too slow is transient (retried under the retry budget), or for a submit, an unknown outcome.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.errors import GptImageError, PermanentFalError, TransientFalError
 from prefect_gptimage.retry import (
     NOT_SENT,
     UNKNOWN_SUBMIT_CODES,
@@ -28,6 +38,91 @@ from prefect_gptimage.retry import (
     is_ingress,
     submit_outcome_unknown,
 )
+
+#: Default cap on one queue answer: four ``sync_mode`` images of the largest size GPT Image 1.5
+#: makes (1536x1024 RGBA, at most ~6.3 MB even incompressible, ~8.4 MB as base64) fit about twice
+#: over, while parsing such a body (bytes, text, JSON strings) stays well under 500 MB of memory.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Default total time to read one body (after its headers arrived).
+DEFAULT_BODY_TIMEOUT = 120.0
+#: Error bodies are only read for their message: a smaller cap.
+MAX_ERROR_BODY_BYTES = 1024 * 1024
+
+
+class BodyLimits(BaseModel):
+    """How much of a queue answer's body is read, and for how long.
+
+    Example:
+        >>> BodyLimits().max_bytes // 2**20, BodyLimits().timeout
+        (64, 120.0)
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    max_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES, gt=0, description="Largest body read (after decoding)."
+    )
+    timeout: float = Field(
+        default=DEFAULT_BODY_TIMEOUT, gt=0, description="Seconds one body may take to arrive."
+    )
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _TooSlow(Exception):
+    def __init__(self, received: int, elapsed: float) -> None:
+        super().__init__(f"{received} bytes in {elapsed:.0f}s")
+
+
+class _Reader:
+    """Collects one body's chunks against a byte cap and a total deadline."""
+
+    def __init__(self, response: httpx.Response, limit: int, timeout: float) -> None:
+        declared = response.headers.get("content-length", "")
+        if (
+            declared.isdigit()
+            and int(declared) > limit
+            and "content-encoding" not in {k.lower() for k in response.headers}
+        ):
+            raise _TooBig
+        self.limit, self.timeout = limit, timeout
+        self.started = time.monotonic()
+        self.chunks: list[bytes] = []
+        self.received = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise _TooBig
+        self.chunks.append(chunk)
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.timeout:
+            raise _TooSlow(self.received, elapsed)
+
+    def response(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        """The same answer with its (decoded) body in memory."""
+        headers = [
+            (k, v)
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code,
+            headers=headers,
+            content=b"".join(self.chunks),
+            request=request,
+            extensions=response.extensions,
+        )
+
+
+def _sync_chunks(response: httpx.Response) -> Iterator[bytes]:
+    return response.iter_bytes()
+
+
+def _async_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    return response.aiter_bytes()
 
 
 def operation_of(request: httpx.Request) -> str:
@@ -45,6 +140,32 @@ def _failed(request: httpx.Request, exc: httpx.TransportError) -> GptImageError:
     if operation == "submit" and not isinstance(exc, NOT_SENT):
         return submit_outcome_unknown(request.url.path.lstrip("/"), type(exc).__name__)
     return fal_transport_error(exc, operation, request.url.host)
+
+
+def _too_big(request: httpx.Request, response: httpx.Response, limit: int) -> GptImageError:
+    operation = operation_of(request)
+    if response.status_code >= 400:  # the error itself matters, not its oversized text
+        return fal_response_error(
+            httpx.Response(response.status_code, headers=response.headers, request=request),
+            operation,
+        )
+    message = (
+        f"fal {operation} at {request.url.host}: the answer is over the {limit}-byte limit "
+        "(PREFECT_GPTIMAGE_MAX_RESULT_BYTES); not read"
+    )
+    if operation == "submit":
+        return submit_outcome_unknown(request.url.path.lstrip("/"), "an oversized answer")
+    return PermanentFalError(message, status_code=response.status_code)
+
+
+def _too_slow(request: httpx.Request, exc: _TooSlow, timeout: float) -> GptImageError:
+    operation = operation_of(request)
+    if operation == "submit":
+        return submit_outcome_unknown(request.url.path.lstrip("/"), f"answer too slow ({exc})")
+    return TransientFalError(
+        f"fal {operation} at {request.url.host}: body too slow ({exc}, over the {timeout:.0f}s "
+        "limit, PREFECT_GPTIMAGE_BODY_TIMEOUT)"
+    )
 
 
 def _checked(request: httpx.Request, response: httpx.Response) -> httpx.Response:
@@ -65,8 +186,22 @@ def _checked(request: httpx.Request, response: httpx.Response) -> httpx.Response
 class FalTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     """Wraps fal_client's (sync or async) backup-domain transport; see the module docstring."""
 
-    def __init__(self, inner: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
+    def __init__(
+        self,
+        inner: httpx.BaseTransport | httpx.AsyncBaseTransport,
+        limits: BodyLimits | None = None,
+    ) -> None:
         self._inner = inner
+        self.limits = limits or BodyLimits()
+
+    def _reader(self, request: httpx.Request, response: httpx.Response) -> _Reader:
+        limit = self.limits.max_bytes
+        if response.status_code >= 400:
+            limit = min(limit, MAX_ERROR_BODY_BYTES)
+        try:
+            return _Reader(response, limit, self.limits.timeout)
+        except _TooBig:
+            raise _too_big(request, response, limit) from None
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(self._inner, httpx.BaseTransport)
@@ -74,9 +209,19 @@ class FalTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             response = self._inner.handle_request(request)
         except httpx.TransportError as exc:
             raise _failed(request, exc) from None
-        if response.status_code >= 400:
-            response.read()
-        return _checked(request, response)
+        try:
+            reader = self._reader(request, response)
+            for chunk in _sync_chunks(response):
+                reader.add(chunk)
+        except _TooBig:
+            raise _too_big(request, response, reader.limit) from None
+        except _TooSlow as exc:
+            raise _too_slow(request, exc, self.limits.timeout) from None
+        except httpx.TransportError as exc:
+            raise _failed(request, exc) from None
+        finally:
+            response.close()
+        return _checked(request, reader.response(request, response))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(self._inner, httpx.AsyncBaseTransport)
@@ -84,9 +229,19 @@ class FalTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             response = await self._inner.handle_async_request(request)
         except httpx.TransportError as exc:
             raise _failed(request, exc) from None
-        if response.status_code >= 400:
-            await response.aread()
-        return _checked(request, response)
+        try:
+            reader = self._reader(request, response)
+            async for chunk in _async_chunks(response):
+                reader.add(chunk)
+        except _TooBig:
+            raise _too_big(request, response, reader.limit) from None
+        except _TooSlow as exc:
+            raise _too_slow(request, exc, self.limits.timeout) from None
+        except httpx.TransportError as exc:
+            raise _failed(request, exc) from None
+        finally:
+            await response.aclose()
+        return _checked(request, reader.response(request, response))
 
     def close(self) -> None:
         if isinstance(self._inner, httpx.BaseTransport):

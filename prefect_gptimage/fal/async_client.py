@@ -14,7 +14,7 @@ Example (it talks to fal, so it is not run as a doctest)::
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import fal_client
@@ -23,7 +23,7 @@ from asyncstdlib import cached_property as async_cached_property
 from fal_client.client import USER_AGENT, AsyncBackupDomainTransport
 
 from prefect_gptimage.fal import _core
-from prefect_gptimage.fal._transport import FalTransport
+from prefect_gptimage.fal._transport import BodyLimits, FalTransport
 from prefect_gptimage.fal.client import Log
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.retry import RetryPolicy
@@ -38,11 +38,13 @@ T = TypeVar("T")
 class _FalAsync(fal_client.AsyncClient):
     """fal_client's AsyncClient over :class:`FalTransport`."""
 
+    limits: BodyLimits = field(default_factory=BodyLimits)
+
     @async_cached_property(asyncio.Lock)
     async def _client(self) -> httpx.AsyncClient:
         auth = await self._auth
         return httpx.AsyncClient(
-            transport=FalTransport(AsyncBackupDomainTransport()),
+            transport=FalTransport(AsyncBackupDomainTransport(), self.limits),
             headers={"Authorization": auth.header_value, "User-Agent": USER_AGENT},
             timeout=self.default_timeout,
             follow_redirects=True,
@@ -52,8 +54,14 @@ class _FalAsync(fal_client.AsyncClient):
 class AsyncFalQueueClient:
     """Asynchronous client for fal's queue; see :class:`FalQueueClient` for each method."""
 
-    def __init__(self, key: str | None = None, *, retry: RetryPolicy | None = None) -> None:
-        self._fal = _FalAsync(key=key)
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        limits: BodyLimits | None = None,
+    ) -> None:
+        self._fal = _FalAsync(key=key, limits=limits or BodyLimits())
         self.retry = retry or RetryPolicy()
 
     async def _run(self, steps: _core.Steps[T]) -> T:

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -31,12 +31,12 @@ import httpx
 from fal_client.client import USER_AGENT, BackupDomainTransport
 
 from prefect_gptimage.fal import _core
-from prefect_gptimage.fal._transport import FalTransport
+from prefect_gptimage.fal._transport import BodyLimits, FalTransport
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
-__all__ = ["FalQueueClient", "RetryPolicy"]
+__all__ = ["BodyLimits", "FalQueueClient", "RetryPolicy"]
 
 T = TypeVar("T")
 Log = logging.Logger | logging.LoggerAdapter[Any]
@@ -46,10 +46,12 @@ Log = logging.Logger | logging.LoggerAdapter[Any]
 class _FalSync(fal_client.SyncClient):
     """fal_client's SyncClient over :class:`FalTransport`."""
 
+    limits: BodyLimits = field(default_factory=BodyLimits)
+
     @cached_property
     def _client(self) -> httpx.Client:
         return httpx.Client(
-            transport=FalTransport(BackupDomainTransport()),
+            transport=FalTransport(BackupDomainTransport(), self.limits),
             headers={"Authorization": self._auth.header_value, "User-Agent": USER_AGENT},
             timeout=self.default_timeout,
             follow_redirects=True,
@@ -64,24 +66,36 @@ def key_id(key: str | None) -> str:
 class FalQueueClient:
     """Synchronous client for fal's queue, for one API key (``None``: fal_client's env chain).
 
-    Instances are cheap to share between threads: the connection pool is reused.
+    Instances are cheap to share between threads: the connection pool is reused. ``limits``
+    bounds every answer's body (size and total read time; see :class:`BodyLimits`).
     """
 
-    _instances: dict[tuple[str, RetryPolicy], FalQueueClient] = {}
+    _instances: dict[tuple[str, RetryPolicy, BodyLimits], FalQueueClient] = {}
     _lock = threading.Lock()
 
-    def __init__(self, key: str | None = None, *, retry: RetryPolicy | None = None) -> None:
-        self._fal = _FalSync(key=key)
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        limits: BodyLimits | None = None,
+    ) -> None:
+        self._fal = _FalSync(key=key, limits=limits or BodyLimits())
         self.retry = retry or RetryPolicy()
 
     @classmethod
-    def shared(cls, key: str | None = None, retry: RetryPolicy | None = None) -> FalQueueClient:
-        """A process-wide instance per key and policy, so tasks reuse connections."""
-        policy = retry or RetryPolicy()
-        ident = (key_id(key), policy)
+    def shared(
+        cls,
+        key: str | None = None,
+        retry: RetryPolicy | None = None,
+        limits: BodyLimits | None = None,
+    ) -> FalQueueClient:
+        """A process-wide instance per key, policy and limits, so tasks reuse connections."""
+        policy, bounds = retry or RetryPolicy(), limits or BodyLimits()
+        ident = (key_id(key), policy, bounds)
         with cls._lock:
             if ident not in cls._instances:
-                cls._instances[ident] = cls(key, retry=policy)
+                cls._instances[ident] = cls(key, retry=policy, limits=bounds)
             return cls._instances[ident]
 
     def _run(self, steps: _core.Steps[T]) -> T:
@@ -116,7 +130,8 @@ class FalQueueClient:
     ) -> RequestStatus:
         """Poll until the request completes; forward fal's logs and queue position to ``log``.
 
-        After ``timeout`` seconds the request is cancelled and :class:`FalRequestTimeout` raised.
+        After ``timeout`` seconds (None: ``DEFAULT_REQUEST_TIMEOUT``, 600) the request is
+        cancelled and :class:`FalRequestTimeout` raised.
         A request that completed with an error raises :class:`FalRequestFailed`.
         """
         return self._run(_core.wait(handle, self.retry, timeout, log))
