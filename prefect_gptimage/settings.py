@@ -76,6 +76,31 @@ class GptImageSettings(PrefectBaseSettings):
         ),
     )
 
+    request_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Seconds a request may take at fal, queue time and run time together, when no "
+            "timeout is given (fal's p95 is about 80 s); then it is cancelled at fal and fails."
+        ),
+    )
+    max_result_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Largest answer body read from fal's queue (a result with four sync_mode images of "
+            "the largest size fits twice over); a larger result fails, unread and uncached."
+        ),
+    )
+    body_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description=(
+            "Seconds one body (a status, a result, an image) may take to arrive in all; a body "
+            "trickled slower fails as transient and is retried within the retry budget."
+        ),
+    )
+
     @field_validator("allowed_media_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

@@ -318,7 +318,8 @@ def wait(
     timeout: float | None = None,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> Steps[RequestStatus]:
-    """Poll until the request completes; after ``timeout`` s cancel it and raise."""
+    """Poll until the request completes; after ``timeout`` s (None: ``DEFAULT_REQUEST_TIMEOUT``)
+    cancel it and raise :class:`~prefect_gptimage.errors.FalRequestTimeout`."""
     track = WaitTracker(handle, timeout, log or logger)
     if track.learning:  # just submitted: nothing to see before it can have finished
         yield Sleep(track.delay())

@@ -71,7 +71,12 @@ class GenerationOptions(BaseModel):
         default=None, description="Where images are written (None: PREFECT_GPTIMAGE_OUTPUT_DIR)."
     )
     timeout: float | None = Field(
-        default=None, gt=0, description="Seconds to wait for fal before cancelling the request."
+        default=None,
+        gt=0,
+        description=(
+            "Seconds to wait for fal (queue and run time) before cancelling the request "
+            "(None: PREFECT_GPTIMAGE_REQUEST_TIMEOUT, default 600)."
+        ),
     )
     refresh_cache: bool = Field(default=False, description="Submit anew even if cached.")
     resubmit_unknown: bool = Field(
@@ -120,6 +125,7 @@ def _submit_and_fetch(
     """The paid steps as cached tasks under a fal request slot: (handle, output, was cached)."""
     log = get_run_logger()
     refresh = options.refresh_cache
+    timeout = options.timeout or get_settings().request_timeout  # every wait has a deadline
     with ExitStack() as slot:
         held = False
 
@@ -150,7 +156,7 @@ def _submit_and_fetch(
             hold()
             try:
                 with durable():
-                    output = fetch_result(handle, options.credentials, timeout=options.timeout)
+                    output = fetch_result(handle, options.credentials, timeout=timeout)
                 return handle, output, state.name == "Cached"
             except Exception as exc:
                 reason = resubmit_reason(exc)
