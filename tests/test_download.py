@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,20 @@ def test_existing_file_is_reused_without_network(
     media = fal_emulator.stats["media"]
     assert _get(image, tmp_path) == first
     assert fal_emulator.stats["media"] == media
+
+
+def test_trickled_media_body_hits_its_time_limit(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    """httpx's timeout is per read: a body trickled at 64 B/s must still end (body_timeout)."""
+    image = _image(fal_emulator, unique)
+    fal_emulator.inject(Fault("media", "trickle", count=None, delay=0.05))
+    policy = media_policy().model_copy(update={"body_timeout": 0.5})
+    started = time.monotonic()
+    with pytest.raises(TransientDownloadError, match="body too slow"):
+        _get(image, tmp_path, policy)
+    assert time.monotonic() - started < 3 * 0.5 + 2  # 3 attempts (FAST), each cut at 0.5 s
+    assert not list(tmp_path.glob(".part-*"))
 
 
 def test_corrupt_image_without_a_length_to_check_is_refused(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 * Streams to a temporary file beside the destination (never the whole body in memory), counting
   bytes against ``max_download_bytes`` and hashing (sha256) as it goes, then renames atomically.
+* Each body must arrive within ``body_timeout`` seconds in all (httpx's timeout is per read, so a
+  body trickled a few bytes at a time would otherwise never end): "body too slow" is transient.
 * Accepts ``https://`` URLs on the allowed hosts only (:class:`MediaPolicy`; the tasks take it
   from ``PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS``, default fal's CDN ``*.fal.media``), every
   redirect hop included, and the ``data:`` URIs that ``sync_mode`` returns.
@@ -31,6 +33,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -45,7 +48,6 @@ from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage, ImageFile, 
 PIL_FORMATS: dict[str, OutputFormat] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _DATA_URI = re.compile(r"^data:(?P<ctype>[\w/+.-]+)?(?P<params>(;[\w=.-]+)*?);base64,", re.I)
-_CHUNK = 1 << 16
 
 
 class MediaPolicy(BaseModel):
@@ -58,6 +60,9 @@ class MediaPolicy(BaseModel):
         description="Hosts images may be downloaded from ('*.x' matches subdomains of x).",
     )
     max_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest image accepted.")
+    body_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds one image body may take to arrive, in all."
+    )
 
 
 def host_allowed(host: str, allowed: Iterable[str]) -> bool:
@@ -167,11 +172,18 @@ def _stream_https(url: str, fh: object, policy: MediaPolicy) -> None:
                     f"image is {declared} bytes, over the {limit}-byte limit"
                 )
             received = 0
-            for chunk in response.iter_bytes(_CHUNK):
+            started = time.monotonic()
+            for chunk in response.iter_bytes():
                 received += len(chunk)
                 if received > limit:
                     raise PermanentDownloadError(f"image body exceeds the {limit}-byte limit")
                 write(chunk)
+                elapsed = time.monotonic() - started
+                if elapsed > policy.body_timeout:
+                    raise TransientDownloadError(
+                        f"image body too slow: {received} bytes in {elapsed:.0f}s, over the "
+                        f"{policy.body_timeout:.0f}s limit (PREFECT_GPTIMAGE_BODY_TIMEOUT)"
+                    )
             if declared and received != declared:
                 raise TransientDownloadError(
                     f"image body truncated: {received} of {declared} bytes"
