@@ -228,6 +228,11 @@ class EarlyApi:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         return False
 
+    def terminate(self) -> None:
+        """Send the server SIGTERM without waiting (a process about to exit at once)."""
+        if self.process is not None:
+            self.process.terminate()
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s, as Prefect does). Idempotent."""
         process, self.process = self.process, None

@@ -8,7 +8,8 @@ A command that would call fal checks first that fal_client can find a key (``FAL
 without one it says so in one line, exits 2 and writes nothing. ``--dry-run`` needs no key.
 
 Exit status: 0 when every image was produced, 1 when any failed, 2 for invalid input (the message
-names the field and nothing is submitted).
+names the field and nothing is submitted), 130 after SIGINT and 143 after SIGTERM (no new request
+is submitted, none is cancelled at fal; a re-run resumes them: see :mod:`._signals`).
 
 Example::
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
+from prefect_gptimage.cli._signals import Interrupts, StopBeforeStart
 from prefect_gptimage.errors import BatchIncomplete, ConfigurationError, InvalidRequestError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -220,7 +222,9 @@ def _prefect_api(early: EarlyApi | None, verbose: bool, *, progress: bool = Fals
         early.adopt()
 
 
-def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
+def cmd_generate(
+    args: argparse.Namespace, early: EarlyApi | None = None, interrupts: Interrupts | None = None
+) -> int:
     from prefect_gptimage.schemas import parse_request
 
     try:
@@ -230,7 +234,10 @@ def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int
     from prefect_gptimage.flows.generate import generate_to_s3
 
     _prefect_api(early, args.verbose)
-    state = generate_to_s3(
+    interrupts = interrupts or Interrupts()
+    interrupts.request = request
+    interrupts.running = True  # a signal from here on lets the request be recorded first
+    state = generate_to_s3.with_options(on_running=[interrupts.reclaim])(  # type: ignore[list-item]
         request,
         bucket=args.bucket,
         prefix=args.prefix,
@@ -240,6 +247,7 @@ def cmd_generate(args: argparse.Namespace, early: EarlyApi | None = None) -> int
         resubmit_unknown=args.resubmit_unknown,
         return_state=True,
     )
+    interrupts.returned = True
     return _emit_or_fail(state.result(raise_on_failure=False), args.json)
 
 
@@ -254,7 +262,9 @@ def _emit_or_fail(result: Any, as_json: bool, ok: bool = True) -> int:
     return _emit(result, as_json, ok=ok)
 
 
-def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
+def cmd_batch(
+    args: argparse.Namespace, early: EarlyApi | None = None, interrupts: Interrupts | None = None
+) -> int:
     from prefect_gptimage.prompts import load_prompt_file
 
     if args.concurrency < 1:
@@ -265,10 +275,20 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
         return _fail_usage(str(exc))
     if not args.bucket and not args.dry_run:
         return _fail_usage("--bucket: required (where the images and the manifest go)")
+    from prefect_gptimage.flows import batch as batch_flow
     from prefect_gptimage.flows.batch import batch_to_s3
 
     _prefect_api(early, args.verbose, progress=True)
-    state = batch_to_s3(
+    interrupts = interrupts or Interrupts()
+
+    def last_words() -> None:  # the process must go before the flow returned: what was staged
+        summary = batch_flow.live_summary()
+        if summary is not None:
+            _emit(summary, args.json, ok=False)
+
+    interrupts.last_words = last_words
+    interrupts.running = True  # a signal from here on stops the batch instead of unwinding
+    state = batch_to_s3.with_options(on_running=[interrupts.reclaim])(  # type: ignore[list-item]
         args.file,
         bucket=args.bucket,
         prefix=args.prefix,
@@ -281,6 +301,7 @@ def cmd_batch(args: argparse.Namespace, early: EarlyApi | None = None) -> int:
         resubmit_unknown=args.resubmit_unknown,
         return_state=True,
     )
+    interrupts.returned = True
     summary: Any = state.result(raise_on_failure=False)
     if isinstance(summary, BatchIncomplete):  # some rows failed: report them with the rest
         summary = summary.summary
@@ -328,11 +349,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "batch": cmd_batch}
     if not fal_key_available():
         return _fail_usage(MISSING_KEY)  # before any server, import or file: one line
-    early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
+    interrupts = Interrupts().install()  # first: a signal during start-up stops it cleanly
     try:
-        return commands[args.command](args, early)
+        early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
+        if early is not None:  # on a hard exit: stop it without waiting (it dies with us anyway)
+            interrupts.cleanups.append(early.terminate)
+        code = commands[args.command](args, early, interrupts)
+    except StopBeforeStart as exc:
+        print(f"prefect-gptimage: {exc}", file=sys.stderr)
+        code = interrupts.exit_code
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    return interrupts.finish(code)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 import tenacity
@@ -29,6 +29,7 @@ from prefect_gptimage.errors import (
     TransientFalError,
 )
 from prefect_gptimage.fal._classify import classify
+from prefect_gptimage.fal._transport import BodyLimits
 from prefect_gptimage.fal._wait import WaitTracker, request_failed
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.retry import RetryPolicy
@@ -150,6 +151,22 @@ async def aoutcome(awaitable: Awaitable[Any]) -> Outcome:
         return Outcome(await awaitable)
     except Exception as exc:
         return Outcome(error=exc)
+
+
+class Shell:
+    """What both clients share: fal_client's client for one key, the retry policy, the bounds."""
+
+    fal_class: ClassVar[Callable[..., Any]]
+
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        limits: BodyLimits | None = None,
+    ) -> None:
+        self._fal = self.fal_class(key=key, limits=limits or BodyLimits())
+        self.retry = retry or RetryPolicy()
 
 
 class Driver(Generic[T]):

@@ -22,9 +22,11 @@ body too slow is transient (retried under the retry budget), or for a submit, an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterable
+from typing import cast
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -117,14 +119,6 @@ class _Reader:
         )
 
 
-def _sync_chunks(response: httpx.Response) -> Iterator[bytes]:
-    return response.iter_bytes()
-
-
-def _async_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    return response.aiter_bytes()
-
-
 def operation_of(request: httpx.Request) -> str:
     """The queue operation a request performs: submit, status, cancel or result."""
     if request.method == "POST":
@@ -183,6 +177,51 @@ def _checked(request: httpx.Request, response: httpx.Response) -> httpx.Response
     raise fal_response_error(response, operation)
 
 
+class _Exchange:
+    """One request's answer, read under the limits; every failure leaves as this package's error.
+
+    Used as a context manager by both of :class:`FalTransport`'s shells, which only do the I/O.
+    """
+
+    def __init__(self, request: httpx.Request, limits: BodyLimits) -> None:
+        self.request, self.limits = request, limits
+        self.limit = limits.max_bytes
+        self.reader: _Reader | None = None
+        self.response = httpx.Response(0)
+
+    def __enter__(self) -> _Exchange:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, _TooBig):
+            raise _too_big(self.request, self.response, self.limit) from None
+        if isinstance(exc, _TooSlow):
+            raise _too_slow(self.request, exc, self.limits.timeout) from None
+        if isinstance(exc, httpx.TransportError):
+            raise _failed(self.request, exc) from None
+
+    def start(self, response: httpx.Response) -> httpx.Response:
+        """The answer's head arrived: check its declared size; returns it to read from."""
+        self.response = response
+        if response.status_code >= 400:
+            self.limit = min(self.limit, MAX_ERROR_BODY_BYTES)
+        self.reader = _Reader(response, self.limit, self.limits.timeout)
+        return response
+
+    def read(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.add(chunk)
+
+    def add(self, chunk: bytes) -> None:
+        assert self.reader is not None
+        self.reader.add(chunk)
+
+    def result(self) -> httpx.Response:
+        """The answer, its body in memory, or the error it stands for."""
+        assert self.reader is not None
+        return _checked(self.request, self.reader.response(self.request, self.response))
+
+
 class FalTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     """Wraps fal_client's (sync or async) backup-domain transport; see the module docstring."""
 
@@ -194,54 +233,21 @@ class FalTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._inner = inner
         self.limits = limits or BodyLimits()
 
-    def _reader(self, request: httpx.Request, response: httpx.Response) -> _Reader:
-        limit = self.limits.max_bytes
-        if response.status_code >= 400:
-            limit = min(limit, MAX_ERROR_BODY_BYTES)
-        try:
-            return _Reader(response, limit, self.limits.timeout)
-        except _TooBig:
-            raise _too_big(request, response, limit) from None
-
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(self._inner, httpx.BaseTransport)
-        try:
-            response = self._inner.handle_request(request)
-        except httpx.TransportError as exc:
-            raise _failed(request, exc) from None
-        try:
-            reader = self._reader(request, response)
-            for chunk in _sync_chunks(response):
-                reader.add(chunk)
-        except _TooBig:
-            raise _too_big(request, response, reader.limit) from None
-        except _TooSlow as exc:
-            raise _too_slow(request, exc, self.limits.timeout) from None
-        except httpx.TransportError as exc:
-            raise _failed(request, exc) from None
-        finally:
-            response.close()
-        return _checked(request, reader.response(request, response))
+        with _Exchange(request, self.limits) as exchange:
+            answer = cast(httpx.BaseTransport, self._inner).handle_request(request)
+            with contextlib.closing(answer):
+                exchange.read(exchange.start(answer).iter_bytes())
+        return exchange.result()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(self._inner, httpx.AsyncBaseTransport)
-        try:
-            response = await self._inner.handle_async_request(request)
-        except httpx.TransportError as exc:
-            raise _failed(request, exc) from None
-        try:
-            reader = self._reader(request, response)
-            async for chunk in _async_chunks(response):
-                reader.add(chunk)
-        except _TooBig:
-            raise _too_big(request, response, reader.limit) from None
-        except _TooSlow as exc:
-            raise _too_slow(request, exc, self.limits.timeout) from None
-        except httpx.TransportError as exc:
-            raise _failed(request, exc) from None
-        finally:
-            await response.aclose()
-        return _checked(request, reader.response(request, response))
+        inner = cast(httpx.AsyncBaseTransport, self._inner)
+        with _Exchange(request, self.limits) as exchange:
+            answer = await inner.handle_async_request(request)
+            async with contextlib.aclosing(answer):
+                async for chunk in exchange.start(answer).aiter_bytes():
+                    exchange.add(chunk)
+        return exchange.result()
 
     def close(self) -> None:
         if isinstance(self._inner, httpx.BaseTransport):

@@ -26,7 +26,6 @@ from prefect_gptimage.fal import _core
 from prefect_gptimage.fal._transport import BodyLimits, FalTransport
 from prefect_gptimage.fal.client import Log
 from prefect_gptimage.fal.polling import RequestStatus
-from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
 __all__ = ["AsyncFalQueueClient"]
@@ -51,18 +50,10 @@ class _FalAsync(fal_client.AsyncClient):
         )
 
 
-class AsyncFalQueueClient:
+class AsyncFalQueueClient(_core.Shell):
     """Asynchronous client for fal's queue; see :class:`FalQueueClient` for each method."""
 
-    def __init__(
-        self,
-        key: str | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-        limits: BodyLimits | None = None,
-    ) -> None:
-        self._fal = _FalAsync(key=key, limits=limits or BodyLimits())
-        self.retry = retry or RetryPolicy()
+    fal_class = _FalAsync
 
     async def _run(self, steps: _core.Steps[T]) -> T:
         try:

@@ -63,7 +63,7 @@ def key_id(key: str | None) -> str:
     return hashlib.sha256((key or "").encode()).hexdigest()
 
 
-class FalQueueClient:
+class FalQueueClient(_core.Shell):
     """Synchronous client for fal's queue, for one API key (``None``: fal_client's env chain).
 
     Instances are cheap to share between threads: the connection pool is reused. ``limits``
@@ -73,15 +73,7 @@ class FalQueueClient:
     _instances: dict[tuple[str, RetryPolicy, BodyLimits], FalQueueClient] = {}
     _lock = threading.Lock()
 
-    def __init__(
-        self,
-        key: str | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-        limits: BodyLimits | None = None,
-    ) -> None:
-        self._fal = _FalSync(key=key, limits=limits or BodyLimits())
-        self.retry = retry or RetryPolicy()
+    fal_class = _FalSync
 
     @classmethod
     def shared(

@@ -8,6 +8,13 @@ and submits nothing; ``max_cost`` refuses a batch whose uncached rows would cost
 rows are free). Running the same batch again submits nothing and writes no duplicate object; a
 batch killed half way resumes where it was.
 
+**Stopping.** :func:`request_stop` (the CLI calls it on SIGTERM or SIGINT) stops a running batch
+from starting rows: rows not started are reported "not started (interrupted)". Rows already
+started get :data:`STOP_GRACE_S` seconds to finish; those still waiting on fal then are reported
+"in flight (interrupted)" once their submit has been recorded (never in the middle of one), and
+left running at fal: nothing is cancelled, and a re-run resumes them from the cache without
+paying again. The run then ends Failed with the summary of what was staged.
+
 ``bucket`` is a bucket name or a prefect-aws ``S3Bucket`` block (its folder is the prefix unless
 ``prefix`` is given; its credentials sign the uploads and links).
 
@@ -27,11 +34,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -55,12 +66,139 @@ from prefect_gptimage.schemas import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached, request_fingerprint
 from prefect_gptimage.tasks.generate import GenerationOptions
-from prefect_gptimage.tasks.intents import unresolved_intent
+from prefect_gptimage.tasks.intents import read_intent, unresolved_intent
 from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
 from prefect_gptimage.tasks.window import in_order
 
 #: How often (seconds) the flow logs its progress and ETA.
 LOG_EVERY_S = 15.0
+#: After a stop, how long (seconds) started rows may take to finish before they are reported as
+#: in flight; a row in the middle of its submit is waited for up to :data:`STOP_SUBMIT_WAIT_S`.
+STOP_GRACE_S = 4.0
+STOP_SUBMIT_WAIT_S = 3.0
+
+#: ``error_type`` of rows a stop left unstarted, and of rows it left running at fal.
+NOT_STARTED = "not_started_interrupted"
+IN_FLIGHT = "in_flight_interrupted"
+
+_stop = threading.Event()
+_live: list[RunSummary] = []  # the running batch's summary, for a process that must exit early
+
+
+def live_summary() -> RunSummary | None:
+    """The summary of the batch running in this process so far (None when none runs)."""
+    return _live[-1] if _live else None
+
+
+def request_stop() -> None:
+    """Stop the running batch (see the module docs); safe from a signal handler."""
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    """Whether :func:`request_stop` was called (and not :func:`reset_stop` since)."""
+    return _stop.is_set()
+
+
+def reset_stop() -> None:
+    """Forget a stop (for a process that runs another batch afterwards)."""
+    _stop.clear()
+
+
+class RowInterrupted(FalError):
+    """A row a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
+
+
+class _Settled:
+    """A row future finished by the flow itself: never started, or abandoned in flight."""
+
+    def __init__(self, error: RowInterrupted) -> None:
+        self.state: State[Any] = Failed(data=error, message=error.message)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+
+class _Row:
+    """A started row's future, which a stop can settle before the task finishes."""
+
+    def __init__(self, row: PromptRow, future: PrefectFuture[Any]) -> None:
+        self.row, self._future = row, future
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._settled: State[Any] | None = None
+        self.done = threading.Event()
+        future.add_done_callback(lambda _f: self._finish(None))
+
+    def _finish(self, state: State[Any] | None) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self._settled = state
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def abandon(self) -> None:
+        """Report the row as in flight at fal and stop waiting for it (its task runs on)."""
+        error = RowInterrupted(
+            "in flight (interrupted): submitted to fal and left running there, not cancelled; "
+            "a re-run resumes it from the cache without paying again",
+            error_type=IN_FLIGHT,
+        )
+        self._finish(Failed(data=error, message=error.message))
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
+
+    @property
+    def state(self) -> State[Any]:
+        return self._settled if self._settled is not None else self._future.state
+
+
+def _mid_submit(row: PromptRow) -> bool:
+    """Whether this row's submit was sent and its answer is not recorded yet."""
+    try:
+        intent = read_intent(row.request, row.variant)
+    except Exception:  # an unreadable store: assume the worst, within the wait's bound
+        return True
+    return intent is not None and intent.state == "submitting"
+
+
+def _watch_for_stop(started: dict[int, _Row], lock: threading.Lock, over: threading.Event) -> None:
+    """On a stop: give started rows their grace, then settle the rest as in flight."""
+    while not _stop.wait(0.2):
+        if over.is_set():
+            return
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and not over.is_set():
+        with lock:
+            pending = [r for r in started.values() if not r.done.is_set()]
+        if not pending:
+            return
+        time.sleep(0.1)
+    deadline = time.monotonic() + STOP_SUBMIT_WAIT_S
+    while not over.is_set():
+        with lock:
+            pending = [r for r in started.values() if not r.done.is_set()]
+        if not pending:
+            return
+        if time.monotonic() >= deadline or not any(_mid_submit(r.row) for r in pending):
+            for r in pending:
+                r.abandon()
+            return
+        time.sleep(0.1)
 
 
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:
@@ -140,6 +278,7 @@ def batch_to_s3(
     run_key = run_key_for(prompt_file, defaults)
     estimate, cached = plan_cost(rows, resubmit_unknown=resubmit_unknown or refresh)
     summary = RunSummary(estimated_cost_usd=estimate)
+    _live[:] = [summary]
     log.info(
         "%s: %d request(s), %d cached, estimated cost $%.3f", run_key, len(rows), cached, estimate
     )
@@ -168,8 +307,19 @@ def batch_to_s3(
         max_in_flight=concurrency,
     )
 
+    started: dict[int, _Row] = {}
+    started_lock = threading.Lock()
+    over = threading.Event()
+
     def submit(row: PromptRow) -> Any:
-        return runner.submit(
+        if _stop.is_set():  # a stop: nothing new is started (nor paid)
+            return _Settled(
+                RowInterrupted(
+                    "not started (interrupted): nothing was submitted for it",
+                    error_type=NOT_STARTED,
+                )
+            )
+        future = runner.submit(
             generate_and_stage,  # type: ignore[arg-type]  # (overloads favour async tasks)
             parameters={
                 "request": row.request,
@@ -177,19 +327,31 @@ def batch_to_s3(
                 "options": options.model_copy(update={"variant": row.variant}),
             },
         )
+        handle = _Row(row, future)
+        with started_lock:
+            started[id(handle)] = handle
+        handle.add_done_callback(lambda h: _forget(started, started_lock, h))
+        return handle
 
     # one fal request id per request: a second row given the same id fails (see _flag_duplicates)
     ledger = RequestIdLedger()
     reported: dict[str, PromptRow] = {}
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
+    workers = 2 * max(1, concurrency)
+    runner = ThreadPoolTaskRunner(max_workers=workers)
+    watcher = threading.Thread(
+        target=_watch_for_stop, args=(started, started_lock, over), daemon=True
+    )
     with (
         use_s3_client(s3_client),
         use_request_id_ledger(ledger),
         RunReport(out, run_key, target, summary) as report,
-        ThreadPoolTaskRunner(max_workers=2 * max(1, concurrency)) as runner,
+        _running(runner),
     ):
-        # rows come back in file order, so the same batch always writes the same manifest
-        for row, result in in_order(rows, submit, on_finished=progress.advance):
+        watcher.start()
+        # rows come back in file order, so the same batch always writes the same manifest; no
+        # more rows are handed to the runner than it has workers, so a stop finds none queued
+        for row, result in in_order(rows, submit, window=workers, on_finished=progress.advance):
             if isinstance(result, RowOutcome):
                 # generate() claims it first when it can: then nothing was staged twice
                 with contextlib.suppress(DuplicateRequestId):
@@ -207,14 +369,40 @@ def batch_to_s3(
             if progress.elapsed - last_log >= LOG_EVERY_S:
                 last_log = progress.elapsed
                 log.info("%s: %s", run_key, progress.status())  # counts, elapsed, ETA
+        over.set()
         progress.finish()
         log.info("%s: %s", run_key, progress.status())
         _flag_duplicates(ledger, reported, report)
         state = report.close()
+    if _stop.is_set():
+        message = f"interrupted: {state.message}"
+        return Failed(message=message, data=BatchIncomplete(report.summary, message))
     if report.summary.ok:
         return state
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
     return Failed(message=state.message, data=BatchIncomplete(report.summary, state.message))
+
+
+def _forget(started: dict[int, _Row], lock: threading.Lock, handle: _Row) -> None:
+    with lock:
+        started.pop(id(handle), None)
+
+
+@contextlib.contextmanager
+def _running(runner: ThreadPoolTaskRunner[Any]) -> Any:
+    """The runner, shut down at the end; after a stop, without waiting for rows left in flight
+    (their tasks run on until the process exits; what they paid for is cached already)."""
+    runner.__enter__()
+    try:
+        yield runner
+    finally:
+        executor = getattr(runner, "_executor", None)
+        if _stop.is_set() and executor is not None:
+            # no cancel events either: a row in flight keeps going until the process exits
+            executor.shutdown(wait=False, cancel_futures=True)
+            runner._executor = None
+        else:
+            runner.__exit__(None, None, None)
 
 
 def _duplicate(request_id: str, ledger: RequestIdLedger) -> DuplicateRequestId:

@@ -11,11 +11,18 @@ import os
 
 import httpx
 
+from prefect_gptimage.fal._transport import BodyLimits
 from prefect_gptimage.fal.media import MediaPolicy
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.settings import get_settings
 
-__all__ = ["FAL_HOST_VARIABLES", "configured_fal_hosts", "media_policy", "retry_policy"]
+__all__ = [
+    "FAL_HOST_VARIABLES",
+    "body_limits",
+    "configured_fal_hosts",
+    "media_policy",
+    "retry_policy",
+]
 
 #: fal_client's own variables naming the host it talks to (``host`` or ``host:port``, always
 #: https): images served by that host are trusted like fal's CDN.
@@ -25,6 +32,13 @@ FAL_HOST_VARIABLES = ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST")
 def retry_policy() -> RetryPolicy:
     """The retry policy of every call: ``PREFECT_GPTIMAGE_RETRY_BUDGET`` seconds of retrying."""
     return RetryPolicy(budget=get_settings().retry_budget)
+
+
+def body_limits() -> BodyLimits:
+    """The bounds of every fal answer: ``PREFECT_GPTIMAGE_MAX_RESULT_BYTES`` and
+    ``PREFECT_GPTIMAGE_BODY_TIMEOUT``."""
+    settings = get_settings()
+    return BodyLimits(max_bytes=settings.max_result_bytes, timeout=settings.body_timeout)
 
 
 def configured_fal_hosts() -> tuple[str, ...]:
@@ -61,4 +75,8 @@ def media_policy() -> MediaPolicy:
     settings = get_settings()
     allowed = list(settings.allowed_media_hosts)
     allowed += [host for host in configured_fal_hosts() if host not in allowed]
-    return MediaPolicy(allowed_hosts=tuple(allowed), max_bytes=settings.max_download_bytes)
+    return MediaPolicy(
+        allowed_hosts=tuple(allowed),
+        max_bytes=settings.max_download_bytes,
+        body_timeout=settings.body_timeout,
+    )

@@ -38,7 +38,7 @@ from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import CACHE_EXPIRATION, RESULT_CACHE, SUBMIT_CACHE
 from prefect_gptimage.tasks.intents import guarded_submit
-from prefect_gptimage.tasks.policies import retry_policy
+from prefect_gptimage.tasks.policies import body_limits, retry_policy
 
 __all__ = [
     "acancel_request",
@@ -75,8 +75,9 @@ CANCEL_OPTIONS: dict[str, Any] = {
 
 def sync_client(credentials: FalCredentials | None) -> FalQueueClient:
     """The shared client for ``credentials`` (None: the environment's key), with the settings'
-    retry policy."""
-    return FalQueueClient.shared((credentials or FalCredentials()).get_key(), retry_policy())
+    retry policy and body limits."""
+    key = (credentials or FalCredentials()).get_key()
+    return FalQueueClient.shared(key, retry_policy(), body_limits())
 
 
 def _submitted(handle: RequestHandle, request: AnyRequest) -> RequestHandle:
