@@ -195,16 +195,10 @@ def _lease_lock_class() -> type[LockManager]:
             except unreachable as exc:
                 raise self._unreachable(exc) from exc
 
-        async def aacquire_lock(
-            self,
-            key: str,
-            holder: str,
-            acquire_timeout: float | None = None,
-            hold_timeout: float | None = None,
-        ) -> bool:
-            return await asyncio.to_thread(
-                self.acquire_lock, key, holder, acquire_timeout, hold_timeout
-            )
+        async def aacquire_lock(self, *args: Any, **kwargs: Any) -> bool:
+            # the sync lock, in a thread: Prefect releases locks synchronously, and prefect-redis's
+            # async lock would hand that release a coroutine nobody awaits
+            return await asyncio.to_thread(self.acquire_lock, *args, **kwargs)
 
         def release_lock(self, key: str, holder: str) -> None:
             try:
