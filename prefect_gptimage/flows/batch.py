@@ -164,7 +164,10 @@ class _Row:
 
     @property
     def state(self) -> State[Any]:
-        return self._settled if self._settled is not None else self._future.state
+        if self._settled is not None:
+            return self._settled
+        self._future.wait()  # done already: this only lets the future read its final state
+        return self._future.state
 
 
 def _mid_submit(row: PromptRow) -> bool:
