@@ -475,12 +475,12 @@ def main(argv: list[str] | None = None) -> int:
             # A user's Prefect home already has its database: create and migrate it once,
             # untimed, so the figures are steady state, not first install. Caches live in the
             # run's own result storage, so nothing leaks from one benchmark run to the next.
+            # (A dry run no longer starts a Prefect API, so a one-task flow run does it: the
+            # temporary API it starts creates and migrates the home's database.)
             plugin_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-            warm_prompts = work / "warm.jsonl"
-            warm_prompts.write_text(json.dumps({"prompt": "warm up the database"}) + "\n")
             started = time.perf_counter()
             subprocess.run(
-                [*plugin_command(), "batch", str(warm_prompts), "--dry-run"],
+                [sys.executable, "-c", "from prefect import flow\nflow(lambda: None)()"],
                 env=plugin_env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
