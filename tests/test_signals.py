@@ -91,6 +91,7 @@ def test_sigterm_stops_a_batch_and_a_rerun_pays_nothing_twice(
     assert took < 10, f"exited {took:.1f}s after SIGTERM"
     assert done.returncode == 143, done.stderr[-4000:]
     submitted = fal_emulator.stats["accepted"] - accepted
+    print(f"batch: exit {done.returncode} {took:.1f}s after SIGTERM, {submitted} submit(s)")
     assert 0 < submitted < ROWS
     assert fal_emulator.stats["cancel"] == cancels  # nothing cancelled at fal
     assert done.stdout.strip(), done.stderr[-4000:]
@@ -121,6 +122,7 @@ def test_sigint_during_generate_exits_130_and_a_rerun_resumes_the_request(
 
     done, took = signal_after_first_accept(args, env, fal_emulator, signal.SIGINT)
 
+    print(f"generate: exit {done.returncode} {took:.1f}s after SIGINT")
     assert took < 10, f"exited {took:.1f}s after SIGINT"
     assert done.returncode == 130, done.stderr[-4000:]
     assert "re-run resumes" in done.stderr or "run the same command again" in done.stderr
