@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.errors import InvalidPromptFile, InvalidRequestError
-from prefect_gptimage.schemas import AnyRequest, parse_request
+from prefect_gptimage.s3.keys import slugify
+from prefect_gptimage.schemas import AnyRequest, parse_request, request_fingerprint
 
 EXTRA_COLUMNS = ("variant",)
 
@@ -238,3 +240,23 @@ def load_prompt_file(
     if not rows:
         raise InvalidRequestError("prompt_file", f"{path} has no prompts")
     return rows
+
+
+def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None = None) -> str:
+    """A deterministic name for a batch: the file's stem and a hash of its content and defaults."""
+    path = Path(prompt_file)
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(json.dumps(defaults or {}, sort_keys=True).encode())
+    return f"batch-{slugify(path.stem, 40, default='prompts')}-{digest.hexdigest()[:10]}"
+
+
+def unique_rows(rows: list[PromptRow]) -> list[PromptRow]:
+    """Drop rows identical to an earlier one (same request, same variant): they'd pay twice."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = request_fingerprint(row.request, row.variant)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept

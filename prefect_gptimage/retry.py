@@ -315,7 +315,7 @@ class RetryPolicy(BaseModel):
         description="Seconds a call may spend retrying, from its first attempt.",
     )
     attempts: int | None = Field(default=None, ge=1, description="Cap on attempts (None: none).")
-    initial_delay: float = Field(default=0.5, ge=0, description="First backoff, in seconds.")
+    initial_delay: float = Field(default=0.25, ge=0, description="First backoff, in seconds.")
     max_delay: float = Field(default=8.0, ge=0, description="Longest backoff, in seconds.")
 
     def retrying(self, *, retry_on: Any = None) -> tenacity.Retrying:

@@ -88,13 +88,11 @@ def test_batch_without_a_server_runs_on_one_temporary_api_and_stops_it(
 
 @linux_only
 def test_api_url_in_the_users_profile_wins_over_a_temporary_server(
-    prefect_harness: dict[str, Any], unique: str, tmp_path: Path
+    fal_emulator: FalEmulator, prefect_harness: dict[str, Any], unique: str, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 
-    rows = tmp_path / f"profile-{unique}.jsonl"
-    rows.write_text(json.dumps({"prompt": f"{unique} via profile", "quality": "low"}) + "\n")
     home = tmp_path / "prefect-home"
     home.mkdir()
     (home / "profiles.toml").write_text(
@@ -103,14 +101,17 @@ def test_api_url_in_the_users_profile_wins_over_a_temporary_server(
         'PREFECT_SERVER_ANALYTICS_ENABLED = "false"\n'
     )
 
-    done = run_cli_process(["batch", str(rows), "--dry-run"], user_env(home, tmp_path))
+    # a real run (a dry run runs no flow, so it records nothing anywhere)
+    done = run_cli_process(
+        ["generate", f"{unique} via profile", "--quality", "low"],
+        {**user_env(home, tmp_path), "FAL_KEY": "profile-key-id:profile-secret"},
+    )
 
     assert done.returncode == 0, done.stderr
-    assert "$0.009 for 1 request(s)" in done.stderr
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
     # the run is recorded on the profile's server, not on a throwaway one
-    assert any(r.parameters.get("prompt_file") == str(rows) for r in runs)
+    assert any(unique in json.dumps(r.parameters, default=str) for r in runs)
     assert processes_with("PREFECT_HOME", str(home)) == []
 
 

@@ -342,29 +342,19 @@ def test_dry_run_without_an_api_says_a_block_store_was_not_read(tmp_path: Path) 
     assert "dry run: $0.103 for 5 request(s)" in done.stderr
 
 
-def test_dry_run_identity_helpers_match_the_cache_and_keys() -> None:
-    from prefect_gptimage.cli import dry_run
-    from prefect_gptimage.flows.batch import run_key_for
-    from prefect_gptimage.s3.keys import slugify
-    from prefect_gptimage.schemas import GptImageEditRequest
-    from prefect_gptimage.tasks.cache import request_fingerprint
-
-    requests = [
-        GptImageRequest(prompt="a kite", quality="low", num_images=2),
-        GptImageEditRequest(
-            prompt="make it blue",
-            image_urls=["https://b.s3.amazonaws.com/k.png?X-Amz-Date=1&X-Amz-Signature=ab"],
-        ),
-    ]
-    for request in requests:
-        for variant in (0, 3):
-            assert dry_run.request_fingerprint(request, variant) == request_fingerprint(
-                request, variant
-            )
-    for text in ("Crème brûlée, 4K!", "../../etc/passwd", "日本語", "x" * 80):
-        assert dry_run.slugify(text, 40, default="prompts") == slugify(text, 40, default="prompts")
-    sample = Path(__file__).parent.parent / "prefect_gptimage" / "data" / "sample_prompts.jsonl"
-    assert dry_run.run_key_for(sample) == run_key_for(sample, None)
+def test_dry_run_path_imports_no_prefect_boto3_or_httpx() -> None:
+    """The dry run shares the request identity and run key with the batch (schemas, prompts),
+    and stays fast because none of those modules pulls in Prefect, boto3 or httpx."""
+    code = (
+        "import sys\n"
+        "import prefect_gptimage.cli.dry_run\n"
+        "heavy = ('prefect', 'boto3', 'httpx')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def _jwt(exp: float) -> str:
@@ -433,7 +423,7 @@ def _images(folder: Path) -> set[str]:
 
 def test_demo_twice_pays_once_and_each_run_folder_holds_that_runs_images(tmp_path: Path) -> None:
     from prefect_gptimage.cli.demo import sample_prompt_file
-    from prefect_gptimage.flows.batch import run_key_for
+    from prefect_gptimage.prompts import run_key_for
 
     out = tmp_path / "demo-output"
     run_folder = out / run_key_for(sample_prompt_file(), None)

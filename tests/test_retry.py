@@ -179,6 +179,6 @@ def test_generate_with_every_status_refused_pays_once_and_fails_in_budget(
     assert "HTTP 503" in line and "gave up after" in line, line
     assert fal_emulator.stats["accepted"] == accepted + 1  # one submit, never a second
     calls = fal_emulator.stats["status"] - statuses
-    # backoff from 0.5 s doubling to 8 s: a handful of calls in the budget, not 5 x 5 x 6
+    # backoff from 0.25 s doubling to 8 s: a handful of calls in the budget, not 5 x 5 x 6
     assert 2 <= calls <= 8, calls
     assert elapsed < BUDGET + 30, elapsed

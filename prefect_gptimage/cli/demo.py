@@ -129,7 +129,8 @@ def run_demo(
         print(f"fal emulator: {emulator.base_url}  S3: {s3.endpoint_url}  bucket: {DEMO_BUCKET}")
 
         # after the environment is set
-        from prefect_gptimage.flows.batch import batch_to_s3, run_key_for
+        from prefect_gptimage.flows.batch import batch_to_s3
+        from prefect_gptimage.prompts import run_key_for
 
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
         try:

@@ -22,21 +22,16 @@ them (bucket name, finite budget, trusted media host), without touching the netw
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import sys
-import unicodedata
 from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
-from prefect_gptimage.schemas import AnyRequest
 
-__all__ = ["DryRunPlan", "plan_dry_run", "request_fingerprint", "run_key_for", "slugify"]
+__all__ = ["DryRunPlan", "plan_dry_run"]
 
 #: Prefix of every record this package writes to the result store (submit, result, intent).
 RECORD_PREFIX = "gptimage-"
@@ -45,69 +40,12 @@ _STORAGE_BLOCK_VARS = (
     "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
 )
 _LOCAL_PATH_VARS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
-_SIGNED_QUERY = re.compile(r"(^|&)(X-Amz-Signature|Signature|X-Goog-Signature|sig)=", re.I)
 
 #: What the output says when the cache lives in a block and no API is there to load it.
 CACHE_NEEDS_API = (
     "cache not read: the result store is a block (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK), which "
     "needs a Prefect API (PREFECT_API_URL); every row is counted as uncached"
 )
-
-
-# -- the identity of a request, without Prefect --------------------------------------------------
-# Copies of prefect_gptimage.tasks.cache.stable_url / request_fingerprint and
-# prefect_gptimage.s3.keys.slugify, whose packages import Prefect (tests/test_first_run.py
-# asserts they agree).
-
-
-def _stable_url(url: str) -> str:
-    base, _, query = url.partition("?")
-    return base if query and _SIGNED_QUERY.search(query) else url
-
-
-def request_fingerprint(request: AnyRequest, variant: int = 0) -> str:
-    """sha256 of the endpoint and the normalized request (as the submit cache keys it)."""
-    arguments = request.to_arguments()
-    for field in ("image_urls", "mask_image_url"):
-        value = arguments.get(field)
-        if isinstance(value, list):
-            arguments[field] = [_stable_url(u) for u in value]
-        elif isinstance(value, str):
-            arguments[field] = _stable_url(value)
-    canonical = json.dumps(
-        {"endpoint": request.endpoint, "arguments": arguments, "variant": variant},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def slugify(text: str, max_len: int, *, default: str) -> str:
-    """Lowercase ASCII ``[a-z0-9-]`` slug (as the S3 keys make them)."""
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
-    slug = slug[:max_len].rstrip("-")
-    return slug or default
-
-
-def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None = None) -> str:
-    """The batch's run key (``flows.batch.run_key_for``)."""
-    path = Path(prompt_file)
-    digest = hashlib.sha256(path.read_bytes())
-    digest.update(json.dumps(defaults or {}, sort_keys=True).encode())
-    return f"batch-{slugify(path.stem, 40, default='prompts')}-{digest.hexdigest()[:10]}"
-
-
-def unique_rows(rows: list[PromptRow]) -> list[PromptRow]:
-    """Rows minus those identical to an earlier one (``flows.batch.unique_rows``)."""
-    seen: set[str] = set()
-    kept = []
-    for row in rows:
-        key = request_fingerprint(row.request, row.variant)
-        if key not in seen:
-            seen.add(key)
-            kept.append(row)
-    return kept
 
 
 # -- where the cache is ------------------------------------------------------------------------

@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -52,19 +50,18 @@ from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import BatchIncomplete, DuplicateRequestId, FalError
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.artifacts import (
     BatchProgress,
     artifact_key,
 )
 from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
-from prefect_gptimage.s3 import slugify
 from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.schemas import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks.cache import is_submit_cached, request_fingerprint
+from prefect_gptimage.tasks.cache import is_submit_cached
 from prefect_gptimage.tasks.generate import GenerationOptions
 from prefect_gptimage.tasks.intents import read_intent, unresolved_intent
 from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
@@ -202,26 +199,6 @@ def _watch_for_stop(started: dict[int, _Row], lock: threading.Lock, over: thread
                 r.abandon()
             return
         time.sleep(0.1)
-
-
-def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None) -> str:
-    """A deterministic name for a batch: the file's stem and a hash of its content and defaults."""
-    path = Path(prompt_file)
-    digest = hashlib.sha256(path.read_bytes())
-    digest.update(json.dumps(defaults or {}, sort_keys=True).encode())
-    return f"batch-{slugify(path.stem, 40, default='prompts')}-{digest.hexdigest()[:10]}"
-
-
-def unique_rows(rows: list[PromptRow]) -> list[PromptRow]:
-    """Drop rows identical to an earlier one (same request, same variant): they'd pay twice."""
-    seen: set[str] = set()
-    kept = []
-    for row in rows:
-        key = request_fingerprint(row.request, row.variant)
-        if key not in seen:
-            seen.add(key)
-            kept.append(row)
-    return kept
 
 
 def plan_cost(rows: list[PromptRow], resubmit_unknown: bool = False) -> tuple[float, int]:

@@ -30,34 +30,43 @@ Example:
 
 from __future__ import annotations
 
-from prefect_gptimage.s3.clients import ClientSource as ClientSource
-from prefect_gptimage.s3.clients import (
-    client_from_block,
-    get_s3_client,
-    reset_s3_clients,
-    target_from_bucket_block,
-)
-from prefect_gptimage.s3.errors import (
-    PermanentS3StagingError,
-    S3StagingError,
-    TransientS3StagingError,
-    is_transient_s3_error,
-)
-from prefect_gptimage.s3.keys import PROMPT_SLUG_MAX as PROMPT_SLUG_MAX
-from prefect_gptimage.s3.keys import (
-    gallery_key,
-    image_key,
-    manifest_key,
-    normalize_prefix,
-    safe_id,
-    slugify,
-)
-from prefect_gptimage.s3.models import MAX_PRESIGN_EXPIRES, S3Target, StagedFile, StagedImage
-from prefect_gptimage.s3.models import MIN_PART_SIZE as MIN_PART_SIZE
-from prefect_gptimage.s3.models import MiB as MiB
-from prefect_gptimage.s3.preflight import check_target, probe_bucket, validate_bucket_name
-from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, presign, stage_file, stage_image
-from prefect_gptimage.s3.tasks import stage_image_task, stage_manifest_task
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# loaded on first use, so that importing one light module (``keys``) costs no boto3 or Prefect
+_EXPORTS: dict[str, str] = {
+    "ClientSource": "clients",
+    "MANIFEST_CONTENT_TYPE": "staging",
+    "MAX_PRESIGN_EXPIRES": "models",
+    "MIN_PART_SIZE": "models",
+    "MiB": "models",
+    "PROMPT_SLUG_MAX": "keys",
+    "PermanentS3StagingError": "errors",
+    "S3StagingError": "errors",
+    "S3Target": "models",
+    "StagedFile": "models",
+    "StagedImage": "models",
+    "TransientS3StagingError": "errors",
+    "check_target": "preflight",
+    "client_from_block": "clients",
+    "gallery_key": "keys",
+    "get_s3_client": "clients",
+    "image_key": "keys",
+    "is_transient_s3_error": "errors",
+    "manifest_key": "keys",
+    "normalize_prefix": "keys",
+    "presign": "staging",
+    "probe_bucket": "preflight",
+    "reset_s3_clients": "clients",
+    "safe_id": "keys",
+    "slugify": "keys",
+    "stage_file": "staging",
+    "stage_image": "staging",
+    "stage_image_task": "tasks",
+    "stage_manifest_task": "tasks",
+    "target_from_bucket_block": "clients",
+    "validate_bucket_name": "preflight",
+}
 
 __all__ = [
     "MANIFEST_CONTENT_TYPE",
@@ -88,3 +97,112 @@ __all__ = [
     "target_from_bucket_block",
     "validate_bucket_name",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefect_gptimage.s3' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"prefect_gptimage.s3.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(_EXPORTS)
+
+
+if TYPE_CHECKING:
+    from prefect_gptimage.s3.clients import (
+        ClientSource as ClientSource,
+    )
+    from prefect_gptimage.s3.clients import (
+        client_from_block as client_from_block,
+    )
+    from prefect_gptimage.s3.clients import (
+        get_s3_client as get_s3_client,
+    )
+    from prefect_gptimage.s3.clients import (
+        reset_s3_clients as reset_s3_clients,
+    )
+    from prefect_gptimage.s3.clients import (
+        target_from_bucket_block as target_from_bucket_block,
+    )
+    from prefect_gptimage.s3.errors import (
+        PermanentS3StagingError as PermanentS3StagingError,
+    )
+    from prefect_gptimage.s3.errors import (
+        S3StagingError as S3StagingError,
+    )
+    from prefect_gptimage.s3.errors import (
+        TransientS3StagingError as TransientS3StagingError,
+    )
+    from prefect_gptimage.s3.errors import (
+        is_transient_s3_error as is_transient_s3_error,
+    )
+    from prefect_gptimage.s3.keys import (
+        PROMPT_SLUG_MAX as PROMPT_SLUG_MAX,
+    )
+    from prefect_gptimage.s3.keys import (
+        gallery_key as gallery_key,
+    )
+    from prefect_gptimage.s3.keys import (
+        image_key as image_key,
+    )
+    from prefect_gptimage.s3.keys import (
+        manifest_key as manifest_key,
+    )
+    from prefect_gptimage.s3.keys import (
+        normalize_prefix as normalize_prefix,
+    )
+    from prefect_gptimage.s3.keys import (
+        safe_id as safe_id,
+    )
+    from prefect_gptimage.s3.keys import (
+        slugify as slugify,
+    )
+    from prefect_gptimage.s3.models import (
+        MAX_PRESIGN_EXPIRES as MAX_PRESIGN_EXPIRES,
+    )
+    from prefect_gptimage.s3.models import (
+        MIN_PART_SIZE as MIN_PART_SIZE,
+    )
+    from prefect_gptimage.s3.models import (
+        MiB as MiB,
+    )
+    from prefect_gptimage.s3.models import (
+        S3Target as S3Target,
+    )
+    from prefect_gptimage.s3.models import (
+        StagedFile as StagedFile,
+    )
+    from prefect_gptimage.s3.models import (
+        StagedImage as StagedImage,
+    )
+    from prefect_gptimage.s3.preflight import (
+        check_target as check_target,
+    )
+    from prefect_gptimage.s3.preflight import (
+        probe_bucket as probe_bucket,
+    )
+    from prefect_gptimage.s3.preflight import (
+        validate_bucket_name as validate_bucket_name,
+    )
+    from prefect_gptimage.s3.staging import (
+        MANIFEST_CONTENT_TYPE as MANIFEST_CONTENT_TYPE,
+    )
+    from prefect_gptimage.s3.staging import (
+        presign as presign,
+    )
+    from prefect_gptimage.s3.staging import (
+        stage_file as stage_file,
+    )
+    from prefect_gptimage.s3.staging import (
+        stage_image as stage_image,
+    )
+    from prefect_gptimage.s3.tasks import (
+        stage_image_task as stage_image_task,
+    )
+    from prefect_gptimage.s3.tasks import (
+        stage_manifest_task as stage_manifest_task,
+    )

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import json
 import logging
-import re
 import threading
 from datetime import timedelta
 from typing import Any
@@ -46,7 +43,13 @@ from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore, get_result_store
 from prefect.transactions import IsolationLevel
 
-from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+from prefect_gptimage.schemas import (
+    AnyRequest,
+    GptImageOutput,
+    RequestHandle,
+    request_fingerprint,
+    stable_url,
+)
 from prefect_gptimage.settings import get_settings
 
 __all__ = [
@@ -67,40 +70,6 @@ __all__ = [
 ]
 
 CACHE_EXPIRATION = timedelta(days=6)
-
-_SIGNED_QUERY = re.compile(r"(^|&)(X-Amz-Signature|Signature|X-Goog-Signature|sig)=", re.I)
-
-
-def stable_url(url: str) -> str:
-    """A presigned URL without its query: the same object however (and whenever) it was signed.
-
-    Example:
-        >>> stable_url("https://b.s3.amazonaws.com/k.png?X-Amz-Date=1&X-Amz-Signature=ab")
-        'https://b.s3.amazonaws.com/k.png'
-    """
-    base, _, query = url.partition("?")
-    return base if query and _SIGNED_QUERY.search(query) else url
-
-
-def request_fingerprint(request: AnyRequest, variant: int = 0) -> str:
-    """sha256 of the endpoint and the normalized request: the identity of a paid request.
-
-    Input images given as presigned URLs count by object, not by signature, so an edit of a
-    staged image is the same request on every run.
-    """
-    arguments = request.to_arguments()
-    for field in ("image_urls", "mask_image_url"):
-        value = arguments.get(field)
-        if isinstance(value, list):
-            arguments[field] = [stable_url(u) for u in value]
-        elif isinstance(value, str):
-            arguments[field] = stable_url(value)
-    canonical = json.dumps(
-        {"endpoint": request.endpoint, "arguments": arguments, "variant": variant},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def submit_cache_key(request: AnyRequest, variant: int = 0) -> str:
