@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -120,10 +120,16 @@ def fal_http_error(
     operation: str,
     host: str | None = None,
     request_id: str | None = None,
+    secrets: Sequence[str] = (),
 ) -> FalError:
-    """The :class:`FalError` for an error answer of ``operation`` (messages never carry a key)."""
+    """The :class:`FalError` for an error answer of ``operation``.
+
+    ``secrets`` (the key the request carried) are cut out of the body first: a proxy's 401 or a
+    500 may echo the ``Authorization`` header, and the message reaches logs, manifests and S3.
+    """
     lower = {k.lower(): v for k, v in headers.items()}
     error_type = None
+    body = redact(body, secrets)
     detail: Any = body
     if isinstance(body, dict):
         detail = body.get("detail", body)
@@ -147,6 +153,34 @@ def fal_http_error(
     )
 
 
+def request_secrets(request: httpx.Request | None) -> tuple[str, ...]:
+    """The key a request carries (``Authorization: Key id:secret``), whole and by halves."""
+    value = request.headers.get("authorization", "") if request is not None else ""
+    token = value.split(" ", 1)[-1].strip()
+    parts = [token, *token.split(":")] if token else []
+    return tuple(sorted({p for p in parts if len(p) >= 4}, key=len, reverse=True))
+
+
+def redact(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` (text, or JSON-like data) with every secret replaced by ``<redacted>``.
+
+    Example:
+        >>> redact({"detail": "bad key abcd:efgh"}, ("abcd:efgh", "abcd", "efgh"))
+        {'detail': 'bad key <redacted>'}
+    """
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "<redacted>")
+        return value
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    return value
+
+
 def fal_response_error(
     response: httpx.Response, operation: str, request_id: str | None = None
 ) -> FalError:
@@ -156,16 +190,17 @@ def fal_response_error(
     except ValueError:
         body = response.text
     try:
-        host: str | None = response.request.url.host
+        request: httpx.Request | None = response.request
     except RuntimeError:  # a response built without its request
-        host = None
+        request = None
     return fal_http_error(
         response.status_code,
         response.headers,
         body,
         operation=operation,
-        host=host,
+        host=request.url.host if request is not None else None,
         request_id=request_id,
+        secrets=request_secrets(request),
     )
 
 

@@ -52,10 +52,16 @@ class Io:
     http: Any
     handle_class: Any
     sleep: Callable[[float], Any]
+    queue_host: str = ""
 
     def handle(self, handle: RequestHandle) -> Any:
-        """fal_client's handle for ``handle``: the URLs fal returned, else built from the id."""
-        if handle.status_url and handle.response_url and handle.cancel_url:
+        """fal_client's handle for ``handle``: the URLs fal returned, else built from the id.
+
+        Returned URLs are followed only on the queue host (``FAL_QUEUE_RUN_HOST``): every call
+        carries the key, which must never go to a host a reply merely named.
+        """
+        urls = (handle.status_url, handle.response_url, handle.cancel_url)
+        if all(urls) and all(_on_host(u, self.queue_host) for u in urls):
             return self.handle_class(
                 request_id=handle.request_id,
                 response_url=handle.response_url,
@@ -64,6 +70,15 @@ class Io:
                 client=self.http,
             )
         return self.handle_class.from_request_id(self.http, handle.endpoint, handle.request_id)
+
+
+def _on_host(url: str | None, host: str) -> bool:
+    if not url:
+        return False
+    try:
+        return not host or httpx.URL(url).host == host
+    except httpx.InvalidURL:
+        return False
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,13 @@ async def aoutcome(awaitable: Awaitable[Any]) -> Outcome:
         return Outcome(await awaitable)
     except Exception as exc:
         return Outcome(error=exc)
+
+
+def queue_host() -> str:
+    """The host of fal's queue as fal_client was configured at import (``FAL_QUEUE_RUN_HOST``)."""
+    import fal_client.client  # deferred: it reads its hosts from the environment at import
+
+    return httpx.URL(fal_client.client.QUEUE_URL_FORMAT).host
 
 
 class Shell:

@@ -60,7 +60,9 @@ class AsyncFalQueueClient(_core.Shell):
             http = await self._fal._client
         except Exception as exc:
             raise _core.setup_error(exc) from None
-        io = _core.Io(self._fal, http, fal_client.AsyncRequestHandle, asyncio.sleep)
+        io = _core.Io(
+            self._fal, http, fal_client.AsyncRequestHandle, asyncio.sleep, _core.queue_host()
+        )
         driver = _core.Driver(steps)
         while driver.pending:
             driver.feed(await _core.aoutcome(driver.op.run(io)))

@@ -95,7 +95,7 @@ class FalQueueClient(_core.Shell):
             http = self._fal._client
         except Exception as exc:
             raise _core.setup_error(exc) from None
-        io = _core.Io(self._fal, http, fal_client.SyncRequestHandle, time.sleep)
+        io = _core.Io(self._fal, http, fal_client.SyncRequestHandle, time.sleep, _core.queue_host())
         driver = _core.Driver(steps)
         while driver.pending:
             driver.feed(_core.outcome(lambda: driver.op.run(io)))

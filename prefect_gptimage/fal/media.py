@@ -78,6 +78,10 @@ def check_url(url: str, allowed: tuple[str, ...]) -> None:
         raise PermanentDownloadError(
             f"refusing to download {parsed.scheme or 'a relative'} URL: only https is allowed"
         )
+    if parsed.userinfo:
+        raise PermanentDownloadError(
+            "refusing to download a URL with credentials in it (user@host)"
+        )
     if not host_allowed(parsed.host, allowed):
         raise PermanentDownloadError(
             f"refusing to download from host {parsed.host!r}: not in "

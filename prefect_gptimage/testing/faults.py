@@ -47,13 +47,15 @@ FaultKind = Literal[
     "stuck",
     "trickle",
     "huge",
+    "echo_key",
+    "foreign_urls",
 ]
 
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 #: Kinds that only make sense when a request is being submitted.
-SUBMIT_ONLY_KINDS = frozenset({"drop_after_accept", "error_after_accept", "fail"})
+SUBMIT_ONLY_KINDS = frozenset({"drop_after_accept", "error_after_accept", "fail", "foreign_urls"})
 #: Kinds that only make sense when an image file is downloaded.
 MEDIA_ONLY_KINDS = frozenset({"truncate", "wrong_format"})
 #: Kinds for a request that never gets anywhere: status and result answer 202 ``IN_QUEUE``.
@@ -67,7 +69,8 @@ DEFAULT_HUGE_SIZE = 1 << 30
 
 #: Kinds that replace the whole answer (nothing else happens).
 RESPONSE_KINDS = frozenset(
-    {"429", "404", "drop"} | {f"{c}_{s}" for c in (500, 502, 503, 504) for s in ("json", "ingress")}
+    {"429", "404", "drop", "echo_key"}
+    | {f"{c}_{s}" for c in (500, 502, 503, 504) for s in ("json", "ingress")}
 )
 
 #: fal's ``error_type`` for each infrastructure status code (fal-protocol §1.7).

@@ -65,7 +65,7 @@ _JSON_DETAILS = {
 _MAX_BODY = 64 * 1024 * 1024
 _KEEPALIVE_EVERY = 15.0
 _TRUTHY = ("1", "true", "yes", "on")
-_AFTER_ACCEPT = frozenset({"drop_after_accept", "error_after_accept"})
+_AFTER_ACCEPT = frozenset({"drop_after_accept", "error_after_accept", "foreign_urls"})
 _MEDIA_KINDS = frozenset({"truncate", "wrong_format"})
 
 
@@ -268,6 +268,9 @@ class FalRequestHandler(BaseHTTPRequestHandler):
         kind, code = fault.kind, fault.http_status
         if kind == "drop":
             self._drop()
+        elif kind == "echo_key":  # a careless proxy: its 401 repeats the credentials it was sent
+            echoed = self.headers.get("Authorization", "")
+            self._json(401, {"detail": f"invalid credentials in header: Authorization: {echoed}"})
         elif kind == "429":
             detail = {"detail": "Too many requests", "error_type": "rate_limited"}
             self._json(429, detail, {"X-Fal-Error-Type": "rate_limited"})
@@ -461,6 +464,8 @@ class FalRequestHandler(BaseHTTPRequestHandler):
             self._json(code, {"detail": detail, "error_type": etype}, {"X-Fal-Error-Type": etype})
             return
         url = f"{core.base_url}/{APP}/requests/{rid}"
+        if after_fault is not None and after_fault.kind == "foreign_urls":
+            url = f"https://foreign.invalid/{APP}/requests/{rid}"  # where the key must not go
         self._json(
             200,
             {
