@@ -152,6 +152,24 @@ def test_failures_are_reported_in_the_manifest(
     assert sorted(kinds) == ["failure", "image"]
 
 
+def test_a_failed_row_names_its_line_prompt_and_kind(
+    fal_emulator: FalEmulator, s3_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": f"fine {unique}", "quality": "low"},
+            {"prompt": f"refused {unique}", "quality": "low"},
+        ],
+    )
+    fal_emulator.inject(Fault("submit", "fail", status_code=422, match=f"refused {unique}"))
+    summary, state = run(prompt_file=str(path), bucket=s3_bucket, output_dir=str(tmp_path / "o"))
+    assert state == "FAILED"
+    (failure,) = summary.failures
+    assert failure.line == 2 and failure.label() == f'line 2 "refused {unique}"'
+    assert failure.error_type == "content_policy_violation"
+
+
 def test_dry_run_and_spend_guard_submit_nothing(
     fal_emulator: FalEmulator, unique: str, tmp_path: Path
 ) -> None:

@@ -198,7 +198,7 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
         if img.get("url") and img.get("s3_uri"):
             print(f"  {img['url']}")
     for failure in summary.failures:
-        print(f"FAILED: {failure.reason}", file=sys.stderr)
+        print(f"FAILED: {failure.label()}: {failure.reason}", file=sys.stderr)
     if summary.manifest_uri:
         print(f"manifest: {summary.manifest_uri}")
     if as_json:

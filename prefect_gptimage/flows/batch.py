@@ -337,7 +337,7 @@ def batch_to_s3(
                 with contextlib.suppress(DuplicateRequestId):
                     ledger.claim(result.request_id, row.request, row.variant)
                 if ledger.conflicted(result.request_id):
-                    report.fail(_duplicate(result.request_id, ledger), row.request)
+                    report.fail(_duplicate(result.request_id, ledger), row.request, row.line)
                 else:
                     report.add(result, row.request.prompt)
                     reported[result.request_id] = row
@@ -345,6 +345,7 @@ def batch_to_s3(
                 report.fail(
                     result if isinstance(result, BaseException) else RuntimeError(str(result)),
                     row.request,
+                    row.line,
                 )
             if progress.elapsed - last_log >= LOG_EVERY_S:
                 last_log = progress.elapsed
@@ -406,4 +407,4 @@ def _flag_duplicates(
         row = reported.get(request_id)
         if row is not None:
             error: FalError = _duplicate(request_id, ledger)
-            report.fail(error, row.request)
+            report.fail(error, row.request, row.line)

@@ -85,9 +85,9 @@ class RunReport:
         for image in outcome.images:
             self.gallery.add_image(image, prompt, outcome.request)
 
-    def fail(self, exc: BaseException, request: AnyRequest) -> None:
+    def fail(self, exc: BaseException, request: AnyRequest, line: int | None = None) -> None:
         """A request that produced no image: in the summary, the manifest and the gallery."""
-        failure = Failure.from_exception(exc, request)
+        failure = Failure.from_exception(exc, request, line)
         self.summary.failures.append(failure)
         self.manifest.add_failure(
             failure.prompt,

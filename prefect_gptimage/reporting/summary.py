@@ -19,19 +19,34 @@ class Failure(BaseModel):
     request_id: str | None = None
     reason: str
     error_type: str | None = None
+    line: int | None = Field(default=None, description="The prompt file's line, for a batch row.")
 
     @classmethod
-    def from_exception(cls, exc: BaseException, request: AnyRequest) -> Failure:
-        """The failure of ``request``; its arguments (minus the prompt) are the parameters."""
+    def from_exception(
+        cls, exc: BaseException, request: AnyRequest, line: int | None = None
+    ) -> Failure:
+        """The failure of ``request``; its arguments (minus the prompt) are the parameters.
+
+        ``error_type`` is fal's when fal gave one, else the error's class (``SubmitOutcomeUnknown``,
+        ``PermanentDownloadError``, ...), so the manifest always says what kind of failure it was.
+        """
         params = {k: v for k, v in request.to_arguments().items() if k != "prompt"}
+        fal_type = exc.error_type if isinstance(exc, FalError) else None
         return cls(
             prompt=request.prompt,
             parameters=params,
             endpoint=request.endpoint,
             request_id=getattr(exc, "request_id", None),
             reason=str(exc) if isinstance(exc, GptImageError) else f"{type(exc).__name__}: {exc}",
-            error_type=exc.error_type if isinstance(exc, FalError) else None,
+            error_type=fal_type or type(exc).__name__,
+            line=line,
         )
+
+    def label(self) -> str:
+        """Which row failed, for one line of output: ``line 7 "a lighthouse at ..."``."""
+        prompt = self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
+        where = f"line {self.line} " if self.line is not None else ""
+        return f'{where}"{prompt}"'
 
 
 class RunSummary(BaseModel):
