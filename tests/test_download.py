@@ -127,3 +127,19 @@ def test_corrupt_image_without_a_length_to_check_is_refused(tmp_path: Path) -> N
     image = ImageFile(url="data:image/png;base64," + base64.b64encode(cut).decode())
     with pytest.raises(PermanentDownloadError, match="not a readable image"):
         _get(image, tmp_path)
+
+
+def test_a_killed_runs_parts_are_swept_by_the_next_download(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    import os
+    import time
+
+    stale, fresh = tmp_path / ".part-killed", tmp_path / ".part-live"
+    for part in (stale, fresh):
+        part.write_bytes(b"half an image")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    _get(_image(fal_emulator, unique), tmp_path)
+    assert not stale.exists()  # left by a kill -9: removed
+    assert fresh.exists()  # could be another download in progress: kept

@@ -41,6 +41,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefect_gptimage._files import sweep_stale
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
 from prefect_gptimage.retry import GONE_STATUS_CODES, RetryPolicy, is_transient_status
 from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage, ImageFile, OutputFormat
@@ -145,6 +146,8 @@ def safe_name(text: str) -> str:
 @contextlib.contextmanager
 def _temp_beside(final: Path) -> Iterator[tuple[Path, object]]:
     final.parent.mkdir(parents=True, exist_ok=True)
+    # a killed run's parts: the body timeout bounds a live download far below ten minutes
+    sweep_stale(final.parent, ".part-*", older_than=600)
     fd, name = tempfile.mkstemp(prefix=".part-", dir=final.parent)
     tmp = Path(name)
     try:

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from prefect_gptimage._files import sweep_stale
 from prefect_gptimage.pricing import price_per_image
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import AnyRequest
@@ -300,6 +301,8 @@ class ManifestWriter(_Lines):
 
 
 def _temp_path(target: Path) -> Path:
+    # a killed run's unfinished manifests (a live writer appends a line at every row)
+    sweep_stale(target.parent, f".{target.name}.*.tmp", older_than=3600)
     return target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
