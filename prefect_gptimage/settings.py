@@ -67,6 +67,11 @@ class GptImageSettings(PrefectBaseSettings):
             "across processes and machines (needs the `redis` extra); unset: no lock."
         ),
     )
+    retry_max_delay: float = Field(
+        default=8.0,
+        gt=0,
+        description="Longest wait between two retries of a call, in seconds (backoff from 0.25 s).",
+    )
     retry_budget: float = Field(
         default=60.0,
         gt=0,

@@ -3,6 +3,7 @@ the local S3 server and the Prefect harness; here they are wired together for th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -22,6 +23,15 @@ def run_cli_process(args: list[str], env: dict[str, str]) -> subprocess.Complete
         text=True,
         timeout=240,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _short_backoff() -> Iterator[None]:
+    """Backoff capped at 1 s instead of 8 (users' default): the faults are the same, the suite
+    just waits less between retries. CLI subprocesses inherit it through the environment."""
+    os.environ["PREFECT_GPTIMAGE_RETRY_MAX_DELAY"] = "1"
+    yield
+    os.environ.pop("PREFECT_GPTIMAGE_RETRY_MAX_DELAY", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

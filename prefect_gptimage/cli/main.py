@@ -216,6 +216,8 @@ def _prefect_api(early: EarlyApi | None, verbose: bool, *, progress: bool = Fals
     """
     if not verbose:
         logging.getLogger("prefect.task_runs").setLevel(logging.CRITICAL)
+        # "Running hook 'reclaim' ...": the CLI's own signal hook, nothing for the user
+        logging.getLogger("prefect.engine").setLevel(logging.WARNING)
         if not progress:
             logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
     if early is not None:

@@ -31,7 +31,8 @@ FAL_HOST_VARIABLES = ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST")
 
 def retry_policy() -> RetryPolicy:
     """The retry policy of every call: ``PREFECT_GPTIMAGE_RETRY_BUDGET`` seconds of retrying."""
-    return RetryPolicy(budget=get_settings().retry_budget)
+    settings = get_settings()
+    return RetryPolicy(budget=settings.retry_budget, max_delay=settings.retry_max_delay)
 
 
 def body_limits() -> BodyLimits:
