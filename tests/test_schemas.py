@@ -14,6 +14,7 @@ from prefect_gptimage.errors import (
     ImageCountMismatch,
     InvalidRequestError,
 )
+from prefect_gptimage.ledger import RequestIdLedger, claim_request_id, use_request_id_ledger
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.schemas import (
     EDIT_ENDPOINT,
@@ -25,12 +26,9 @@ from prefect_gptimage.schemas import (
     GptImageRequest,
     ImageFile,
     RequestHandle,
-    RequestIdLedger,
     check_image_count,
-    claim_request_id,
     parse_request,
     request_for_endpoint,
-    use_request_id_ledger,
 )
 
 

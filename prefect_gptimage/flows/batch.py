@@ -49,6 +49,7 @@ from prefect_aws import S3Bucket
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import BatchIncomplete, DuplicateRequestId, FalError
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
+from prefect_gptimage.ledger import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.artifacts import (
@@ -59,7 +60,6 @@ from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.s3.preflight import probe_bucket
-from prefect_gptimage.schemas import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached
 from prefect_gptimage.tasks.generate import GenerationOptions

@@ -21,6 +21,7 @@ from prefect_aws import S3Bucket
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import InvalidRequestError
 from prefect_gptimage.flows._preflight import bucket_name, preflight_bucket
+from prefect_gptimage.ledger import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.reporting.run_report import RunReport
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import slugify
@@ -30,8 +31,6 @@ from prefect_gptimage.schemas import (
     GptImageRequest,
     InputFidelity,
     Quality,
-    RequestIdLedger,
-    use_request_id_ledger,
 )
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.generate import GenerationOptions

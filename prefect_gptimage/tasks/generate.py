@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import PermanentFalError
+from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import (
     AnyRequest,
@@ -34,7 +35,6 @@ from prefect_gptimage.schemas import (
     GptImageOutput,
     RequestHandle,
     check_image_count,
-    claim_request_id,
 )
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks._twin import async_twin
