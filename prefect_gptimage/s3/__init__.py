@@ -23,6 +23,7 @@ The module-level names of the former single-file module that are not in ``__all_
 ``MIN_PART_SIZE``, ``PROMPT_SLUG_MAX``, ``ClientSource``) are re-exported too.
 
 Example:
+    >>> from prefect_gptimage.s3 import image_key
     >>> image_key("gptimage", endpoint="fal-ai/gpt-image-1.5", request_id="764cabcf-b745",
     ...           index=0, prompt="A Lighthouse at Dawn!", fmt="png")
     'gptimage/fal-ai-gpt-image-1-5/764cabcf-b745/00-a-lighthouse-at-dawn.png'
