@@ -14,6 +14,7 @@ MODULES = [
     "prefect_gptimage.retry",
     "prefect_gptimage.schemas",
     "prefect_gptimage.pricing",
+    "prefect_gptimage._lazy",
     "prefect_gptimage.fal._classify",
     "prefect_gptimage.fal.polling",
     "prefect_gptimage.tasks.cache",

@@ -7,8 +7,9 @@ load on first use: ``fal_client`` reads its hosts from the environment when firs
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from prefect_gptimage._lazy import lazy_exports
 
 _EXPORTS = {
     "AsyncFalQueueClient": "async_client",
@@ -27,10 +28,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'prefect_gptimage.fal' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"prefect_gptimage.fal.{_EXPORTS[name]}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

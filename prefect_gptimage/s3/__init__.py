@@ -31,8 +31,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from prefect_gptimage._lazy import lazy_exports
 
 # loaded on first use, so that importing one light module (``keys``) costs no boto3 or Prefect
 _EXPORTS: dict[str, str] = {
@@ -100,17 +101,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'prefect_gptimage.s3' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"prefect_gptimage.s3.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
