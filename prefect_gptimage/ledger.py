@@ -13,13 +13,9 @@ import threading
 from collections.abc import Iterator
 
 from prefect_gptimage.errors import DuplicateRequestId
-from prefect_gptimage.schemas import AnyRequest, request_fingerprint
+from prefect_gptimage.schemas import AnyRequest, request_fingerprint, shorten
 
 __all__ = ["RequestIdLedger", "claim_request_id", "use_request_id_ledger"]
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RequestIdLedger:
@@ -47,7 +43,7 @@ class RequestIdLedger:
             self._conflicts.setdefault(request_id, [owner[1]]).append(request.prompt)
         raise DuplicateRequestId(
             f"fal returned request id {request_id} for two different requests of this run "
-            f"(prompts {_short(owner[1])!r} and {_short(request.prompt)!r}): its images are not "
+            f"(prompts {shorten(owner[1])!r} and {shorten(request.prompt)!r}): its images are not "
             "staged under either name",
             request_id=request_id,
         )

@@ -68,14 +68,14 @@ def check_input_url(url: str) -> str:
     scheme, sep, rest = text.partition(":")
     scheme = scheme.lower()
     if not sep or not scheme.isascii() or not scheme.isalpha():
-        raise ValueError(f"must be an http(s) URL or a data: URI, got {_short(url)!r}")
+        raise ValueError(f"must be an http(s) URL or a data: URI, got {shorten(url)!r}")
     if scheme not in INPUT_URL_SCHEMES:
         raise ValueError(f"must be an http(s) URL or a data: URI, got scheme {scheme!r}")
     if scheme == "data":
         if "," not in rest:
             raise ValueError("a data: URI needs a ',' before its payload")
     elif not rest.startswith("//") or not _AUTHORITY.match(rest[2:]):
-        raise ValueError(f"an {scheme} URL needs a host, got {_short(url)!r}")
+        raise ValueError(f"an {scheme} URL needs a host, got {shorten(url)!r}")
     return url
 
 
@@ -83,7 +83,13 @@ def check_input_url(url: str) -> str:
 _AUTHORITY = re.compile(r"^(?:[^/?#@]*@)?[^/?#@:]+")
 
 
-def _short(text: str, limit: int = 60) -> str:
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for one line of output (``...`` marks the cut).
+
+    Example:
+        >>> shorten("a lighthouse on a rocky coast at dawn", 20)
+        'a lighthouse on a...'
+    """
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

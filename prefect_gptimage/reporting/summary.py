@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.errors import FalError, GptImageError
-from prefect_gptimage.schemas import AnyRequest
+from prefect_gptimage.schemas import AnyRequest, shorten
 
 
 class Failure(BaseModel):
@@ -44,9 +44,8 @@ class Failure(BaseModel):
 
     def label(self) -> str:
         """Which row failed, for one line of output: ``line 7 "a lighthouse at ..."``."""
-        prompt = self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
         where = f"line {self.line} " if self.line is not None else ""
-        return f'{where}"{prompt}"'
+        return f'{where}"{shorten(self.prompt, 40)}"'
 
 
 class RunSummary(BaseModel):
