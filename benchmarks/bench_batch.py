@@ -406,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="VAR=VALUE",
         help="profiling aid: extra environment for the plugin phases (repeatable)",
     )
+    parser.add_argument(
+        "--lookahead",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="run the plugin phases once per value with `batch --lookahead K`, each on its own "
+        "Prefect home and result storage, all against the one raw phase (one JSON line each)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, images)")
     parser.add_argument("--serve-s3", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -427,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         emulator.stop()
         raise
     problems: list[str] = []
+    runs: list[tuple[int | None, PhaseResult, PhaseResult, float | None]] = []
     try:
         s3.client().create_bucket(Bucket="bench-raw")
         s3.client().create_bucket(Bucket="bench-plugin")
@@ -467,132 +476,143 @@ def main(argv: list[str] | None = None) -> int:
                     f"({raw.log})"
                 )
 
-        plugin_env = dict(base_env)
-        plugin_env["PREFECT_HOME"] = str(work / "prefect-home")
-        plugin_env["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-results")
-        warmup_s: float | None = None
-        if not args.cold_prefect_home:
-            # A user's Prefect home already has its database: create and migrate it once,
-            # untimed, so the figures are steady state, not first install. Caches live in the
-            # run's own result storage, so nothing leaks from one benchmark run to the next.
-            # (A dry run no longer starts a Prefect API, so a one-task flow run does it: the
-            # temporary API it starts creates and migrates the home's database.)
-            plugin_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-            started = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-c", "from prefect import flow\nflow(lambda: None)()"],
-                env=plugin_env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                check=False,
+        for lookahead in args.lookahead or [None]:
+            plugin_env = dict(base_env)
+            tag = "" if lookahead is None else f"-lookahead{lookahead}"
+            plugin_env["PREFECT_HOME"] = str(work / f"prefect-home{tag}")
+            plugin_env["PREFECT_LOCAL_STORAGE_PATH"] = str(work / f"prefect-results{tag}")
+            warmup_s: float | None = None
+            if not args.cold_prefect_home:
+                # A user's Prefect home already has its database: create and migrate it once,
+                # untimed, so the figures are steady state, not first install. Caches live in the
+                # run's own result storage, so nothing leaks from one benchmark run to the next.
+                # (A dry run no longer starts a Prefect API, so a one-task flow run does it: the
+                # temporary API it starts creates and migrates the home's database.)
+                plugin_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+                started = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, "-c", "from prefect import flow\nflow(lambda: None)()"],
+                    env=plugin_env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                )
+                warmup_s = round(time.perf_counter() - started, 2)
+                print(f"[bench {now()}] Prefect home warmed up in {warmup_s}s", file=sys.stderr)
+            plugin_env["PREFECT_GPTIMAGE_LOCAL_CONCURRENCY"] = str(args.limit)
+            plugin_env.update(item.split("=", 1) for item in args.plugin_env)
+            plugin_cmd = [
+                *shlex.split(args.plugin_wrapper),
+                *plugin_command(),
+                "batch",
+                str(prompts),
+                "--bucket",
+                "bench-plugin",
+                "--prefix",
+                f"plugin{tag}",
+                "--concurrency",
+                str(args.concurrency),
+                "--json",
+                "--output-dir",
+                str(work / f"plugin-output{tag}"),
+                *([] if lookahead is None else ["--lookahead", str(lookahead)]),
+            ]
+            plugin = phase(
+                "plugin", plugin_cmd, plugin_env, emulator, logs, args.timeout, reset=True
             )
-            warmup_s = round(time.perf_counter() - started, 2)
-            print(f"[bench {now()}] Prefect home warmed up in {warmup_s}s", file=sys.stderr)
-        plugin_env["PREFECT_GPTIMAGE_LOCAL_CONCURRENCY"] = str(args.limit)
-        plugin_env.update(item.split("=", 1) for item in args.plugin_env)
-        plugin_cmd = [
-            *shlex.split(args.plugin_wrapper),
-            *plugin_command(),
-            "batch",
-            str(prompts),
-            "--bucket",
-            "bench-plugin",
-            "--prefix",
-            "plugin",
-            "--concurrency",
-            str(args.concurrency),
-            "--json",
-            "--output-dir",
-            str(work / "plugin-output"),
-        ]
-        plugin = phase("plugin", plugin_cmd, plugin_env, emulator, logs, args.timeout, reset=True)
-        summary = last_json(plugin.stdout) or {}
-        image_keys = [
-            k
-            for k in s3.keys("bench-plugin", "plugin/")
-            if k.endswith("." + args.output_format.replace("jpeg", "jpg"))
-        ]
-        if (
-            plugin.returncode != 0
-            or summary.get("staged") != expected_images
-            or len(image_keys) < expected_images
-        ):
-            problems.append(
-                f"plugin: exit {plugin.returncode}, staged {summary.get('staged')}/"
-                f"{expected_images}, {len(image_keys)} image objects ({plugin.log})"
-            )
+            summary = last_json(plugin.stdout) or {}
+            image_keys = [
+                k
+                for k in s3.keys("bench-plugin", f"plugin{tag}/")
+                if k.endswith("." + args.output_format.replace("jpeg", "jpg"))
+            ]
+            if (
+                plugin.returncode != 0
+                or summary.get("staged") != expected_images
+                or len(image_keys) < expected_images
+            ):
+                problems.append(
+                    f"plugin: exit {plugin.returncode}, staged {summary.get('staged')}/"
+                    f"{expected_images}, {len(image_keys)} image objects ({plugin.log})"
+                )
 
-        cached = phase("cached", plugin_cmd, plugin_env, emulator, logs, args.timeout, reset=False)
-        cached_summary = last_json(cached.stdout) or {}
-        if (
-            cached.returncode != 0
-            or cached_summary.get("images_total") != expected_images
-            or cached.stats["accepted"] != 0
-        ):
-            problems.append(
-                f"cached: exit {cached.returncode}, images {cached_summary.get('images_total')}/"
-                f"{expected_images}, {cached.stats['accepted']} submits ({cached.log})"
+            cached = phase(
+                "cached", plugin_cmd, plugin_env, emulator, logs, args.timeout, reset=False
             )
-        image_keys_after = [
-            k
-            for k in s3.keys("bench-plugin", "plugin/")
-            if k.endswith("." + args.output_format.replace("jpeg", "jpg"))
-        ]
-        if len(image_keys_after) != len(image_keys):
-            problems.append(
-                f"cached: image objects went from {len(image_keys)} to {len(image_keys_after)}"
-            )
+            cached_summary = last_json(cached.stdout) or {}
+            if (
+                cached.returncode != 0
+                or cached_summary.get("images_total") != expected_images
+                or cached.stats["accepted"] != 0
+            ):
+                problems.append(
+                    f"cached: exit {cached.returncode}, images "
+                    f"{cached_summary.get('images_total')}/{expected_images}, "
+                    f"{cached.stats['accepted']} submits ({cached.log})"
+                )
+            image_keys_after = [
+                k
+                for k in s3.keys("bench-plugin", f"plugin{tag}/")
+                if k.endswith("." + args.output_format.replace("jpeg", "jpg"))
+            ]
+            if len(image_keys_after) != len(image_keys):
+                problems.append(
+                    f"cached: image objects went from {len(image_keys)} to {len(image_keys_after)}"
+                )
+            runs.append((lookahead, plugin, cached, warmup_s))
     finally:
         s3.stop()
         emulator.stop()
 
-    # raw never imports the package; the plugin phases must have run on one version of it
-    digests = {*plugin.digests, *cached.digests}
-    changed = len(digests) > 1
-    if changed:
-        print(
-            f"[bench {now()}] WARNING: prefect_gptimage's sources changed during the plugin phases "
-            f"({plugin.digests} -> {cached.digests}): they measured different code",
-            file=sys.stderr,
-        )
-    n = args.n
-    report = {
-        "n": n,
-        "concurrency": args.concurrency,
-        "latency": args.latency,
-        "limit": args.limit,
-        "ideal_s": math.ceil(n / args.limit) * args.latency,
-        "plugin_s": plugin.seconds,
-        "raw_s": raw.seconds if raw else None,
-        "ratio": round(plugin.seconds / raw.seconds, 3) if raw else None,
-        "plugin_status_per_request": round(plugin.stats["status"] / n, 2),
-        "raw_status_per_request": round(raw.stats["status"] / n, 2) if raw else None,
-        "plugin_peak_rss_mb": plugin.peak_rss_mb,
-        "raw_peak_rss_mb": raw.peak_rss_mb if raw else None,
-        "cached_rerun_s": cached.seconds,
-        "cached_rerun_submits": cached.stats["accepted"],
-        "cached_ratio": round(cached.seconds / plugin.seconds, 3),
-        "plugin_duplicate_submits": plugin.stats["duplicate_submits"],
-        # extras, after the agreed figures
-        "raw_duplicate_submits": raw.stats["duplicate_submits"] if raw else None,
-        "plugin_submits": plugin.stats["accepted"],
-        "raw_submits": raw.stats["accepted"] if raw else None,
-        "plugin_max_in_progress": plugin.stats["max_in_progress"],
-        "raw_max_in_progress": raw.stats["max_in_progress"] if raw else None,
-        "plugin_cpu_s": plugin.cpu_seconds,
-        "raw_cpu_s": raw.cpu_seconds if raw else None,
-        "cached_rerun_cpu_s": cached.cpu_seconds,
-        "cached_rerun_peak_rss_mb": cached.peak_rss_mb,
-        "image_size": args.image_size,
-        "num_images": args.num_images,
-        "servers": "subprocesses",
-        "prefect_home": "cold" if args.cold_prefect_home else "warmed",
-        "prefect_home_warmup_s": warmup_s,
-        "package_digest": plugin.digests[0],
-        "package_changed_during_run": changed,
-        "verified": not problems,
-    }
-    print(json.dumps(report), flush=True)
+    for lookahead, plugin, cached, warmup_s in runs:
+        # raw never imports the package; the plugin phases must have run on one version of it
+        digests = {*plugin.digests, *cached.digests}
+        changed = len(digests) > 1
+        if changed:
+            print(
+                f"[bench {now()}] WARNING: prefect_gptimage's sources changed during the plugin "
+                f"phases ({plugin.digests} -> {cached.digests}): they measured different code",
+                file=sys.stderr,
+            )
+        n = args.n
+        report = {
+            "n": n,
+            "lookahead": lookahead,
+            "concurrency": args.concurrency,
+            "latency": args.latency,
+            "limit": args.limit,
+            "ideal_s": math.ceil(n / args.limit) * args.latency,
+            "plugin_s": plugin.seconds,
+            "raw_s": raw.seconds if raw else None,
+            "ratio": round(plugin.seconds / raw.seconds, 3) if raw else None,
+            "plugin_status_per_request": round(plugin.stats["status"] / n, 2),
+            "raw_status_per_request": round(raw.stats["status"] / n, 2) if raw else None,
+            "plugin_peak_rss_mb": plugin.peak_rss_mb,
+            "raw_peak_rss_mb": raw.peak_rss_mb if raw else None,
+            "cached_rerun_s": cached.seconds,
+            "cached_rerun_submits": cached.stats["accepted"],
+            "cached_ratio": round(cached.seconds / plugin.seconds, 3),
+            "plugin_duplicate_submits": plugin.stats["duplicate_submits"],
+            # extras, after the agreed figures
+            "raw_duplicate_submits": raw.stats["duplicate_submits"] if raw else None,
+            "plugin_submits": plugin.stats["accepted"],
+            "raw_submits": raw.stats["accepted"] if raw else None,
+            "plugin_max_in_progress": plugin.stats["max_in_progress"],
+            "raw_max_in_progress": raw.stats["max_in_progress"] if raw else None,
+            "plugin_cpu_s": plugin.cpu_seconds,
+            "raw_cpu_s": raw.cpu_seconds if raw else None,
+            "cached_rerun_cpu_s": cached.cpu_seconds,
+            "cached_rerun_peak_rss_mb": cached.peak_rss_mb,
+            "image_size": args.image_size,
+            "num_images": args.num_images,
+            "servers": "subprocesses",
+            "prefect_home": "cold" if args.cold_prefect_home else "warmed",
+            "prefect_home_warmup_s": warmup_s,
+            "package_digest": plugin.digests[0],
+            "package_changed_during_run": changed,
+            "verified": not problems,
+        }
+        print(json.dumps(report), flush=True)
     for problem in problems:
         print(f"[bench {now()}] FAILED {problem}", file=sys.stderr)
     if args.keep or problems:

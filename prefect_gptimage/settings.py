@@ -52,6 +52,14 @@ class GptImageSettings(PrefectBaseSettings):
     local_concurrency: int = Field(
         default=16, description="Cap on fal requests in flight when no global limit exists."
     )
+    lookahead: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Requests submitted beyond the local cap, to wait in fal's queue for the next free "
+            "slot (use when the cap equals your fal account's limit; see README, Concurrency)."
+        ),
+    )
     output_dir: str = Field(default="gptimage-output", description="Where images are written.")
     resubmit_expired: bool = Field(
         default=True,

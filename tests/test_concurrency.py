@@ -15,13 +15,15 @@ from prefect_gptimage.tasks.concurrency import fal_request_slot, forget_lookups
 from prefect_gptimage.testing import FalEmulator
 
 
-def max_overlap(emulator: FalEmulator, marker: str) -> int:
-    """Most of our requests alive at fal at once (submitted, not yet completed)."""
+def max_overlap(emulator: FalEmulator, marker: str, running: bool = False) -> int:
+    """Most of our requests alive at fal at once (submitted, or with ``running`` started, and
+    not yet completed)."""
     events = []
     for info in emulator.requests():
         if marker in str(info.arguments.get("prompt", "")):
-            assert info.completed_at is not None
-            events += [(info.submitted_at, 1), (info.completed_at, -1)]
+            assert info.completed_at is not None and info.started_at is not None
+            begin = info.started_at if running else info.submitted_at
+            events += [(begin, 1), (info.completed_at, -1)]
     alive = peak = 0
     for _, delta in sorted(events):
         alive += delta
@@ -75,3 +77,27 @@ def test_local_cap_without_a_global_limit(
         prompt_file=prompts(tmp_path, unique, 7), concurrency=7, output_dir=str(tmp_path / "o")
     )
     assert max_overlap(fal_emulator, unique) == 3
+
+
+def test_lookahead_queues_at_fal_without_running_more_than_the_cap(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cap is the account's limit (2): 2 more wait in fal's queue, never 3 running."""
+    monkeypatch.setenv("PREFECT_GPTIMAGE_LOCAL_CONCURRENCY", "2")
+    forget_lookups()
+    limit = fal_emulator.concurrency_limit
+    fal_emulator.configure(latency=0.4, concurrency_limit=2)
+    try:
+        with fal_request_slot(lookahead=2) as slot:
+            assert slot == "local:2+2"
+        summary = batch_to_s3(
+            prompt_file=prompts(tmp_path, unique, 8),
+            concurrency=2,
+            lookahead=2,
+            output_dir=str(tmp_path / "o"),
+        )
+    finally:
+        fal_emulator.set_concurrency_limit(limit)
+    assert len(summary.images) == 8 and not summary.failures
+    assert max_overlap(fal_emulator, unique) == 4  # 2 running + 2 queued at fal
+    assert max_overlap(fal_emulator, unique, running=True) == 2

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=8, metavar="C", help="requests in flight (default 8)"
     )
     batch.add_argument(
+        "--lookahead",
+        type=int,
+        metavar="N",
+        help="requests submitted beyond C to wait in fal's queue, when C is your fal account's "
+        "limit (default: PREFECT_GPTIMAGE_LOOKAHEAD, else 0)",
+    )
+    batch.add_argument(
         "--max-cost",
         type=float,
         metavar="USD",
@@ -247,6 +254,7 @@ def cmd_generate(
         timeout=args.timeout,
         refresh=args.refresh,
         resubmit_unknown=args.resubmit_unknown,
+        lookahead=args.lookahead,
         return_state=True,
     )
     interrupts.returned = True
@@ -271,6 +279,8 @@ def cmd_batch(
 
     if args.concurrency < 1:
         return _fail_usage("--concurrency: must be at least 1")
+    if args.lookahead is not None and args.lookahead < 0:
+        return _fail_usage("--lookahead: must be 0 or more")
     try:
         load_prompt_file(args.file)
     except InvalidRequestError as exc:

@@ -233,6 +233,7 @@ def batch_to_s3(
     presign_expires: int = 86400,
     credentials: FalCredentials | None = None,
     resubmit_unknown: bool = False,
+    lookahead: int | None = None,
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
@@ -248,6 +249,11 @@ def batch_to_s3(
     A row whose earlier submit's outcome is unknown (a dropped answer, a killed run: possibly
     billed) is not submitted again: it is listed as a failure "outcome unknown, possibly billed"
     (``error_type`` ``submit_outcome_unknown``) unless ``resubmit_unknown`` (or ``refresh``).
+
+    ``lookahead`` submits that many requests beyond ``concurrency`` to wait in fal's queue, so
+    fal's slots never idle between two requests (None: ``PREFECT_GPTIMAGE_LOOKAHEAD``); use it
+    when ``concurrency`` is your fal account's limit (see
+    :mod:`prefect_gptimage.tasks.concurrency`).
     """
     log = get_run_logger()
     max_cost = check_budget(max_cost)
@@ -285,6 +291,7 @@ def batch_to_s3(
         refresh_cache=refresh,
         resubmit_unknown=resubmit_unknown,
         max_in_flight=concurrency,
+        lookahead=lookahead,
     )
 
     started: dict[int, _Row] = {}
@@ -317,7 +324,8 @@ def batch_to_s3(
     ledger = RequestIdLedger()
     reported: dict[str, PromptRow] = {}
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
-    workers = 2 * max(1, concurrency)
+    ahead = get_settings().lookahead if options.lookahead is None else options.lookahead
+    workers = 2 * max(1, concurrency) + ahead
     runner = ThreadPoolTaskRunner(max_workers=workers)
     watcher = threading.Thread(
         target=_watch_for_stop, args=(started, started_lock, over), daemon=True

@@ -15,6 +15,16 @@ is fetched (not while downloading, and not at all for a cached request).
 * Otherwise a process-local semaphore of ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY`` (default 16) caps
   the requests of this process.
 
+**Look-ahead.** When the local cap equals the fal account's limit, each request that finishes
+leaves its slot idle at fal until this process notices (a status poll), fetches the result and
+submits the next one. ``lookahead`` (``PREFECT_GPTIMAGE_LOOKAHEAD``, a batch's ``lookahead``)
+keeps that many more requests submitted, waiting in fal's queue, so fal starts the next one the
+instant a slot frees. fal bills a request only once it runs, and a queued request is cached
+like any submit. fal runs at most the account's limit at once, so the cap's promise (never more
+requests *running* at fal than the cap) holds when the cap is the account's limit; with a cap
+below the account's limit, a look-ahead raises the running count to cap + lookahead, so leave it
+at 0 there. It applies to the local cap only: a global limit is the cap across workers, as is.
+
 Example:
     >>> with fal_request_slot():
     ...     handle = client.submit(request)
@@ -79,11 +89,15 @@ def _local_semaphore(size: int) -> threading.BoundedSemaphore:
 
 
 @contextmanager
-def fal_request_slot(name: str | None = None, local_limit: int | None = None) -> Iterator[str]:
+def fal_request_slot(
+    name: str | None = None, local_limit: int | None = None, lookahead: int | None = None
+) -> Iterator[str]:
     """Hold one fal request slot; yields ``"global:<name>"`` or ``"local:<size>"``.
 
     ``local_limit`` (e.g. a batch's ``concurrency``) lowers the local cap for this caller; it
-    never raises it above ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY``.
+    never raises it above ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY``. ``lookahead`` (None:
+    ``PREFECT_GPTIMAGE_LOOKAHEAD``) adds that many slots to a local cap, for requests that wait
+    in fal's queue (see the module docs); ``"local:16+2"`` names such a cap.
     """
     settings = get_settings()
     name = name or settings.concurrency_limit_name
@@ -91,6 +105,7 @@ def fal_request_slot(name: str | None = None, local_limit: int | None = None) ->
         with concurrency(name, occupy=1, strict=True):
             yield f"global:{name}"
     else:
-        size = min(settings.local_concurrency, local_limit or settings.local_concurrency)
-        with _local_semaphore(max(1, size)):
-            yield f"local:{size}"
+        size = max(1, min(settings.local_concurrency, local_limit or settings.local_concurrency))
+        extra = settings.lookahead if lookahead is None else lookahead
+        with _local_semaphore(size + extra):
+            yield f"local:{size}+{extra}" if extra else f"local:{size}"

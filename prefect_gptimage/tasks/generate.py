@@ -103,6 +103,14 @@ class GenerationOptions(BaseModel):
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Lower the local cap on fal requests in flight."
     )
+    lookahead: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Requests in flight beyond the local cap, waiting in fal's queue for the next free "
+            "slot (None: PREFECT_GPTIMAGE_LOOKAHEAD). Only when the cap is the account's limit."
+        ),
+    )
     download_tasks: bool = Field(
         default=True,
         description="Download each image as its own task run (False: plain calls, fewer runs).",
@@ -132,7 +140,11 @@ def _submit_and_fetch(
         def hold() -> None:  # a fal slot, from submit to fetched result
             nonlocal held
             if not held:
-                slot.enter_context(fal_request_slot(local_limit=options.max_in_flight))
+                slot.enter_context(
+                    fal_request_slot(
+                        local_limit=options.max_in_flight, lookahead=options.lookahead
+                    )
+                )
                 held = True
 
         if refresh or (
