@@ -52,6 +52,9 @@ _SERVER_ENV = {
     "PREFECT__SERVER_FINAL": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
+#: How long (seconds) a started server that is still alive is waited for before Prefect's own
+#: start-up is tried instead (at least PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS).
+ALIVE_WAIT_S = 120.0
 #: At most this many of the server's error lines are printed at exit.
 _EXCERPT_LINES = 3
 _FALSE = {"0", "false", "no", "off"}
@@ -210,7 +213,11 @@ class EarlyApi:
         settings = get_current_settings()
         if settings.api.url or not settings.server.ephemeral.enabled:
             return False
-        deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
+        # Prefect's own start-up timeout, stretched: while our server lives it is booting or
+        # migrating a fresh home's database, which a fallback server would only start over
+        # (and contend with for SQLite's lock); on a loaded machine that takes well over 20 s
+        timeout = settings.server.ephemeral.startup_timeout_seconds
+        deadline = time.monotonic() + max(timeout, ALIVE_WAIT_S)
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
                 if self.process is None or self.process.poll() is not None:

@@ -372,6 +372,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = interrupts.exit_code
     except KeyboardInterrupt:
         code = 130
+    except RuntimeError as exc:  # Prefect's own temporary server never answered: one line
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        print(
+            f"prefect-gptimage: {exc} Nothing was submitted by this run. Start a server "
+            "(`prefect server start`, then PREFECT_API_URL) or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.",
+            file=sys.stderr,
+        )
+        code = 1
     return interrupts.finish(code)
 
 
