@@ -139,7 +139,11 @@ def prefect_harness() -> Iterator[dict[str, Any]]:
     from prefect.testing.utilities import prefect_test_harness
 
     storage = Path(tempfile.mkdtemp(prefix="gptimage-prefect-results-"))
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+    # 30 s (Prefect's default) is too short for a fresh database's migrations on a loaded machine
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
+    ):
         from prefect.settings import PREFECT_API_URL
 
         yield {"api_url": PREFECT_API_URL.value(), "storage": storage}
