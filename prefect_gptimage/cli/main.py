@@ -254,7 +254,6 @@ def cmd_generate(
         timeout=args.timeout,
         refresh=args.refresh,
         resubmit_unknown=args.resubmit_unknown,
-        lookahead=args.lookahead,
         return_state=True,
     )
     interrupts.returned = True
@@ -311,6 +310,7 @@ def cmd_batch(
         timeout=args.timeout,
         refresh=args.refresh,
         resubmit_unknown=args.resubmit_unknown,
+        lookahead=args.lookahead,
         return_state=True,
     )
     interrupts.returned = True
