@@ -23,10 +23,14 @@ botocore connection errors, timeouts, cut bodies       transient
 other S3 4xx, missing credentials, TLS failures        permanent
 =====================================================  =====================================
 
+(The S3 rows are implemented in the private ``prefect_gptimage._retry_s3``, re-exported here.)
+
 How long: :class:`RetryPolicy` retries a transient failure with exponential backoff and jitter
 until its ``budget`` (seconds, from the first attempt) or ``attempts`` runs out, then raises the
 last error with the attempts and time spent. With fal unreachable, a command therefore fails after
-about ``budget`` seconds instead of stacking retries layer over layer.
+about ``budget`` seconds instead of stacking retries layer over layer. S3 calls get the same
+policy and budget (:meth:`RetryPolicy.from_settings`): botocore's own retries are off, so an S3
+outage or a burst of ``SlowDown`` shorter than the budget is ridden out by every row.
 
 Example:
     >>> is_transient_status(503, {})
@@ -47,12 +51,20 @@ import httpx
 import tenacity
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefect_gptimage._retry_s3 import (  # re-exported: the table's S3 rows
+    S3_TRANSIENT_CODES as S3_TRANSIENT_CODES,
+)
+from prefect_gptimage._retry_s3 import (
+    exception_chain as exception_chain,
+)
+from prefect_gptimage._retry_s3 import (
+    is_transient_s3_error as is_transient_s3_error,
+)
 from prefect_gptimage.errors import (
     FalError,
     FalRequestFailed,
     GptImageError,
     PermanentFalError,
-    S3StagingError,
     SubmitOutcomeUnknown,
     TransientFalError,
     is_transient,
@@ -234,103 +246,6 @@ def resubmit_reason(exc: BaseException) -> str | None:
     return None
 
 
-# --- S3 -----------------------------------------------------------------------------------------
-
-_S3_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "ProvisionedThroughputExceededException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "OperationAborted",
-        "PriorRequestNotComplete",
-        "EC2ThrottledException",
-        "IDPCommunicationError",
-    }
-)
-
-
-def exception_chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` followed by its causes/contexts (boto3 wraps ClientError in S3UploadFailedError)."""
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen and len(seen) < 8:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return seen
-
-
-def is_transient_s3_error(exc: BaseException) -> bool:
-    """True when retrying the S3 call that raised ``exc`` may succeed (see the table above).
-
-    Example:
-        >>> from botocore.exceptions import ClientError
-        >>> is_transient_s3_error(ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"))
-        True
-        >>> is_transient_s3_error(ClientError({"Error": {"Code": "NoSuchBucket"},
-        ...     "ResponseMetadata": {"HTTPStatusCode": 404}}, "PutObject"))
-        False
-    """
-    from botocore.exceptions import (
-        BotoCoreError,
-        ChecksumError,
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        HTTPClientError,
-        IncompleteReadError,
-        ProxyConnectionError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-        SSLError,
-    )
-
-    transient_boto = (
-        EndpointConnectionError,
-        ConnectTimeoutError,
-        ProxyConnectionError,
-        ReadTimeoutError,
-        ConnectionClosedError,
-        ResponseStreamingError,
-        IncompleteReadError,
-        ChecksumError,
-        HTTPClientError,
-    )
-    for item in exception_chain(exc):
-        if isinstance(item, S3StagingError):
-            return item.transient
-        if isinstance(item, ClientError):
-            code = str(item.response.get("Error", {}).get("Code", ""))
-            status = item.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in _S3_TRANSIENT_CODES:
-                return True
-            if code.isdigit() and status is None:
-                status = int(code)
-            if isinstance(status, int):
-                return status >= 500 or status in (408, 429)
-            return False
-        if isinstance(item, SSLError):
-            return False  # certificate problems do not fix themselves
-        if isinstance(item, transient_boto):
-            return True
-        if isinstance(item, BotoCoreError):
-            return False  # credentials, validation, configuration
-        if isinstance(item, ConnectionError | TimeoutError):
-            return True
-    return False
-
-
 # --- how long -----------------------------------------------------------------------------------
 
 
@@ -352,6 +267,16 @@ class RetryPolicy(BaseModel):
     attempts: int | None = Field(default=None, ge=1, description="Cap on attempts (None: none).")
     initial_delay: float = Field(default=0.25, ge=0, description="First backoff, in seconds.")
     max_delay: float = Field(default=8.0, ge=0, description="Longest backoff, in seconds.")
+
+    @classmethod
+    def from_settings(cls) -> RetryPolicy:
+        """The policy of every call, fal's and S3's: ``PREFECT_GPTIMAGE_RETRY_BUDGET`` seconds
+        of retrying, backoff up to ``PREFECT_GPTIMAGE_RETRY_MAX_DELAY`` (read now, not cached).
+        """
+        from prefect_gptimage.settings import get_settings  # Prefect's settings: only when asked
+
+        settings = get_settings()
+        return cls(budget=settings.retry_budget, max_delay=settings.retry_max_delay)
 
     def retrying(self, *, retry_on: Any = None) -> tenacity.Retrying:
         """A tenacity ``Retrying`` for a sync call (``retry_on``: default, transient errors)."""
@@ -404,7 +329,8 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
 def transient_retries(retries: int = 4) -> dict[str, Any]:
     """Prefect task options: ``retries`` retries at 1, 2, 4, ... s (plus up to 50% jitter), for
     transient failures only. For a task whose calls do not retry themselves (one layer per call);
-    the package's fal tasks need none, the S3 staging tasks use 3.
+    the package's fal tasks and S3 staging tasks need none (their calls retry under
+    :class:`RetryPolicy`).
 
     Example:
         >>> transient_retries(3)["retry_delay_seconds"]

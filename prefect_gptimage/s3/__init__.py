@@ -1,7 +1,8 @@
 """Stage verified images (and run manifests) in S3, privately, idempotently, with presigned links.
 
-Modelled on prefect-aws: plain functions and classes do the work, Prefect tasks are thin wrappers
-that add retries. Uploads are streamed through boto3's managed transfer (multipart above
+Modelled on prefect-aws: plain functions and classes do the work (each S3 call retrying its
+transient failures within the package's one retry budget), Prefect tasks are thin wrappers.
+Uploads are streamed through boto3's managed transfer (multipart above
 ``S3Target.multipart_threshold``): no image, and no batch, is ever held in memory whole.
 
 The package is split by concept; everything public is re-exported here, so

@@ -7,12 +7,19 @@ clients are thread-safe, sessions are not); see :func:`get_s3_client`. A prefect
 ``AwsCredentials``/``MinIOCredentials`` or ``S3Bucket`` block may be passed wherever a ``client``
 is accepted (used by duck typing, never imported here), and :func:`bucket_target` turns a flow's
 ``bucket`` parameter (a name or an ``S3Bucket``) into a target and a client.
+
+The clients built here make one HTTP try per call (botocore's retries off, ``max_attempts=1``):
+the staging functions retry transient failures themselves, under the package's one
+:class:`~prefect_gptimage.retry.RetryPolicy` and its budget (``PREFECT_GPTIMAGE_RETRY_BUDGET``),
+so an S3 outage gets the same total time as a fal one and retries never stack. A client you
+build and pass yourself keeps its own botocore retries (the budget still bounds the total).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -73,7 +80,8 @@ _ENV_KEYS = (
 
 def _botocore_config(max_attempts: int, max_pool_connections: int) -> Config:
     return Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        # total_max_attempts counts the first try; botocore's max_attempts would count retries
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         max_pool_connections=max_pool_connections,
         signature_version="s3v4",
         connect_timeout=10,
@@ -81,15 +89,15 @@ def _botocore_config(max_attempts: int, max_pool_connections: int) -> Config:
     )
 
 
-def get_s3_client(*, max_attempts: int = 5, max_pool_connections: int = 64) -> S3Client:
+def get_s3_client(*, max_attempts: int = 1, max_pool_connections: int = 64) -> S3Client:
     """The process-wide S3 client from boto3's standard configuration chain.
 
     Built once per distinct configuration (the relevant ``AWS_*`` environment variables,
     ``max_attempts``, ``max_pool_connections``) under a lock and shared by all threads: boto3
-    clients are thread-safe, sessions are not. botocore's own ``standard`` retries
-    (``max_attempts`` tries in all, with backoff) absorb brief throttling before an error reaches
-    the Prefect task's retry policy. ``max_pool_connections`` should cover the task runner's
-    threads times ``S3Target.max_concurrency``.
+    clients are thread-safe, sessions are not. ``max_attempts`` is botocore's tries per call,
+    the first included: 1, because the staging functions retry (one layer, one budget: see the
+    module docstring). ``max_pool_connections`` should cover the task runner's threads times
+    ``S3Target.max_concurrency``.
 
     Example:
         >>> client = get_s3_client()
@@ -110,14 +118,15 @@ def get_s3_client(*, max_attempts: int = 5, max_pool_connections: int = 64) -> S
 
 
 def client_from_block(
-    block: _SessionSource | _BucketBlock, *, max_attempts: int = 5, max_pool_connections: int = 64
+    block: _SessionSource | _BucketBlock, *, max_attempts: int = 1, max_pool_connections: int = 64
 ) -> S3Client:
     """An S3 client from a prefect-aws ``AwsCredentials``, ``MinIOCredentials`` or ``S3Bucket``.
 
     prefect-aws is optional and never imported here: the block is used by duck typing
     (``get_boto3_session()`` and ``aws_client_parameters.get_params_override()``). The block's own
     client parameters (endpoint URL, TLS, a botocore config) win over this module's defaults.
-    One client is cached per block object.
+    One client is cached per block *value* (its fields, secrets included, hashed): a copy of the
+    block, e.g. one unpickled on a Dask worker for each row, reuses the client of the first.
 
     Example:
         >>> from prefect_aws import S3Bucket  # doctest: +SKIP
@@ -128,10 +137,11 @@ def client_from_block(
         raise TypeError(
             f"{type(block).__name__} is not a prefect-aws credentials or S3Bucket block"
         )
-    cache_key = ("block", id(creds), max_attempts, max_pool_connections)
+    identity = _block_identity(creds)
+    cache_key = ("block", identity, max_attempts, max_pool_connections)
     with _CLIENTS_LOCK:
         hit = _CLIENTS.get(cache_key)
-        if hit is None or hit[0] is not creds:
+        if hit is None or (identity[0] == "id" and hit[0] is not creds):
             params: dict[str, Any] = {}
             client_params = getattr(creds, "aws_client_parameters", None)
             if client_params is not None and hasattr(client_params, "get_params_override"):
@@ -144,6 +154,17 @@ def client_from_block(
             hit = (creds, client)
             _CLIENTS[cache_key] = hit
         return hit[1]
+
+
+def _block_identity(creds: Any) -> tuple[str, Any]:
+    """What makes two credential blocks one client: a hash of their fields, secrets included
+    (a block that cannot be dumped so is known by its object id)."""
+    try:
+        text = creds.model_dump_json(context={"include_secrets": True})
+        digest = hashlib.sha256(text.encode()).hexdigest()
+    except Exception:  # not a pydantic block: one client per object
+        return ("id", id(creds))
+    return (type(creds).__qualname__, digest)
 
 
 def reset_s3_clients() -> None:
@@ -167,7 +188,7 @@ def use_s3_client(client: S3Client | None) -> Iterator[None]:
         _RUN_CLIENT.reset(token)
 
 
-def resolve_client(client: ClientSource, *, max_attempts: int = 5) -> S3Client:
+def resolve_client(client: ClientSource, *, max_attempts: int = 1) -> S3Client:
     """The client to use: ``client``, one built from a prefect-aws block, the flow's (see
     :func:`use_s3_client`), or the shared default (with ``max_attempts`` botocore tries)."""
     if client is None:

@@ -11,8 +11,9 @@ write or a bad key found at staging time means images paid for and lost. The flo
   write-only credential passes (``HeadBucket`` would need ``s3:ListBucket``), and a missing
   bucket (``NoSuchBucket``), a denied write (``AccessDenied``) or a bad key
   (``InvalidAccessKeyId``, ``SignatureDoesNotMatch``) fail here, as a
-  :class:`~prefect_gptimage.errors.PermanentS3StagingError`. An unreachable endpoint fails
-  after botocore's retries as a :class:`~prefect_gptimage.errors.TransientS3StagingError`. The
+  :class:`~prefect_gptimage.errors.PermanentS3StagingError`. An unreachable endpoint is retried
+  like any S3 call (the package's retry budget, ``PREFECT_GPTIMAGE_RETRY_BUDGET``), then fails
+  as a :class:`~prefect_gptimage.errors.TransientS3StagingError`. The
   probe key is always the same, so at most one 0-byte object is ever left behind (when the
   credential may not delete); on a versioned bucket each run adds a delete marker.
 
@@ -33,9 +34,11 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from prefect_gptimage.errors import InvalidRequestError
+from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.s3.clients import ClientSource, resolve_client
 from prefect_gptimage.s3.errors import s3_error
 from prefect_gptimage.s3.models import S3Target
+from prefect_gptimage.s3.staging import policy_or_default
 
 __all__ = ["PROBE_NAME", "check_target", "probe_bucket", "validate_bucket_name"]
 
@@ -95,29 +98,38 @@ def probe_key(target: S3Target) -> str:
     return f"{target.prefix}/{PROBE_NAME}" if target.prefix else PROBE_NAME
 
 
-def probe_bucket(target: S3Target, client: ClientSource = None) -> None:
+def probe_bucket(
+    target: S3Target, client: ClientSource = None, retry: RetryPolicy | None = None
+) -> None:
     """Prove the bucket exists and takes a write: put a 0-byte probe, then delete it.
 
     Raises :class:`~prefect_gptimage.errors.S3StagingError` (permanent for a missing bucket, a
-    denied write or bad credentials; transient for an unreachable endpoint) naming the bucket.
+    denied write or bad credentials; transient for an endpoint still unreachable when the
+    ``retry`` budget ran out, default :meth:`RetryPolicy.from_settings`) naming the bucket.
     A denied *delete* is not an error: staging never deletes.
     """
     s3: Any = resolve_client(client)
     key = probe_key(target)
+    for attempt in policy_or_default(retry).retrying():
+        with attempt:
+            _probe_write(s3, target.bucket, key)
+    try:
+        s3.delete_object(Bucket=target.bucket, Key=key)
+    except ClientError as exc:  # e.g. a write-only credential: leave the 0-byte probe
+        _log.debug("could not delete the preflight probe s3://%s/%s: %s", target.bucket, key, exc)
+
+
+def _probe_write(s3: Any, bucket: str, key: str) -> None:
     try:
         s3.put_object(
-            Bucket=target.bucket,
+            Bucket=bucket,
             Key=key,
             Body=b"",
             ContentType="text/plain",
             Metadata={"purpose": "prefect-gptimage preflight: the bucket takes a write"},
         )
     except Exception as exc:
-        raise s3_error(exc, bucket=target.bucket, key=key, operation="preflight write") from exc
-    try:
-        s3.delete_object(Bucket=target.bucket, Key=key)
-    except ClientError as exc:  # e.g. a write-only credential: leave the 0-byte probe
-        _log.debug("could not delete the preflight probe s3://%s/%s: %s", target.bucket, key, exc)
+        raise s3_error(exc, bucket=bucket, key=key, operation="preflight write") from exc
 
 
 def check_target(

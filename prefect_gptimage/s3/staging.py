@@ -1,7 +1,13 @@
 """Stage verified images (and run manifests) in S3, privately, idempotently, with presigned links.
 
 The operations of the :mod:`prefect_gptimage.s3` package: plain functions that do the work (the
-Prefect tasks in :mod:`prefect_gptimage.s3.tasks` are thin wrappers that add retries). Uploads go
+Prefect tasks in :mod:`prefect_gptimage.s3.tasks` are thin wrappers). Each retries its own
+transient failures (throttling, 5xx, an unreachable endpoint: the retry table of
+:mod:`prefect_gptimage.retry`) under one :class:`~prefect_gptimage.retry.RetryPolicy`, by default
+:meth:`~prefect_gptimage.retry.RetryPolicy.from_settings`: the same budget as every fal call
+(``PREFECT_GPTIMAGE_RETRY_BUDGET``). That is the only layer: the package's S3 clients make one
+HTTP try per call, and the tasks add no Prefect retries. Every attempt is idempotent (a
+deterministic key; an image already there with the same SHA-256 is not uploaded again). Uploads go
 through boto3's managed transfer (``client.upload_file`` with a
 :class:`boto3.s3.transfer.TransferConfig`), which streams from the local file and switches to a
 multipart upload above ``S3Target.multipart_threshold``: no image, and no batch, is ever held in
@@ -22,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from prefect_gptimage._run_context import run_logger
+from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.s3.clients import ClientSource, resolve_client
 from prefect_gptimage.s3.errors import PermanentS3StagingError, s3_error
 from prefect_gptimage.s3.keys import check_key, image_key
@@ -51,6 +58,11 @@ def presign(bucket: str, key: str, expires: int, client: ClientSource = None) ->
     return resolve_client(client).generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
     )
+
+
+def policy_or_default(retry: RetryPolicy | None) -> RetryPolicy:
+    """``retry``, else the package's policy from the settings (read at each call)."""
+    return retry if retry is not None else RetryPolicy.from_settings()
 
 
 def _expiry(expires: int) -> dt.datetime:
@@ -118,6 +130,7 @@ def stage_image(
     request: AnyRequest,
     target: S3Target,
     client: ClientSource = None,
+    retry: RetryPolicy | None = None,
 ) -> StagedImage:
     """Upload one verified image to S3 (private, streamed) and return where it is.
 
@@ -126,10 +139,12 @@ def stage_image(
     ``image-size`` (both from ``request``), ``format``, ``width``, ``height`` (never the prompt
     itself). Idempotent: when the key already holds an object whose ``sha256`` metadata matches,
     nothing is uploaded and ``uploaded`` is False, so a re-run writes no duplicate. No ACL is set:
-    objects stay private and are shared through the presigned ``url``.
+    objects stay private and are shared through the presigned ``url``. Transient failures are
+    retried within ``retry`` (default: :meth:`RetryPolicy.from_settings`), HEAD included.
 
     Raises:
-        TransientS3StagingError: throttling, 5xx, connection trouble (retry).
+        TransientS3StagingError: throttling, 5xx, connection trouble, still failing when the
+            retry budget ran out.
         PermanentS3StagingError: missing bucket, access denied, local file changed, ...
 
     Example:
@@ -158,6 +173,41 @@ def stage_image(
         )
 
     s3 = resolve_client(client)
+    for attempt in policy_or_default(retry).retrying():
+        with attempt:
+            uploaded = _put_image(s3, image, prompt, request, target, key, size)
+
+    return StagedImage(
+        bucket=bucket,
+        key=key,
+        s3_uri=f"s3://{bucket}/{key}",
+        url=presign(bucket, key, target.presign_expires, s3),
+        url_expires_at=_expiry(target.presign_expires),
+        content_type=image.content_type,
+        format=image.format,
+        bytes=image.bytes,
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        request_id=image.request_id,
+        endpoint=image.endpoint,
+        index=image.index,
+        uploaded=uploaded,
+    )
+
+
+def _put_image(
+    s3: S3Client,
+    image: DownloadedImage,
+    prompt: str,
+    request: AnyRequest,
+    target: S3Target,
+    key: str,
+    size: int,
+) -> bool:
+    """One attempt of :func:`stage_image`: HEAD, then upload unless the same bytes are there.
+    Returns whether it uploaded."""
+    bucket = target.bucket
     head = _head(s3, bucket, key)
     existing_sha = (head or {}).get("Metadata", {}).get("sha256")
     if head is not None and existing_sha == image.sha256 and head.get("ContentLength") == size:
@@ -183,24 +233,7 @@ def stage_image(
         extra = {"ContentType": image.content_type, "Metadata": metadata}
         _upload(s3, image.path, bucket, key, extra, target)
         uploaded = True
-
-    return StagedImage(
-        bucket=bucket,
-        key=key,
-        s3_uri=f"s3://{bucket}/{key}",
-        url=presign(bucket, key, target.presign_expires, s3),
-        url_expires_at=_expiry(target.presign_expires),
-        content_type=image.content_type,
-        format=image.format,
-        bytes=image.bytes,
-        sha256=image.sha256,
-        width=image.width,
-        height=image.height,
-        request_id=image.request_id,
-        endpoint=image.endpoint,
-        index=image.index,
-        uploaded=uploaded,
-    )
+    return uploaded
 
 
 def stage_file(
@@ -209,11 +242,13 @@ def stage_file(
     content_type: str,
     target: S3Target,
     client: ClientSource = None,
+    retry: RetryPolicy | None = None,
 ) -> StagedFile:
     """Upload a local file (a manifest, an HTML gallery) to ``s3://{target.bucket}/{key}``.
 
     ``key`` is a full object key and must be safe (``[A-Za-z0-9._-]`` segments; build it with
-    :func:`manifest_key` or :func:`gallery_key`). Always uploads (overwrites), streamed.
+    :func:`manifest_key` or :func:`gallery_key`). Always uploads (overwrites), streamed;
+    transient failures are retried within ``retry`` (default: :meth:`RetryPolicy.from_settings`).
 
     Example:
         >>> stage_file("run.jsonl", manifest_key(target, "nightly"), MANIFEST_CONTENT_TYPE,
@@ -223,7 +258,9 @@ def stage_file(
     bucket = target.bucket
     size = _local_size(path, bucket, key)
     s3 = resolve_client(client)
-    _upload(s3, path, bucket, key, {"ContentType": content_type}, target)
+    for attempt in policy_or_default(retry).retrying():
+        with attempt:
+            _upload(s3, path, bucket, key, {"ContentType": content_type}, target)
     return StagedFile(
         bucket=bucket,
         key=key,

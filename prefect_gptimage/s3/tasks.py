@@ -1,11 +1,12 @@
 """Prefect tasks for S3 staging: thin wrappers over :mod:`prefect_gptimage.s3.staging`.
 
-They add what Prefect contributes and nothing else: 3 retries with exponential backoff (1, 2, 4 s,
-jittered) for transient failures only (:func:`~prefect_gptimage.retry.transient_retries`),
-and no result caching (an upload must happen when asked; idempotency comes from the deterministic
-key and the SHA-256 check in :func:`~prefect_gptimage.s3.staging.stage_image`). The retries are the
-task's one layer: with no ``client`` given, the task's S3 client has botocore's own retries off.
-A plain call of the staging functions retries in botocore instead (its standard mode).
+They add what Prefect contributes and nothing else: a task run in the UI, and no result caching
+(an upload must happen when asked; idempotency comes from the deterministic key and the SHA-256
+check in :func:`~prefect_gptimage.s3.staging.stage_image`). They add no Prefect retries: the
+staging functions retry their own transient failures, under the package's one
+:class:`~prefect_gptimage.retry.RetryPolicy` and budget (``PREFECT_GPTIMAGE_RETRY_BUDGET``, the
+same as fal's), over clients that make one HTTP try per call. One layer, one budget, whether
+the functions are called plainly or through these tasks.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prefect_gptimage.retry import transient_retries
-from prefect_gptimage.s3.clients import ClientSource, resolve_client
+from prefect_gptimage.retry import RetryPolicy
+from prefect_gptimage.s3.clients import ClientSource
 from prefect_gptimage.s3.keys import manifest_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage
 from prefect_gptimage.s3.staging import MANIFEST_CONTENT_TYPE, stage_file, stage_image
@@ -25,13 +26,8 @@ from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 
 __all__ = ["stage_image_task", "stage_manifest_task"]
 
-#: 3 retries, 1 s, 2 s, 4 s (plus up to 50% jitter), transient failures only; never cached.
-_STAGING_TASK_OPTIONS: dict[str, Any] = transient_retries(3) | {"cache_policy": NO_CACHE}
-
-
-def _one_try(client: ClientSource) -> ClientSource:
-    """The task retries, so the default client must not (botocore ``max_attempts=1``)."""
-    return resolve_client(client, max_attempts=1) if client is None else client
+#: Never cached; no Prefect retries (the staging call retries within the budget itself).
+_STAGING_TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE}
 
 
 @task(name="gptimage-stage-image", **_STAGING_TASK_OPTIONS)
@@ -41,8 +37,9 @@ def stage_image_task(
     request: AnyRequest,
     target: S3Target,
     client: ClientSource = None,
+    retry: RetryPolicy | None = None,
 ) -> StagedImage:
-    """Prefect task around :func:`stage_image`: 3 retries (1, 2, 4 s, jittered), transient only.
+    """Prefect task around :func:`stage_image` (which retries transient failures in budget).
 
     Example:
         >>> @flow  # doctest: +SKIP
@@ -51,7 +48,7 @@ def stage_image_task(
         ...     return [stage_image_task(i, request.prompt, request, target) for i in images]
     """
     return stage_image(
-        image, prompt=prompt, request=request, target=target, client=_one_try(client)
+        image, prompt=prompt, request=request, target=target, client=client, retry=retry
     )
 
 
@@ -61,6 +58,7 @@ def stage_manifest_task(
     run_key: str,
     target: S3Target,
     client: ClientSource = None,
+    retry: RetryPolicy | None = None,
 ) -> StagedFile:
     """Prefect task: upload a JSONL manifest to ``{prefix}/manifests/{run_key}.jsonl``.
 
@@ -70,5 +68,5 @@ def stage_manifest_task(
         's3://my-images/gptimage/manifests/nightly-1.jsonl'
     """
     return stage_file(
-        Path(path), manifest_key(target, run_key), MANIFEST_CONTENT_TYPE, target, _one_try(client)
+        Path(path), manifest_key(target, run_key), MANIFEST_CONTENT_TYPE, target, client, retry
     )
