@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
+from prefect_gptimage.cli._head_start import head_start
 from prefect_gptimage.cli._signals import Interrupts, StopBeforeStart
 from prefect_gptimage.errors import BatchIncomplete, ConfigurationError, InvalidRequestError
 
@@ -213,6 +214,12 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
     return EXIT_OK if ok and summary.ok else EXIT_FAILED
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keep a log record, without its traceback (the CLI's own line names the failure)."""
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _prefect_api(early: EarlyApi | None, verbose: bool, *, progress: bool = False) -> None:
     """Before the first flow call: quiet Prefect's run logs, and use the API server started at
     launch, if Prefect would.
@@ -227,6 +234,8 @@ def _prefect_api(early: EarlyApi | None, verbose: bool, *, progress: bool = Fals
         logging.getLogger("prefect.engine").setLevel(logging.WARNING)
         if not progress:
             logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
+        # the command prints the failure in one line: Prefect's copy keeps no traceback
+        logging.getLogger("prefect.flow_runs").addFilter(_without_traceback)
     if early is not None:
         early.adopt()
 
@@ -289,6 +298,8 @@ def cmd_batch(
     from prefect_gptimage.flows import batch as batch_flow
     from prefect_gptimage.flows.batch import batch_to_s3
 
+    if early is not None:  # fal generates while the temporary API boots
+        head_start(args)
     _prefect_api(early, args.verbose, progress=True)
     interrupts = interrupts or Interrupts()
 

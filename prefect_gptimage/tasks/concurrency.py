@@ -81,6 +81,49 @@ def forget_lookups() -> None:
         _lookups.clear()
 
 
+_reserved: dict[str, threading.BoundedSemaphore] = {}
+
+
+def local_cap(local_limit: int | None = None, lookahead: int | None = None) -> tuple[int, int]:
+    """(cap, look-ahead) of the local semaphore for a caller's ``local_limit``/``lookahead``."""
+    settings = get_settings()
+    size = max(1, min(settings.local_concurrency, local_limit or settings.local_concurrency))
+    return size, settings.lookahead if lookahead is None else lookahead
+
+
+def reserve_slot(key: str, local_limit: int | None = None, lookahead: int | None = None) -> bool:
+    """Take a local slot now, for the request ``key`` submitted ahead of its task (the CLI's
+    head start); the task's :func:`fal_request_slot` with the same ``reserved`` key takes it
+    over. False (nothing taken) when no local slot is free."""
+    size, extra = local_cap(local_limit, lookahead)
+    semaphore = _local_semaphore(size + extra)
+    if not semaphore.acquire(blocking=False):
+        return False
+    with _lock:
+        previous = _reserved.pop(key, None)
+        _reserved[key] = semaphore
+    if previous is not None:
+        previous.release()
+    return True
+
+
+def release_reserved() -> int:
+    """Give back the slots reserved and never taken over (e.g. rows a stop left unstarted)."""
+    with _lock:
+        left = list(_reserved.values())
+        _reserved.clear()
+    for semaphore in left:
+        semaphore.release()
+    return len(left)
+
+
+def _take_reserved(key: str | None) -> threading.BoundedSemaphore | None:
+    if key is None:
+        return None
+    with _lock:
+        return _reserved.pop(key, None)
+
+
 def _local_semaphore(size: int) -> threading.BoundedSemaphore:
     with _lock:
         if size not in _semaphores:
@@ -90,22 +133,34 @@ def _local_semaphore(size: int) -> threading.BoundedSemaphore:
 
 @contextmanager
 def fal_request_slot(
-    name: str | None = None, local_limit: int | None = None, lookahead: int | None = None
+    name: str | None = None,
+    local_limit: int | None = None,
+    lookahead: int | None = None,
+    reserved: str | None = None,
 ) -> Iterator[str]:
     """Hold one fal request slot; yields ``"global:<name>"`` or ``"local:<size>"``.
 
     ``local_limit`` (e.g. a batch's ``concurrency``) lowers the local cap for this caller; it
     never raises it above ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY``. ``lookahead`` (None:
     ``PREFECT_GPTIMAGE_LOOKAHEAD``) adds that many slots to a local cap, for requests that wait
-    in fal's queue (see the module docs); ``"local:16+2"`` names such a cap.
+    in fal's queue (see the module docs); ``"local:16+2"`` names such a cap. ``reserved``: the
+    key a slot was reserved under (:func:`reserve_slot`); that slot is taken over, not acquired.
     """
-    settings = get_settings()
-    name = name or settings.concurrency_limit_name
+    name = name or get_settings().concurrency_limit_name
+    held = _take_reserved(reserved)
     if global_limit_exists(name):
+        if held is not None:
+            held.release()
         with concurrency(name, occupy=1, strict=True):
             yield f"global:{name}"
-    else:
-        size = max(1, min(settings.local_concurrency, local_limit or settings.local_concurrency))
-        extra = settings.lookahead if lookahead is None else lookahead
+        return
+    size, extra = local_cap(local_limit, lookahead)
+    label = f"local:{size}+{extra}" if extra else f"local:{size}"
+    if held is None:
         with _local_semaphore(size + extra):
-            yield f"local:{size}+{extra}" if extra else f"local:{size}"
+            yield label
+        return
+    try:
+        yield label
+    finally:
+        held.release()

@@ -35,6 +35,7 @@ from prefect_gptimage.schemas import (
     GptImageOutput,
     RequestHandle,
     check_image_count,
+    request_fingerprint,
 )
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks._twin import async_twin
@@ -142,7 +143,9 @@ def _submit_and_fetch(
             if not held:
                 slot.enter_context(
                     fal_request_slot(
-                        local_limit=options.max_in_flight, lookahead=options.lookahead
+                        local_limit=options.max_in_flight,
+                        lookahead=options.lookahead,
+                        reserved=request_fingerprint(request, options.variant),
                     )
                 )
                 held = True

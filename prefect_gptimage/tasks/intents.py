@@ -173,18 +173,21 @@ def guarded_submit(
     *,
     resubmit_unknown: bool = False,
     refresh: bool = False,
+    note: str | None = None,
 ) -> RequestHandle:
     """``submit()`` under the intent protocol (see the module docs).
 
     ``resubmit_unknown``: submit even when an earlier submit's outcome is unknown. ``refresh``
-    (the task's ``refresh_cache``): submit anew whatever the intent says.
+    (the task's ``refresh_cache``): submit anew whatever the intent says. ``note``: kept with
+    the handle, and logged when a later submit resumes it (e.g. who submitted it ahead).
     """
     earlier = None if refresh else read_intent(request, variant)
     if earlier is not None:
         if earlier.state == "submitted" and earlier.handle is not None:
             logger.info(
-                "resuming %s: submitted earlier, but the run stopped before caching it",
+                "resuming %s: %s",
                 earlier.handle.request_id,
+                earlier.reason or "submitted earlier, but the run stopped before caching it",
             )
             return earlier.handle
         if earlier.unresolved and not resubmit_unknown:
@@ -215,7 +218,7 @@ def guarded_submit(
             "--resubmit-unknown, does).",
             error_type=OUTCOME_UNKNOWN,
         ) from exc
-    _record(request, variant, "submitted", handle=handle)
+    _record(request, variant, "submitted", note, handle=handle)
     return handle
 
 

@@ -1,0 +1,103 @@
+"""The CLI's head start (issue 11): fal generates while Prefect's temporary API boots.
+
+Run as a user runs it: ``prefect-gptimage batch`` with no ``PREFECT_API_URL``, on a fresh Prefect
+home, against the bundled emulator and the local S3 server. What must hold: the first requests
+are submitted before the flow runs and resumed by it (never submitted twice), the cap holds
+through the hand-over, and nothing is submitted ahead when the run would be refused (budget,
+bucket).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from conftest import run_cli_process
+
+from prefect_gptimage.cli._head_start import HEAD_START_NOTE
+from prefect_gptimage.testing import FalEmulator
+from prefect_gptimage.testing.s3 import LocalS3Server
+
+
+def _fresh_env(tmp_path: Path, home: str) -> dict[str, str]:
+    """A user's environment: no Prefect API, a Prefect home that does not exist yet."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")
+    }
+    env["PREFECT_HOME"] = str(tmp_path / home)
+    env["PREFECT_GPTIMAGE_OUTPUT_DIR"] = str(tmp_path / "images")
+    return env
+
+
+def _rows(tmp_path: Path, unique: str, n: int) -> str:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"tile {i} {unique}", "quality": "low"}) + "\n" for i in range(n)
+        )
+    )
+    return str(path)
+
+
+def _ours(emulator: FalEmulator, unique: str) -> list[Any]:
+    return [r for r in emulator.requests() if unique in str(r.arguments.get("prompt"))]
+
+
+def _peak_alive(requests: list[Any]) -> int:
+    events = sorted(
+        [(r.submitted_at, 1) for r in requests] + [(r.completed_at, -1) for r in requests]
+    )
+    alive = peak = 0
+    for _, delta in events:
+        alive += delta
+        peak = max(peak, alive)
+    return peak
+
+
+def test_first_requests_are_submitted_while_prefect_starts_and_resumed_by_the_flow(
+    fal_emulator: FalEmulator, local_s3: LocalS3Server, s3_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    fal_emulator.set_latency(0.5)
+    env = _fresh_env(tmp_path, "home")
+    args = ["batch", _rows(tmp_path, unique, 6), "--bucket", s3_bucket, "--json"]
+    args += ["--concurrency", "2", "--lookahead", "1", "--verbose"]
+
+    done = run_cli_process(args, env)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["staged"] == 6 and summary["failures"] == []
+    requests = _ours(fal_emulator, unique)
+    assert sorted(Counter(str(r.arguments["prompt"]) for r in requests).values()) == [1] * 6
+    # the cap's 2 + 1 slots were filled ahead of the flow, and each was resumed, not resent
+    assert done.stderr.count(HEAD_START_NOTE) == 3, done.stderr[-3000:]
+    assert _peak_alive(requests) <= 3  # the cap held through the hand-over
+
+    again = run_cli_process(args, env)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["submitted"] == 0
+    assert HEAD_START_NOTE not in again.stderr
+    assert len(_ours(fal_emulator, unique)) == 6
+
+
+def test_nothing_is_submitted_ahead_of_a_refused_run(
+    fal_emulator: FalEmulator, s3_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    env = _fresh_env(tmp_path, "home")
+    rows = _rows(tmp_path, unique, 3)
+
+    no_bucket = run_cli_process(["batch", rows, "--bucket", f"missing-{unique}"], env)
+    over_budget = run_cli_process(
+        ["batch", rows, "--bucket", s3_bucket, "--max-cost", "0.001"], env
+    )
+
+    assert no_bucket.returncode != 0 and "missing-" in no_bucket.stderr
+    assert "Traceback" not in no_bucket.stderr, no_bucket.stderr[-3000:]
+    assert over_budget.returncode != 0 and "max_cost" in over_budget.stderr
+    assert _ours(fal_emulator, unique) == []
