@@ -85,6 +85,15 @@ def test_first_requests_are_submitted_while_prefect_starts_and_resumed_by_the_fl
     assert HEAD_START_NOTE not in again.stderr
     assert len(_ours(fal_emulator, unique)) == 6
 
+    # generate, on the home the batch created (its database has no global limit): the same
+    one = run_cli_process(
+        ["generate", f"a lone tile {unique}", "--quality", "low", "--verbose"], env
+    )
+
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stderr.count(HEAD_START_NOTE) == 1, one.stderr[-3000:]
+    assert len(_ours(fal_emulator, unique)) == 7
+
 
 def test_nothing_is_submitted_ahead_of_a_refused_run(
     fal_emulator: FalEmulator, s3_bucket: str, unique: str, tmp_path: Path

@@ -40,9 +40,13 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from prefect_gptimage.cli._signals import StopBeforeStart
+
+if TYPE_CHECKING:
+    from prefect_gptimage.schemas import AnyRequest
 
 __all__ = ["HEAD_START_NOTE", "head_start"]
 
@@ -53,13 +57,14 @@ HEAD_START_NOTE = "submitted while Prefect's API started"
 _SQLITE_PREFIXES = ("sqlite+aiosqlite:///", "sqlite:///")
 
 
-def head_start(args: argparse.Namespace) -> int:
-    """Submit the batch's first uncached rows now (see the module docs); how many were sent.
+def head_start(args: argparse.Namespace, request: AnyRequest | None = None) -> int:
+    """Submit a batch's first uncached rows now (see the module docs); how many were sent.
 
+    ``request``: the one request of a ``generate`` command (else the rows of ``args.file``).
     Call it only when the CLI started the temporary API itself, before adopting it.
     """
     try:
-        return _head_start(args)
+        return _head_start(args, request)
     except StopBeforeStart as exc:  # a signal: what was sent is recorded (the pool waited)
         signal_name = str(exc).split(":", 1)[0]
         raise StopBeforeStart(
@@ -71,8 +76,8 @@ def head_start(args: argparse.Namespace) -> int:
         return 0
 
 
-def _head_start(args: argparse.Namespace) -> int:
-    if args.refresh or args.dry_run or getattr(args, "cluster", None):
+def _head_start(args: argparse.Namespace, request: AnyRequest | None) -> int:
+    if args.refresh or getattr(args, "dry_run", False) or getattr(args, "cluster", None):
         return 0
     from prefect.settings import (
         PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
@@ -91,10 +96,10 @@ def _head_start(args: argparse.Namespace) -> int:
         return 0
     # the local store only: asking for a server-side default store would start a server here
     with temporary_settings(updates={PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}):
-        return _submit_first_rows(args)
+        return _submit_first_rows(args, request)
 
 
-def _submit_first_rows(args: argparse.Namespace) -> int:
+def _submit_first_rows(args: argparse.Namespace, request: AnyRequest | None) -> int:
     from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
     from prefect_gptimage.flows.batch import plan_cost
     from prefect_gptimage.prompts import PromptRow, load_prompt_file, unique_rows
@@ -104,33 +109,34 @@ def _submit_first_rows(args: argparse.Namespace) -> int:
     from prefect_gptimage.tasks.intents import guarded_submit, read_intent
     from prefect_gptimage.tasks.queue import sync_client
 
-    max_cost = check_budget(args.max_cost)
+    max_cost = check_budget(getattr(args, "max_cost", None))
     preflight_bucket(args.bucket, args.prefix, presign_expires=86400, probe=True)
-    rows = unique_rows(load_prompt_file(args.file))
+    if request is None:  # a batch: its rows, its cap
+        rows = unique_rows(load_prompt_file(args.file))
+        concurrency, lookahead = args.concurrency, args.lookahead
+    else:  # generate: one request, under the default cap
+        rows, concurrency, lookahead = [PromptRow(line=1, request=request)], None, None
     estimate, _ = plan_cost(rows, resubmit_unknown=args.resubmit_unknown)
     if max_cost is not None and estimate > max_cost:
         return 0  # the flow refuses the batch and says so
-    cap, extra = local_cap(args.concurrency, args.lookahead)
+    cap, extra = local_cap(concurrency, lookahead)
     picks: list[PromptRow] = []
     for row in rows:
         if len(picks) >= cap + extra:
             break
         if is_submit_cached(row.request, row.variant) or read_intent(row.request, row.variant):
             continue  # paid already, or the flow decides (resume, or "outcome unknown")
-        if reserve_slot(
-            request_fingerprint(row.request, row.variant), args.concurrency, args.lookahead
-        ):
+        if reserve_slot(request_fingerprint(row.request, row.variant), concurrency, lookahead):
             picks.append(row)
     if not picks:
         return 0
     client = sync_client(None)
 
     def send(row: PromptRow) -> bool:
-        request = row.request
         guarded_submit(
-            request,
+            row.request,
             row.variant,
-            lambda: client.submit(request),
+            lambda: client.submit(row.request),
             resubmit_unknown=args.resubmit_unknown,
             note=HEAD_START_NOTE,
         )

@@ -251,6 +251,8 @@ def cmd_generate(
         return _fail_usage(str(exc))
     from prefect_gptimage.flows.generate import generate_to_s3
 
+    if early is not None:  # fal generates while the temporary API boots
+        head_start(args, request)
     _prefect_api(early, args.verbose)
     interrupts = interrupts or Interrupts()
     interrupts.request = request
