@@ -873,7 +873,7 @@ def test_cli_serves_until_sigterm(tls: ssl.SSLContext) -> None:
 
 
 def test_many_concurrent_pollers(emu: FalEmulator, tls: ssl.SSLContext) -> None:
-    emu.configure(latency=0.1, concurrency_limit=16)
+    emu.configure(latency=0.5, concurrency_limit=16)
     errors: list[str] = []
     n = 200
     barrier = threading.Barrier(n)

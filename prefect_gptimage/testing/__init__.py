@@ -20,7 +20,7 @@ Example::
 
 from prefect_gptimage.testing.emulator import FalEmulator, serve_forever_cli
 from prefect_gptimage.testing.faults import FAULT_KINDS, OPERATIONS, Fault, FaultKind, Operation
-from prefect_gptimage.testing.state import EmulatorStats, RequestInfo
+from prefect_gptimage.testing.records import EmulatorStats, RequestInfo
 
 __all__ = [
     "FAULT_KINDS",

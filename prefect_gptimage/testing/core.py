@@ -27,13 +27,8 @@ from prefect_gptimage.testing.images import (
     variant_for,
 )
 from prefect_gptimage.testing.inputs import InputFetcher
-from prefect_gptimage.testing.state import (
-    COMPLETED,
-    EmulatedRequest,
-    EmulatorStats,
-    Failure,
-    QueueModel,
-)
+from prefect_gptimage.testing.records import COMPLETED, EmulatedRequest, EmulatorStats, Failure
+from prefect_gptimage.testing.state import QueueModel
 
 
 def check_rate(rate: float) -> float:

@@ -29,8 +29,8 @@ from prefect_gptimage.testing.certs import shared_tls
 from prefect_gptimage.testing.core import EmulatorCore, check_rate
 from prefect_gptimage.testing.faults import Fault
 from prefect_gptimage.testing.inputs import InputFetcher
+from prefect_gptimage.testing.records import EmulatorStats, RequestInfo
 from prefect_gptimage.testing.server import EmulatorHTTPServer
-from prefect_gptimage.testing.state import EmulatorStats, RequestInfo
 
 __all__ = ["FalEmulator", "serve_forever_cli"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from prefect_gptimage.testing.images import is_image
-from prefect_gptimage.testing.state import Failure
+from prefect_gptimage.testing.records import Failure
 
 if TYPE_CHECKING:
     import httpx

@@ -47,7 +47,7 @@ from prefect_gptimage.testing.faults import (
     ingress_html,
 )
 from prefect_gptimage.testing.images import OTHER_FORMAT
-from prefect_gptimage.testing.state import COMPLETED, EmulatedRequest, Failure
+from prefect_gptimage.testing.records import COMPLETED, EmulatedRequest, Failure
 
 logger = logging.getLogger("prefect_gptimage.testing")
 
