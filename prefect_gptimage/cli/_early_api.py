@@ -83,7 +83,11 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     """For the server's process, run before exec: SIGTERM it when this process dies (Linux).
 
     ``prctl`` is looked up here, in the parent, so the child (forked from a process that may
-    run threads) only makes the call.
+    run threads) only makes the call. The signal follows the death of the *thread* that
+    forked, so this is for the main thread only (where the CLI starts the server). Were this
+    process killed between the fork and the call, no signal would ever come: the child checks
+    that its parent is still the one that forked it, and exits otherwise (before exec, a
+    signal would only reach the handlers it inherited from us).
     """
     import ctypes
     import signal
@@ -92,7 +96,14 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # already orphaned: the signal was due before we asked
+            os._exit(1)
+
+    return hook
 
 
 class EarlyApi:
