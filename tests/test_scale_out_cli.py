@@ -182,7 +182,7 @@ def start() -> Iterator[Start]:
 
 def finish(proc: subprocess.Popen[str], ok: bool = True) -> dict[str, Any]:
     """The run's ``--json`` summary, and its exit status as ``returncode``."""
-    out, err = proc.communicate(timeout=150)
+    out, err = proc.communicate(timeout=240)
     if ok:
         assert proc.returncode == 0, err[-4000:]
     lines = out.strip().splitlines()
