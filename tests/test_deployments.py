@@ -171,10 +171,12 @@ def test_prefect_yaml_entrypoints_load_and_take_its_parameters() -> None:
         "prefect.deployments.steps.set_working_directory"
     ]
     deployments = {d["name"]: d for d in project["deployments"]}
-    assert set(deployments) == {"batch-to-s3", "daily-content"}
+    assert set(deployments) == {"batch-to-s3", "daily-content", "read-manifest"}
     expected = {
         "batch-to-s3": ("flows/batch_to_s3.py:batch_to_s3", BATCH_FLOW),
         "daily-content": ("flows/scheduled_content.py:scheduled_content", SCHEDULED_FLOW),
+        # the downstream example; tests/test_events.py runs it from its trigger
+        "read-manifest": ("flows/downstream.py:read_manifest", "gptimage-read-manifest"),
     }
     for name, deployment in deployments.items():
         entrypoint, flow_name = expected[name]

@@ -273,6 +273,11 @@ def batch_to_s3(
             data=summary, message=f"dry run: ${estimate:.3f} for {len(rows) - cached} request(s)"
         )
     if max_cost is not None and estimate > max_cost:
+        from prefect_gptimage.reporting.events import spend_refused
+
+        spend_refused(
+            run_key, estimate=estimate, max_cost=max_cost, requests=len(rows), cached=cached
+        )
         return Failed(
             data=summary,
             message=f"estimated cost ${estimate:.3f} exceeds max_cost ${max_cost:.3f}: "

@@ -8,6 +8,12 @@ the first :data:`TABLE_ROWS` staged images (for the results table) and the failu
 A run whose requests all produced images ends Completed; one with any failure ends Failed, and
 either way its state carries the :class:`RunSummary` (the CLI prints it; ``--json`` as one line).
 
+It also tells Prefect: each staged image is announced with a ``prefect-gptimage.image.staged``
+event and materialized as an asset keyed by its ``s3://`` URI, and :meth:`RunReport.close`
+materializes the staged manifest and emits ``prefect-gptimage.batch.completed`` (see
+:mod:`~prefect_gptimage.reporting.events` and :mod:`~prefect_gptimage.reporting.assets`). Both
+are best effort: they never fail the run.
+
 Example:
     >>> with RunReport(Path("out/run"), "nightly", target) as report:  # doctest: +SKIP
     ...     report.add(outcome, prompt)
@@ -22,9 +28,11 @@ from types import TracebackType
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from prefect_gptimage.reporting import events
 from prefect_gptimage.reporting.artifacts import publish_results
+from prefect_gptimage.reporting.assets import ImageAssets, assets_enabled
 from prefect_gptimage.reporting.gallery import HtmlGallery
-from prefect_gptimage.reporting.manifest import ManifestWriter
+from prefect_gptimage.reporting.manifest import ManifestWriter, cost_per_image
 from prefect_gptimage.reporting.summary import Failure, RunSummary
 from prefect_gptimage.s3 import S3Target, StagedImage, manifest_key, stage_file
 from prefect_gptimage.schemas import AnyRequest
@@ -59,6 +67,8 @@ class RunReport:
         summary: RunSummary | None = None,
     ) -> None:
         self.out, self.run_key, self.target = out, run_key, target
+        # the estimate made before submitting (a batch's plan), for batch.completed
+        self._planned = summary.estimated_cost_usd if summary is not None else None
         self.summary = summary or RunSummary()
         self.summary.estimated_cost_usd = 0.0  # from here on: what this run actually paid
         self.manifest = ManifestWriter(out / "manifest.jsonl")
@@ -66,6 +76,16 @@ class RunReport:
         self._table: list[StagedImage] = []
         self._requests: dict[str, AnyRequest] = {}
         self._closed = False
+        self._cached = 0  # requests served from the cache
+        self._events = events.events_enabled()
+        self._manifest_uri = (
+            f"s3://{target.bucket}/{manifest_key(target, run_key)}" if target is not None else None
+        )
+        self._assets = (
+            ImageAssets(target.bucket, run_key, self._manifest_uri)
+            if target is not None and assets_enabled()
+            else None
+        )
 
     def add(self, outcome: RowOutcome, prompt: str) -> None:
         """One request's images: manifest lines, gallery figures, totals."""
@@ -84,6 +104,27 @@ class RunReport:
             self._requests[outcome.request_id] = outcome.request
         for image in outcome.images:
             self.gallery.add_image(image, prompt, outcome.request)
+        self._cached += outcome.from_cache
+        if outcome.staged and (self._events or self._assets is not None):
+            self._announce(outcome, prompt)
+
+    def _announce(self, outcome: RowOutcome, prompt: str) -> None:
+        """image.staged events and assets for a request's staged images (never raises)."""
+        try:
+            cost = cost_per_image(outcome.request)
+            for staged in outcome.staged:
+                if self._events:
+                    events.image_staged(
+                        staged,
+                        cost=cost,
+                        cached=outcome.from_cache,
+                        manifest_uri=self._manifest_uri,
+                        run_key=self.run_key,
+                    )
+                if self._assets is not None:
+                    self._assets.add(staged, outcome.request, prompt, cached=outcome.from_cache)
+        except Exception as exc:
+            events.warn_once("report staged images to Prefect", exc)
 
     def fail(self, exc: BaseException, request: AnyRequest, line: int | None = None) -> None:
         """A request that produced no image: in the summary, the manifest and the gallery."""
@@ -106,6 +147,7 @@ class RunReport:
         self._closed = True
         if self.target is None:
             summary.manifest_uri = str(manifest_path)
+            self._completed(manifest_path.resolve().as_uri())
             return finish(summary)
         staged_manifest = stage_file(
             manifest_path,
@@ -122,7 +164,31 @@ class RunReport:
             totals=self.manifest.totals(),
             manifest_uri=staged_manifest.s3_uri,
         )
+        if self._assets is not None:
+            totals = self.manifest.totals().model_dump()
+            self._assets.manifest(staged_manifest.s3_uri, {**totals, "staged": summary.staged})
+        self._completed(staged_manifest.s3_uri)
         return finish(summary)
+
+    def _completed(self, manifest_uri: str) -> None:
+        """``prefect-gptimage.batch.completed`` for this run (never raises)."""
+        if not self._events:
+            return
+        summary = self.summary
+        events.batch_completed(
+            manifest_uri,
+            {
+                "run_key": self.run_key,
+                "images": summary.images_total,
+                "staged": summary.staged,
+                "failed": len(summary.failures),
+                "submitted": summary.submitted,
+                "cached": self._cached,
+                "estimated_cost_usd": self._planned,
+                "cost_usd": summary.estimated_cost_usd,
+                "ok": summary.ok,
+            },
+        )
 
     def __enter__(self) -> RunReport:
         return self
