@@ -521,11 +521,14 @@ def test_batch_progress_eta_and_time_based_updates(prefect_api: None) -> None:
         progress.advance(50)  # 25 % in 10 s -> 30 s left
         assert progress.eta_seconds() == pytest.approx(30.0)
         assert progress.eta() == "ETA 30s"
+        progress.settle()  # the update runs in its own thread
         sent = progress.updates
         progress.advance(1)  # +0.5 %, 0 s later: not due
+        progress.settle()
         assert progress.updates == sent
         now[0] += 2.5
         progress.advance(1)  # +0.5 %, 2.5 s later: due by time
+        progress.settle()
         assert progress.updates == sent + 1
         progress.finish()
         assert progress.percent == 100.0 and progress.eta() == "done"

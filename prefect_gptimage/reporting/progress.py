@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -162,30 +163,48 @@ class BatchProgress:
         return self
 
     def advance(self, n: int = 1) -> None:
-        """Count ``n`` more items done (thread-safe); update the artifact if it is due."""
+        """Count ``n`` more items done (thread-safe); update the artifact if it is due.
+
+        The update is an API call: it runs in a thread of its own, so the caller (a batch's row
+        dispatch) never waits for the API. Only one update is in flight; a call while one is
+        leaves its progress to a later one.
+        """
         with self._lock:
             self._done = min(self._done + n, self._total) if self._total else self._done + n
-        self._send(force=False)
+        if self.artifact_id is None or not self._due(self.percent, self._clock()):
+            return
+        if not self._send_lock.acquire(blocking=False):
+            return
+        context = contextvars.copy_context()  # the run's Prefect context, in the thread too
+        threading.Thread(
+            target=context.run, args=(self._send_held, False), name="gptimage-progress", daemon=True
+        ).start()
 
     def finish(self) -> None:
-        """Mark everything done and set the artifact to 100 %."""
+        """Mark everything done and set the artifact to 100 % (after any update in flight)."""
         with self._lock:
             self._done = max(self._done, self._total)
-        self._send(force=True)
-
-    def _send(self, *, force: bool) -> None:
         if self.artifact_id is None:
             return
-        # Only one update in flight; others skip (their progress is sent by a later call).
-        if not self._send_lock.acquire(blocking=force):
-            return
+        self._send_lock.acquire()
+        self._send_held(True)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until no artifact update is in flight (e.g. before reading :attr:`updates`)."""
+        if self._send_lock.acquire(timeout=timeout):
+            self._send_lock.release()
+
+    def _due(self, pct: float, now: float) -> bool:
+        return pct - self._sent_pct >= self.min_step or (
+            now - self._sent_at >= self.min_interval and pct > self._sent_pct
+        )
+
+    def _send_held(self, force: bool) -> None:
+        """Send the progress if due; the caller holds ``_send_lock``, released here."""
         try:
             pct = self.percent
             now = self._clock()
-            due = pct - self._sent_pct >= self.min_step or (
-                now - self._sent_at >= self.min_interval and pct > self._sent_pct
-            )
-            if not (due or (force and pct != self._sent_pct)):
+            if not (self._due(pct, now) or (force and pct != self._sent_pct)):
                 return
             from prefect.artifacts import update_progress_artifact
 
