@@ -32,7 +32,7 @@ from prefect.client.orchestration import get_client
 from pydantic import ValidationError
 
 from prefect_gptimage.errors import GptImageError
-from prefect_gptimage.retry import retry_if_transient
+from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.s3 import (
     MAX_PRESIGN_EXPIRES,
     PermanentS3StagingError,
@@ -65,6 +65,8 @@ from prefect_gptimage.schemas import (
 from prefect_gptimage.testing.s3 import LocalS3Server
 
 MiB = 1024 * 1024
+#: S3 calls retry within the package's budget (60 s by default): short here
+QUICK = RetryPolicy(budget=1.5, initial_delay=0.05, max_delay=0.2)
 T2I = "fal-ai/gpt-image-1.5"
 EDIT = "fal-ai/gpt-image-1.5/edit"
 
@@ -451,6 +453,7 @@ def test_closed_port_is_transient(tmp_path: Path) -> None:
             request=REQUEST,
             target=S3Target(bucket="bucket-x"),
             client=client,
+            retry=QUICK,
         )
     assert info.value.code == "EndpointConnectionError"
     assert is_transient_s3_error(info.value)
@@ -542,53 +545,53 @@ def test_local_s3_server_helper() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_task_retry_policy_is_configured() -> None:
+def test_tasks_add_no_prefect_retries() -> None:
+    """The staging call retries itself (one layer, the package's budget), not the task."""
     for t in (stage_image_task, stage_manifest_task):
-        assert t.retries == 3
-        assert t.retry_delay_seconds == [1, 2, 4]
-        assert t.retry_jitter_factor == 0.5
-        assert t.retry_condition_fn is retry_if_transient
+        assert t.retries == 0
 
 
-def test_task_retries_transient_then_succeeds(
+def test_task_rides_out_an_outage_within_one_attempt(
     prefect_api: None, s3: LocalS3Server, bucket: str, tmp_path: Path
 ) -> None:
-    """First attempt: connection refused (the S3 endpoint is down). The retry condition sees a
-    transient error; the endpoint comes up; the retry succeeds."""
+    """The S3 endpoint is down for the first tries and comes up: the same task run succeeds."""
     port = closed_port()
     client = client_for(f"http://127.0.0.1:{port}")
     calls = count_calls(client)
-    decisions: list[bool] = []
     revived: list[LocalS3Server] = []
 
-    def condition(task: Any, task_run: Any, state: Any) -> bool:
-        decision = retry_if_transient(task, task_run, state)
-        decisions.append(decision)
-        if decision and not revived:
-            revived.append(LocalS3Server(port=port).start())  # same moto backend: bucket exists
-        return decision
+    def revive() -> None:  # once the first try has met the closed port
+        deadline = time.monotonic() + 60
+        while not calls.get("HeadObject") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        revived.append(LocalS3Server(port=port).start())  # same moto backend: bucket exists
 
-    fast = stage_image_task.with_options(retry_delay_seconds=0, retry_condition_fn=condition)
+    timer = threading.Thread(target=revive)
     image = make_image(tmp_path)
 
     @flow
     def stage_flow() -> dict[str, Any]:
-        state = fast(image, "retry me", REQUEST, S3Target(bucket=bucket), client, return_state=True)
+        target = S3Target(bucket=bucket)
+        policy = RetryPolicy(budget=20, initial_delay=0.05, max_delay=0.3)
+        state = stage_image_task(
+            image, "retry me", REQUEST, target, client, policy, return_state=True
+        )
         result = state.result(raise_on_failure=False)
-        assert isinstance(result, StagedImage)
+        assert isinstance(result, StagedImage), result
         return {"id": state.state_details.task_run_id, "uploaded": result.uploaded}
 
+    timer.start()
     try:
         out = stage_flow()
     finally:
+        timer.join()
         for server in revived:
             server.stop()
-    assert decisions == [True]
     assert out["uploaded"] is True
-    assert calls["HeadObject"] == 2  # one per attempt
+    assert calls["HeadObject"] >= 2  # tried while down, then again once up
     states = task_run_states(out["id"])
-    assert states.count("RUNNING") == 2
-    assert states[-1] == "COMPLETED"
+    assert states.count("RUNNING") == 1 and states[-1] == "COMPLETED"
     assert (
         s3.client().head_object(
             Bucket=bucket,
@@ -605,23 +608,24 @@ def test_task_retries_transient_then_succeeds(
     )
 
 
-def test_task_gives_up_after_three_retries(prefect_api: None, tmp_path: Path) -> None:
+def test_task_gives_up_when_the_budget_runs_out(prefect_api: None, tmp_path: Path) -> None:
     client = client_for(f"http://127.0.0.1:{closed_port()}")
     calls = count_calls(client)
-    fast = stage_image_task.with_options(retry_delay_seconds=0)
     image = make_image(tmp_path)
 
     @flow
     def stage_flow() -> dict[str, Any]:
-        state = fast(image, "p", REQUEST, S3Target(bucket="bucket-x"), client, return_state=True)
+        target = S3Target(bucket="bucket-x")
+        state = stage_image_task(image, "p", REQUEST, target, client, QUICK, return_state=True)
         exc = state.result(raise_on_failure=False)
-        return {"id": state.state_details.task_run_id, "error": type(exc).__name__}
+        return {"id": state.state_details.task_run_id, "error": str(exc), "type": type(exc)}
 
     out = stage_flow()
-    assert out["error"] == "TransientS3StagingError"
-    assert calls["HeadObject"] == 4  # 1 try + 3 retries
+    assert out["type"].__name__ == "TransientS3StagingError"
+    assert "gave up after" in out["error"]
+    assert calls["HeadObject"] >= 2  # retried by the call, within its budget
     states = task_run_states(out["id"])
-    assert states.count("RUNNING") == 4
+    assert states.count("RUNNING") == 1  # not by Prefect
     assert states[-1] == "FAILED"
 
 
