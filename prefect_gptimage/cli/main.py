@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--dry-run", action="store_true", help="print the estimated cost and submit nothing"
     )
+    batch.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run the rows on a Dask cluster (tcp://scheduler:8786; needs prefect-dask and "
+        "PREFECT_API_URL); C then counts requests in flight across the cluster",
+    )
     _add_run_options(batch)
 
     demo = sub.add_parser(
@@ -297,6 +303,10 @@ def cmd_batch(
         return _fail_usage(str(exc))
     if not args.bucket and not args.dry_run:
         return _fail_usage("--bucket: required (where the images and the manifest go)")
+    if args.cluster and early is not None:  # the workers could not reach a temporary API
+        return _fail_usage(
+            "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
+        )
     from prefect_gptimage.flows import batch as batch_flow
     from prefect_gptimage.flows.batch import batch_to_s3
 
@@ -324,6 +334,7 @@ def cmd_batch(
         refresh=args.refresh,
         resubmit_unknown=args.resubmit_unknown,
         lookahead=args.lookahead,
+        cluster=args.cluster,
         return_state=True,
     )
     interrupts.returned = True

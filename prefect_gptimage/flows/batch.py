@@ -43,11 +43,12 @@ from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import BatchIncomplete, DuplicateRequestId, FalError
+from prefect_gptimage.flows._fanout import check_cluster, row_runner
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.ledger import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.pricing import estimate_cost
@@ -234,6 +235,7 @@ def batch_to_s3(
     credentials: FalCredentials | None = None,
     resubmit_unknown: bool = False,
     lookahead: int | None = None,
+    cluster: str | None = None,
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
@@ -254,6 +256,13 @@ def batch_to_s3(
     fal's slots never idle between two requests (None: ``PREFECT_GPTIMAGE_LOOKAHEAD``); use it
     when ``concurrency`` is your fal account's limit (see
     :mod:`prefect_gptimage.tasks.concurrency`).
+
+    ``cluster`` (a Dask scheduler address, ``tcp://host:8786``) runs the rows on that cluster's
+    workers instead of this process's threads; the manifest, progress and summary stay here.
+    It needs prefect-dask, a Prefect server every worker reaches and, across machines, shared
+    result storage (see :mod:`prefect_gptimage.flows._fanout`). ``concurrency`` then counts the
+    requests in flight across the cluster; the cap at fal across workers is a global
+    concurrency limit.
     """
     log = get_run_logger()
     max_cost = check_budget(max_cost)
@@ -283,12 +292,14 @@ def batch_to_s3(
             message=f"estimated cost ${estimate:.3f} exceeds max_cost ${max_cost:.3f}: "
             "nothing submitted",
         )
+    if cluster:
+        check_cluster(cluster, log)  # reachable, with a server the workers share: before paying
     if target is not None:
         probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
     out = Path(output_dir or get_settings().output_dir) / run_key
     progress = BatchProgress().start(len(rows), artifact_key(run_key, "progress"))
     last_log = 0.0
-    runner: ThreadPoolTaskRunner[Any]
+    runner: TaskRunner[Any]
     options = GenerationOptions(
         credentials=credentials,
         output_dir=str(out),
@@ -317,6 +328,8 @@ def batch_to_s3(
                 "request": row.request,
                 "target": target,
                 "options": options.model_copy(update={"variant": row.variant}),
+                # a row on another process cannot see this flow's client: it gets the block
+                **({"bucket_block": bucket} if cluster and isinstance(bucket, S3Bucket) else {}),
             },
         )
         handle = _Row(row, future)
@@ -331,7 +344,7 @@ def batch_to_s3(
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
     ahead = get_settings().lookahead if options.lookahead is None else options.lookahead
     workers = 2 * max(1, concurrency) + ahead
-    runner = ThreadPoolTaskRunner(max_workers=workers)
+    runner = row_runner(cluster, workers)  # this process's threads, or a Dask cluster
     watcher = threading.Thread(
         target=_watch_for_stop, args=(started, started_lock, over), daemon=True
     )
@@ -383,7 +396,7 @@ def _forget(started: dict[int, _Row], lock: threading.Lock, handle: _Row) -> Non
 
 
 @contextlib.contextmanager
-def _running(runner: ThreadPoolTaskRunner[Any]) -> Any:
+def _running(runner: TaskRunner[Any]) -> Any:
     """The runner, shut down at the end; after a stop, without waiting for rows left in flight
     (their tasks run on until the process exits; what they paid for is cached already)."""
     runner.__enter__()
@@ -394,7 +407,7 @@ def _running(runner: ThreadPoolTaskRunner[Any]) -> Any:
         if _stop.is_set() and executor is not None:
             # no cancel events either: a row in flight keeps going until the process exits
             executor.shutdown(wait=False, cancel_futures=True)
-            runner._executor = None
+            runner._executor = None  # type: ignore[attr-defined]
         else:
             runner.__exit__(None, None, None)
 
