@@ -27,6 +27,8 @@ from prefect.settings.base import PrefectBaseSettings, build_settings_config
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from prefect_gptimage.fal._transport import DEFAULT_MAX_BODY_BYTES
+
 __all__ = ["GptImageSettings", "get_settings"]
 
 
@@ -98,11 +100,12 @@ class GptImageSettings(PrefectBaseSettings):
         ),
     )
     max_result_bytes: int = Field(
-        default=64 * 1024 * 1024,
+        default=DEFAULT_MAX_BODY_BYTES,
         gt=0,
         description=(
             "Largest answer body read from fal's queue (a result with four sync_mode images of "
-            "the largest size fits twice over); a larger result fails, unread and uncached."
+            "the largest size, 1536x1024 RGBA even uncompressed, fits); a larger result fails, "
+            "unread and uncached. Reading and caching a result takes ~6x its size in memory."
         ),
     )
     body_timeout: float = Field(

@@ -196,13 +196,14 @@ def test_a_trickled_body_at_the_default_pace_is_read_when_it_fits_the_limit(
 def test_huge_result_fails_permanently_with_bounded_memory(
     fal_emulator: FalEmulator, unique: str
 ) -> None:
-    """A 1 GiB result (no Content-Length, streamed) stops at the 64 MiB default, unretried."""
+    """A 1 GiB result (no Content-Length, streamed) stops at the 36 MiB default, unretried."""
     client = FalQueueClient(retry=BUDGET)
     handle, _ = client.run(req(unique))
     fal_emulator.inject(Fault("result", "huge", count=None, size=1 << 30, match=unique))
     calls = fal_emulator.stats["result"]
     started = time.monotonic()
-    with PeakRss() as mem, pytest.raises(PermanentFalError, match="over the 67108864-byte limit"):
+    limit = f"over the {36 * 2**20}-byte limit"
+    with PeakRss() as mem, pytest.raises(PermanentFalError, match=limit):
         client.result(handle)
     assert fal_emulator.stats["result"] == calls + 1  # permanent: not retried
     assert time.monotonic() - started < 30
