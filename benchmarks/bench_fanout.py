@@ -230,6 +230,23 @@ def run_config(
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": results,
     }
     address, procs, pids = start_cluster(n_workers, args.threads, env, folder)
+    try:
+        return measure(n_workers, args, env, address, pids, server, emulator, folder, tag)
+    finally:
+        stop(procs)
+
+
+def measure(
+    n_workers: int,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    address: str,
+    pids: dict[str, int],
+    server: Any,
+    emulator: Emulator,
+    folder: Path,
+    tag: str,
+) -> dict[str, Any]:
     prompts = folder / "rows.jsonl"
     write_prompts(prompts, args.rows, tag)
     command = [sys.executable, "-m", "prefect_gptimage.cli", "batch", str(prompts)]
@@ -243,7 +260,12 @@ def run_config(
     with (folder / "batch.out").open("w") as out, (folder / "batch.err").open("w") as err:
         batch = subprocess.Popen(command, env=flow_env, stdout=out, stderr=err)
         peak = Peak({**pids, "flow": batch.pid})
-        returncode = batch.wait(args.timeout)
+        try:
+            returncode = batch.wait(args.timeout)
+        except BaseException:  # interrupted, or over time: stop the batch too
+            batch.terminate()
+            batch.wait(30)
+            raise
     seconds = time.monotonic() - started
     rss = peak.stop()
     load_after = os.getloadavg()
@@ -253,7 +275,6 @@ def run_config(
     time.sleep(15)  # let the server record the last events before counting
     recorded, final = task_runs(server, "gptimage-batch-to-s3")
     server_log = (server.home / "server.log").read_text(errors="replace")
-    stop(procs)
     expected = TASK_RUNS_PER_ROW * stats["accepted"]
     rows_ok = len(summary["images"])
     return {
@@ -292,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqlite", action="store_true", help="server on SQLite, not PostgreSQL")
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop: clean up like Ctrl+C
 
     from prefect_gptimage.testing.services import PostgresServer, PrefectServer
 
