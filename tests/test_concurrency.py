@@ -56,7 +56,7 @@ def global_limit() -> Iterator[str]:
 def test_global_limit_caps_requests_in_flight(
     fal_emulator: FalEmulator, global_limit: str, unique: str, tmp_path: Path
 ) -> None:
-    fal_emulator.set_latency(0.4)
+    fal_emulator.set_latency(1.5)  # long enough to overlap on a loaded machine
     with fal_request_slot() as slot:
         assert slot == f"global:{global_limit}"
     batch_to_s3(
@@ -70,7 +70,7 @@ def test_local_cap_without_a_global_limit(
 ) -> None:
     monkeypatch.setenv("PREFECT_GPTIMAGE_LOCAL_CONCURRENCY", "3")
     forget_lookups()
-    fal_emulator.set_latency(0.4)
+    fal_emulator.set_latency(1.0)
     with fal_request_slot() as slot:
         assert slot == "local:3"
     batch_to_s3(
