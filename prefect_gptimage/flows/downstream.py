@@ -12,9 +12,9 @@ The manifest is streamed, line by line, from S3 with boto3's default credential 
 10,000-image manifest costs no more memory than a 10-image one.
 
 Example:
-    >>> totals = read_manifest("s3://my-images/gptimage/manifests/nightly.jsonl")
+    >>> totals = read_manifest("s3://my-images/gptimage/manifests/nightly.jsonl")  # doctest: +SKIP
     >>> for image in manifest_images("s3://my-images/gptimage/manifests/nightly.jsonl"):
-    ...     caption.submit(image.s3_uri)  # any downstream task
+    ...     caption.submit(image.s3_uri)  # any downstream task  # doctest: +SKIP
 """
 
 from __future__ import annotations
