@@ -254,7 +254,7 @@ def test_fanned_out_batch_holds_the_cap_and_writes_one_manifest(
     file = prompt_file(tmp_path / "rows.jsonl", unique)
     summary, log = finish(start_batch(file, s3_bucket, cluster, env, tmp_path / "out"))
     check_batch(summary, fal_emulator, before, local_s3, s3_bucket, unique)
-    assert peak_running(fal_emulator, unique) == CAP  # the limit was reached, and held
+    assert 2 <= peak_running(fal_emulator, unique) <= CAP  # rows overlapped; the limit held
     assert "fanning rows out to" in log and "no global concurrency limit" not in log
     assert "results are stored on this machine's disk" not in log  # the S3 block is seen
     if sys.version_info < (3, 12):  # the workers' profiler can deadlock them: the flow stops it

@@ -301,7 +301,8 @@ def test_dry_run_on_a_fresh_home_starts_no_server_and_needs_no_api(tmp_path: Pat
     assert lines[-1] == "dry run: $0.103 for 5 request(s)"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["estimated_cost_usd"] == 0.103 and summary["submitted"] == 0
-    assert elapsed < 10, f"{elapsed:.1f}s"  # ~0.3 s; the bound only guards against a server
+    # ~0.3 s on an idle machine (see README); the bound only guards against a server starting
+    assert elapsed < 60, f"{elapsed:.1f}s"
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")

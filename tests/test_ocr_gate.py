@@ -181,7 +181,8 @@ def test_emulator_draws_the_quoted_text(fal_emulator: FalEmulator, unique: str) 
 
 def test_prompt_without_quotes_draws_no_text(fal_emulator: FalEmulator, unique: str) -> None:
     data = _generate(fal_emulator, f"a quiet harbour at dusk {unique}")
-    assert read_text(data).text == ""
+    text = read_text(data).text  # OCR may see a stray mark in the pattern, never a word
+    assert not any(c.isalnum() for c in text), text
 
 
 # -- the flow ------------------------------------------------------------------------------------
