@@ -15,7 +15,7 @@ unused. Any failure falls back to Prefect's own start-up, so this can only make 
 faster, never break it. Unlike Prefect's, on POSIX it gets its listening socket from us (no
 other process can take the port while it boots), runs in its own session (Ctrl+C reaches only
 the CLI, which stops it after Prefect's exit hooks have flushed logs and events to it) and, on
-Linux, is terminated if the CLI dies. Its telemetry is off (``PREFECT_SERVER_ANALYTICS_ENABLED``
+Linux, is killed if the CLI dies. Its telemetry is off (``PREFECT_SERVER_ANALYTICS_ENABLED``
 for that process only: offline, the failed upload was the one line a normal run logged). Its
 output goes to a log file that is unlinked at once on POSIX (read back through a descriptor we
 keep, so nothing is left in the temporary folder even after ``kill -9``), and summed up at exit.
@@ -80,7 +80,11 @@ def _profile_names_an_api() -> bool:
 
 
 def _die_with_parent_hook() -> Callable[[], None] | None:
-    """For the server's process, run before exec: SIGTERM it when this process dies (Linux).
+    """For the server's process, run before exec: SIGKILL it when this process dies (Linux).
+
+    SIGKILL, not SIGTERM: a server still migrating a fresh home's database defers SIGTERM until
+    its start-up is over (seconds), holding SQLite's lock against the resume the user runs next.
+    Nothing is lost: the process it served is gone, and SQLite rolls back an unfinished write.
 
     ``prctl`` is looked up here, in the parent, so the child (forked from a process that may
     run threads) only makes the call. The signal follows the death of the *thread* that
@@ -99,7 +103,7 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def hook() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # already orphaned: the signal was due before we asked
             os._exit(1)
 
