@@ -63,6 +63,7 @@ from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached
+from prefect_gptimage.tasks.concurrency import local_cap
 from prefect_gptimage.tasks.generate import GenerationOptions
 from prefect_gptimage.tasks.intents import read_intent, unresolved_intent
 from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
@@ -342,7 +343,7 @@ def batch_to_s3(
     ledger = RequestIdLedger()
     reported: dict[str, PromptRow] = {}
     # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
-    ahead = get_settings().lookahead if options.lookahead is None else options.lookahead
+    _, ahead = local_cap(concurrency, options.lookahead)  # the look-ahead, resolved in one place
     workers = 2 * max(1, concurrency) + ahead
     runner = row_runner(cluster, workers)  # this process's threads, or a Dask cluster
     watcher = threading.Thread(
