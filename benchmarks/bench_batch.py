@@ -130,6 +130,7 @@ class PhaseResult:
     stdout: str
     log: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    timeline: dict[str, Any] = field(default_factory=dict)
     digests: tuple[str, str] = ("", "")  # package sources before and after the phase
 
     @property
@@ -255,6 +256,9 @@ class Emulator:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("GET", "stats"))
 
+    def requests(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "requests"))
+
     def reset(self) -> None:
         self._call("POST", "reset")
 
@@ -333,6 +337,41 @@ def last_json(stdout: str) -> dict[str, Any] | None:
     return None
 
 
+def timeline(
+    requests: list[dict[str, Any]], started: float, seconds: float, limit: int
+) -> dict[str, Any]:
+    """Where a phase's wall time went at fal, from the emulator's per-request times.
+
+    ``first_submit_s``: launch to the first accepted submit (start-up). ``fal_span_s``: first
+    start to last completion. ``slot_use``: the share of the account's ``limit`` slots running
+    over that span (1.0: fal never idled). ``tail_s``: last completion to the phase's exit
+    (the last result fetched, downloaded and staged, the manifest, shutdown). ``running``: the
+    mean number of requests running at fal in each second from launch.
+    """
+    runs = [r for r in requests if r.get("started_at") and r.get("completed_at")]
+    if not runs:
+        return {}
+    first_submit = min(r["submitted_at"] for r in requests)
+    first_start = min(r["started_at"] for r in runs)
+    last_done = max(r["completed_at"] for r in runs)
+    busy = sum(r["completed_at"] - r["started_at"] for r in runs)
+    span = max(last_done - first_start, 1e-9)
+    return {
+        "first_submit_s": round(first_submit - started, 2),
+        "fal_span_s": round(span, 2),
+        "slot_use": round(busy / (limit * span), 3),
+        "tail_s": round(started + seconds - last_done, 2),
+        "running": [
+            round(sum(_overlap(r, started + i, started + i + 1) for r in runs), 1)
+            for i in range(math.ceil(last_done - started))
+        ],
+    }
+
+
+def _overlap(request: dict[str, Any], lo: float, hi: float) -> float:
+    return max(0.0, min(hi, request["completed_at"]) - max(lo, request["started_at"]))
+
+
 def phase(
     name: str,
     cmd: list[str],
@@ -341,6 +380,7 @@ def phase(
     logs: Path,
     timeout: float,
     reset: bool,
+    limit: int,
 ) -> PhaseResult:
     if reset:
         emulator.reset()
@@ -351,6 +391,7 @@ def phase(
         flush=True,
     )
     digest = package_digest()
+    started_wall = time.time()
     result = run_measured(name, cmd, env, logs, timeout)
     result.digests = (digest, package_digest())
     after = emulator.stats()
@@ -360,6 +401,8 @@ def phase(
     }
     result.stats["duplicate_submits"] = diff(before, after, "duplicate_submits")
     result.stats["max_in_progress"] = after["max_in_progress"]  # since the last reset
+    if reset:
+        result.timeline = timeline(emulator.requests(), started_wall, result.seconds, limit)
     print(
         f"[bench {now()}] {name}: rc={result.returncode} {result.seconds}s "
         f"cpu={result.cpu_seconds}s "
@@ -468,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 logs,
                 args.timeout,
                 reset=True,
+                limit=args.limit,
             )
             raw_keys = s3.keys("bench-raw", "raw/")
             if raw.returncode != 0 or len(raw_keys) != expected_images:
@@ -518,7 +562,14 @@ def main(argv: list[str] | None = None) -> int:
                 *([] if lookahead is None else ["--lookahead", str(lookahead)]),
             ]
             plugin = phase(
-                "plugin", plugin_cmd, plugin_env, emulator, logs, args.timeout, reset=True
+                "plugin",
+                plugin_cmd,
+                plugin_env,
+                emulator,
+                logs,
+                args.timeout,
+                reset=True,
+                limit=args.limit,
             )
             summary = last_json(plugin.stdout) or {}
             image_keys = [
@@ -537,7 +588,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             cached = phase(
-                "cached", plugin_cmd, plugin_env, emulator, logs, args.timeout, reset=False
+                "cached",
+                plugin_cmd,
+                plugin_env,
+                emulator,
+                logs,
+                args.timeout,
+                reset=False,
+                limit=args.limit,
             )
             cached_summary = last_json(cached.stdout) or {}
             if (
@@ -603,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             "raw_cpu_s": raw.cpu_seconds if raw else None,
             "cached_rerun_cpu_s": cached.cpu_seconds,
             "cached_rerun_peak_rss_mb": cached.peak_rss_mb,
+            "plugin_timeline": plugin.timeline,
+            "raw_timeline": raw.timeline if raw else None,
             "image_size": args.image_size,
             "num_images": args.num_images,
             "servers": "subprocesses",

@@ -11,6 +11,7 @@ GET       ``/_emulator/faults``            fault rules, with how often each fire
 POST      ``/_emulator/faults``            add a rule: a :class:`Fault` as JSON, or a spec
                                            ``{"spec": "status:503_json:3"}``
 DELETE    ``/_emulator/faults``            remove every rule
+GET       ``/_emulator/requests``          every request's state, in submission order
 GET       ``/_emulator/requests/{id}``     one request's state
 ========  ===============================  ==================================================
 
@@ -85,6 +86,11 @@ def handle_admin(core: EmulatorCore, method: str, path: str, payload: Any) -> tu
                 else:
                     fault = Fault.from_dict(payload)
                 return 201, core.faults.add(fault).to_dict()
+        if route == "requests" and method == "GET":
+            with model.cond:
+                model.advance_locked(time.monotonic())
+                reqs = sorted(model.requests.values(), key=lambda r: r.submitted_at)
+                return 200, [model.info_locked(r).to_dict() for r in reqs]
         if route.startswith("requests/") and method == "GET":
             req = model.requests.get(route.removeprefix("requests/"))
             if req is None:
