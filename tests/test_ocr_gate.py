@@ -6,6 +6,7 @@ Needs the ``ocr`` extra (rapidocr-onnxruntime, in ``dev``): skipped without it.
 from __future__ import annotations
 
 import doctest
+import html
 import importlib
 import json
 import ssl
@@ -22,6 +23,8 @@ pytest.importorskip(
     "rapidocr_onnxruntime", reason='the ocr extra is missing: pip install -e ".[dev]"'
 )
 
+from test_manifest_artifacts import LITERAL_ENTITY, read_artifacts
+
 from prefect_gptimage.errors import ConfigurationError
 from prefect_gptimage.quality import (
     judge,
@@ -30,6 +33,8 @@ from prefect_gptimage.quality import (
     read_text,
     text_score,
 )
+from prefect_gptimage.reporting.artifacts import artifact_key
+from prefect_gptimage.reporting.manifest import FailureLine, ImageLine, Manifest
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.images import misspell
 
@@ -235,9 +240,52 @@ def test_gate_flow_stages_only_passing_images(
             misread += 1
     assert misread == summary.regenerations
 
-    listed = get_s3_client().list_objects_v2(Bucket=s3_bucket)
+    # it reports like a batch: a manifest with one line per staged image, each with its verdict
+    out = tmp_path / "out" / summary.run_key
+    lines = Manifest.from_jsonl(out / "manifest.jsonl").lines
+    assert len(lines) == 20
+    for line, row, text in zip(lines, summary.results, SIGNS, strict=True):
+        assert isinstance(line, ImageLine) and line.s3_uri == row.staged[0].s3_uri
+        ocr = line.ocr
+        assert ocr is not None and ocr.passed and ocr.expected == text
+        assert normalize_text(ocr.read_text) == normalize_text(text)
+        assert ocr.score >= ocr.min_score == 0.97
+        assert (ocr.attempt, ocr.max_attempts) == (len(row.attempts), 3)
+        assert ocr.variant == row.attempts[-1].variant
+    assert {line.ocr.attempt for line in lines if line.ocr} != {1}  # regenerated images listed
+    # ... staged to S3 beside the images (and nothing else: rejected images stay on disk)
+    s3_client = get_s3_client()
+    assert summary.manifest_uri is not None
+    bucket, manifest_key = summary.manifest_uri.removeprefix("s3://").split("/", 1)
+    assert bucket == s3_bucket
+    staged_manifest = s3_client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()
+    assert staged_manifest == (out / "manifest.jsonl").read_bytes()
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket)
     keys = sorted(o["Key"] for o in listed.get("Contents", []))
-    assert keys == sorted(row.staged[0].key for row in summary.results)
+    assert keys == sorted([manifest_key, *(row.staged[0].key for row in summary.results)])
+    assert len(list(out.glob("*.png"))) == 20 + summary.regenerations  # rejected ones too
+    # ... an HTML gallery showing each verdict
+    assert summary.gallery == str(out / "index.html")
+    page = Path(summary.gallery).read_text()
+    assert page.count("<figure>") == 20
+    assert all(line.ocr and html.escape(line.ocr.label()) in page for line in lines)
+    # ... and the results table artifact: each verdict in its status, the regenerations and cost
+    table = _latest_artifact(artifact_key(summary.run_key, "results"))
+    cells = json.loads(table.data)
+    assert len(cells) == 20 and all(len(cell) == 5 for cell in cells)  # still 5 columns
+    for cell, line in zip(cells, lines, strict=True):
+        assert line.ocr is not None
+        assert cell["status"].startswith("ok · OCR 1.00: ")
+        assert line.ocr.read_text in cell["status"]
+        assert f"attempt {line.ocr.attempt}/3" in cell["status"]
+    regenerated = (
+        f"{summary.regenerations} regenerations costing ${summary.regeneration_cost:.3f} "
+        f"of ${summary.cost:.3f}"
+    )
+    assert regenerated in (table.description or "")
+    gallery = _latest_artifact(artifact_key(summary.run_key, "gallery")).data
+    assert regenerated in gallery and gallery.count("OCR 1.00: ") == 20
+    assert not LITERAL_ENTITY.search(gallery)
 
     per_image = summary.ocr_seconds / (20 + summary.regenerations)
     print(
@@ -281,5 +329,26 @@ def test_gate_flow_stages_nothing_that_never_passes(
     assert plain.passed and plain.expected == "" and len(plain.attempts) == 1
     assert plain.attempts[0].verdicts[0].read_text == ""
     assert (summary.passed, summary.failed, summary.staged, summary.regenerations) == (1, 1, 1, 1)
+    assert summary.manifest_uri is not None
+    manifest_key = summary.manifest_uri.removeprefix(f"s3://{s3_bucket}/")
     listed = get_s3_client().list_objects_v2(Bucket=s3_bucket).get("Contents", [])
-    assert [o["Key"] for o in listed] == [plain.staged[0].key]
+    assert sorted(o["Key"] for o in listed) == sorted([plain.staged[0].key, manifest_key])
+    # the manifest, in file order: the failed row naming what was expected and read, the image
+    failure, image = Manifest.from_jsonl(tmp_path / "out" / summary.run_key / "manifest.jsonl")
+    assert isinstance(image, ImageLine) and image.s3_uri == plain.staged[0].s3_uri
+    assert image.ocr is not None and image.ocr.expected == "" and image.ocr.attempt == 1
+    assert isinstance(failure, FailureLine) and failure.error_type == "ocr_mismatch"
+    last = sign.attempts[-1].verdicts[0]
+    assert f"expected 'Staff Only', read {last.read_text!r}" in failure.reason
+    assert failure.request_id == sign.attempts[-1].request_id
+    assert failure.ocr is not None and not failure.ocr.passed
+    assert (failure.ocr.attempt, failure.ocr.max_attempts) == (2, 2)
+
+
+def _latest_artifact(key: str) -> Any:
+    """The newest version of the artifact ``key``, read back through the Prefect client."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    found = read_artifacts(ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r}"
+    return found[0]  # newest first

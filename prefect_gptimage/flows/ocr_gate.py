@@ -12,9 +12,21 @@ every variant the file uses for that same request, a disjoint run per row, so tw
 for two images of one prompt never share an attempt, and a re-run of the file picks the same
 variants (and so finds them cached).
 
+The run reports like a batch, through :class:`~prefect_gptimage.reporting.run_report.RunReport`:
+``manifest.jsonl`` and ``index.html`` in the output folder, the manifest staged to S3 and the
+results table and gallery artifacts published (with a bucket), a
+``prefect-gptimage.image.staged`` event and an asset materialization per staged image, and one
+``prefect-gptimage.batch.completed``. Each image line of the manifest carries the verdict
+(``"ocr"``: what was read, the expected text, the score, ``min_score``, attempt ``k`` of
+``max_attempts``, the variant); a row that did not pass gets a failure line naming the expected
+text and what was read, with its last verdict. The table and the gallery show each verdict in
+one short line (``OCR 1.00: GRAND OPENING (attempt 2/3)``) and the regenerations with their cost.
+
 The returned :class:`OcrGateSummary` holds, per row, every attempt with each image's
 :class:`~prefect_gptimage.quality.gate.OcrVerdict` (what OCR read, the expected text, the score),
-the images kept and their S3 copies, and the totals: rows, passed, regenerations and cost.
+the images kept and their S3 copies, the totals (rows, passed, regenerations and cost), and where
+the manifest and the gallery are. Rows that fail do not fail the flow: it completes, and the
+summary and the manifest list them (``batch.completed`` says ``"ok": false``).
 
 Before anything is paid for, the file is validated, the bucket must take a write, and the
 ``ocr`` extra must be installed when any row quotes text (else one ``ConfigurationError``).
@@ -40,23 +52,46 @@ from prefect_aws import S3Bucket
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.errors import FalError
 from prefect_gptimage.flows._preflight import preflight_bucket
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file
 from prefect_gptimage.quality.gate import OcrVerdict, ocr_check
 from prefect_gptimage.quality.ocr import require_ocr
-from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, quoted_text
+from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, TextVerdict, quoted_text
+from prefect_gptimage.reporting.manifest import OcrVerdictRecord
+from prefect_gptimage.reporting.run_report import RunReport
+from prefect_gptimage.reporting.summary import Failure
 from prefect_gptimage.s3 import S3Target, StagedImage, slugify, stage_image
 from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import request_fingerprint
 from prefect_gptimage.tasks.generate import GenerationOptions, generate
+from prefect_gptimage.tasks.rows import RowOutcome
 
-__all__ = ["OcrAttempt", "OcrGateRow", "OcrGateSummary", "attempt_variants", "ocr_gated_batch"]
+__all__ = [
+    "OcrAttempt",
+    "OcrGateFailed",
+    "OcrGateRow",
+    "OcrGateSummary",
+    "attempt_variants",
+    "ocr_gated_batch",
+]
 
 #: Rows worked on at once. OCR itself runs one image at a time (it uses every core).
 ROW_CONCURRENCY = 4
+
+#: ``error_type`` of a row whose images did not all pass OCR within its attempts.
+OCR_MISMATCH = "ocr_mismatch"
+
+
+class OcrGateFailed(FalError):
+    """A row the gate could not pass: how it is reported (manifest failure line, summary).
+
+    ``error_type`` is :data:`OCR_MISMATCH` when OCR kept rejecting its images, else the error
+    that stopped its request (``request_id``: the row's last request).
+    """
 
 
 class OcrAttempt(BaseModel):
@@ -67,6 +102,9 @@ class OcrAttempt(BaseModel):
     from_cache: bool = Field(description="True when this run paid nothing for it (cached).")
     cost: float = Field(description="Estimated USD of the request (estimate_cost).")
     verdicts: list[OcrVerdict]
+    kept: list[int] = Field(
+        default_factory=list, description="Positions (in verdicts) of the images kept from it."
+    )
 
 
 class OcrGateRow(BaseModel):
@@ -81,6 +119,9 @@ class OcrGateRow(BaseModel):
     images: list[DownloadedImage] = Field(default_factory=list, description="Passing images.")
     staged: list[StagedImage] = Field(default_factory=list, description="Their S3 copies.")
     error: str | None = Field(default=None, description="Why the row stopped, if it failed.")
+    error_type: str | None = Field(
+        default=None, description="ocr_mismatch, or the error that stopped its request."
+    )
 
     @property
     def regenerations(self) -> int:
@@ -108,6 +149,10 @@ class OcrGateSummary(BaseModel):
     regeneration_cost: float = Field(description="The part of cost spent on regenerations.")
     cost_this_run: float = Field(description="Estimated USD of the attempts this run submitted.")
     ocr_seconds: float = Field(description="Time spent reading images.")
+    manifest_uri: str | None = Field(
+        default=None, description="The run manifest: s3:// with a bucket, else its local path."
+    )
+    gallery: str | None = Field(default=None, description="Path of the run's index.html.")
     results: list[OcrGateRow]
 
 
@@ -152,10 +197,13 @@ def ocr_gated_row(
         try:
             result = generate(request, options.model_copy(update={"variant": variant}))
         except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}"
+            failure = Failure.from_exception(exc, request, line)
+            row.error, row.error_type = failure.reason, failure.error_type
             log.error("row %s: variant %s failed: %s", line, variant, row.error)
-            return row
+            break  # what passed so far is still staged
         verdicts = [ocr_check(image, expected, min_score) for image in result.images]
+        room = row.wanted - len(row.images)
+        kept = [k for k, v in enumerate(verdicts) if v.passed][:room]
         row.attempts.append(
             OcrAttempt(
                 variant=variant,
@@ -163,10 +211,10 @@ def ocr_gated_row(
                 from_cache=result.from_cache,
                 cost=estimate_cost(request),
                 verdicts=verdicts,
+                kept=kept,
             )
         )
-        room = row.wanted - len(row.images)
-        row.images += [i for i, v in zip(result.images, verdicts, strict=True) if v.passed][:room]
+        row.images += [result.images[k] for k in kept]
         if len(row.images) == row.wanted:
             row.passed = True
             break
@@ -181,17 +229,27 @@ def ocr_gated_row(
                     verdict.score,
                     min_score,
                 )
-    if not row.passed:
-        row.error = (
-            f"{len(row.images)} of {row.wanted} image(s) passed OCR in {len(row.attempts)} "
-            f"attempt(s): expected {expected!r}"
-        )
+    if not row.passed and row.error is None:
+        row.error, row.error_type = _mismatch(row, min_score), OCR_MISMATCH
     if target is not None:
         row.staged = [
             stage_image(image, prompt=request.prompt, request=request, target=target)
             for image in row.images
         ]
     return row
+
+
+def _mismatch(row: OcrGateRow, min_score: float) -> str:
+    """Why a row failed OCR: the expected text, and what was read in its last rejected image."""
+    reason = (
+        f"{len(row.images)} of {row.wanted} image(s) passed OCR in {len(row.attempts)} "
+        f"attempt(s): expected {row.expected!r}"
+    )
+    rejected = [v for v in row.attempts[-1].verdicts if not v.passed] if row.attempts else []
+    if rejected:
+        last = rejected[0]
+        reason += f", read {last.read_text!r} (score {last.score:.3f} < {min_score:.2f})"
+    return reason
 
 
 def _run_key(prompt_file: Path, max_attempts: int, min_score: float) -> str:
@@ -238,13 +296,79 @@ def ocr_gated_batch(
         credentials=credentials, output_dir=str(out), timeout=timeout, download_tasks=False
     )
     plans = attempt_variants(rows, max_attempts)
-    with use_s3_client(s3_client):
+    with use_s3_client(s3_client), RunReport(out, run_key, target) as report:
         futures = [
             ocr_gated_row.submit(row.line, row.request, plan, target, options, min_score)
             for row, plan in zip(rows, plans, strict=True)
         ]
-        results = [future.result() for future in futures]
-    summary = OcrGateSummary(
+        results: list[OcrGateRow] = []
+        for row, future in zip(rows, futures, strict=True):
+            results.append(future.result())  # in file order: so is the manifest
+            _report_row(report, results[-1], row.request, max_attempts)
+        summary = _summarize(run_key, results)
+        # the report's own state (Failed when a row failed) is not the flow's: the gate's rows
+        # failing is an answer, listed in the summary and the manifest, not a crash
+        report.close(note=_note(summary))
+    summary.manifest_uri, summary.gallery = report.summary.manifest_uri, report.summary.gallery
+    log.info(
+        "OCR gate: %s/%s rows passed, %s regeneration(s) costing $%.3f of $%.3f in all; "
+        "manifest %s",
+        summary.passed,
+        summary.rows,
+        summary.regenerations,
+        summary.regeneration_cost,
+        summary.cost,
+        summary.manifest_uri,
+    )
+    return summary
+
+
+def _record(verdict: OcrVerdict, attempt: int, max_attempts: int, variant: int) -> OcrVerdictRecord:
+    """The manifest's copy of a verdict, with which attempt of the row it judged."""
+    fields = verdict.model_dump(include=set(TextVerdict.model_fields))
+    return OcrVerdictRecord(**fields, attempt=attempt, max_attempts=max_attempts, variant=variant)
+
+
+def _report_row(report: RunReport, row: OcrGateRow, request: AnyRequest, max_attempts: int) -> None:
+    """One row into the run report: each attempt as a request (its cost counted), with only the
+    images kept from it (staged: manifest lines, events, assets), then a failure if it failed."""
+    done = 0  # row.images (and row.staged) hold each attempt's kept images, attempt by attempt
+    for number, attempt in enumerate(row.attempts, start=1):
+        images = row.images[done : done + len(attempt.kept)]
+        staged = row.staged[done : done + len(attempt.kept)]
+        done += len(attempt.kept)
+        outcome = RowOutcome(
+            request_id=attempt.request_id,
+            request=request,
+            images=images,
+            staged=staged,
+            from_cache=attempt.from_cache,
+        )
+        verdicts = [
+            _record(attempt.verdicts[k], number, max_attempts, attempt.variant)
+            for k in attempt.kept
+        ]
+        report.add(outcome, request.prompt, ocr=verdicts)
+    if row.passed:
+        return
+    last = row.attempts[-1] if row.attempts else None
+    rejected = [v for v in last.verdicts if not v.passed] if last is not None else []
+    error = OcrGateFailed(
+        row.error or "failed",
+        error_type=row.error_type,
+        request_id=last.request_id if last is not None else None,
+    )
+    ocr = (
+        _record(rejected[0], len(row.attempts), max_attempts, last.variant)
+        if rejected and last is not None
+        else None
+    )
+    report.fail(error, request, row.line, ocr=ocr)
+
+
+def _summarize(run_key: str, results: list[OcrGateRow]) -> OcrGateSummary:
+    """The gate's totals over its rows (the manifest and gallery are filled in after)."""
+    return OcrGateSummary(
         run_key=run_key,
         rows=len(results),
         passed=sum(r.passed for r in results),
@@ -261,12 +385,12 @@ def ocr_gated_batch(
         ),
         results=results,
     )
-    log.info(
-        "OCR gate: %s/%s rows passed, %s regeneration(s) costing $%.3f of $%.3f in all",
-        summary.passed,
-        summary.rows,
-        summary.regenerations,
-        summary.regeneration_cost,
-        summary.cost,
+
+
+def _note(summary: OcrGateSummary) -> str:
+    """The gate's line in the artifacts: rows passed, regenerations and what they cost."""
+    return (
+        f"OCR gate: {summary.passed} of {summary.rows} rows passed, "
+        f"{summary.regenerations} regenerations costing ${summary.regeneration_cost:.3f} "
+        f"of ${summary.cost:.3f} in all (${summary.cost_this_run:.3f} paid by this run)"
     )
-    return summary

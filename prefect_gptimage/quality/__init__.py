@@ -1,7 +1,8 @@
 """Quality gates on generated images: the OCR gate (does the image show the quoted text?).
 
 * :mod:`~prefect_gptimage.quality.text`: :func:`quoted_text`, :func:`normalize_text`,
-  :func:`text_score` (no Prefect, no OCR; the bundled emulator uses them too);
+  :func:`text_score`, :class:`TextVerdict` (no Prefect, no OCR; the bundled emulator and the
+  manifest use them too);
 * :mod:`~prefect_gptimage.quality.ocr`: :func:`read_text` with RapidOCR, the ``ocr`` extra
   (``pip install "prefect-gptimage[ocr]"``), imported on first use;
 * :mod:`~prefect_gptimage.quality.gate`: :class:`OcrVerdict`, :func:`judge`,
@@ -24,6 +25,7 @@ from prefect_gptimage._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "DEFAULT_MIN_SCORE": "text",
+    "TextVerdict": "text",
     "normalize_text": "text",
     "quoted_text": "text",
     "text_score": "text",
@@ -39,6 +41,7 @@ __all__ = [
     "DEFAULT_MIN_SCORE",
     "OcrReading",
     "OcrVerdict",
+    "TextVerdict",
     "check_image",
     "judge",
     "normalize_text",
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from prefect_gptimage.quality.ocr import OcrReading, read_text
     from prefect_gptimage.quality.text import (
         DEFAULT_MIN_SCORE,
+        TextVerdict,
         normalize_text,
         quoted_text,
         text_score,

@@ -27,23 +27,18 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from prefect_gptimage.quality.ocr import DEFAULT_MAX_SIDE, read_text
-from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, text_score
+from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, TextVerdict, text_score
 from prefect_gptimage.schemas import DownloadedImage
 
 __all__ = ["OcrVerdict", "check_image", "judge", "ocr_check"]
 
 
-class OcrVerdict(BaseModel):
-    """The gate's answer for one image."""
+class OcrVerdict(TextVerdict):
+    """The gate's answer for one image: the comparison, and which image it was read in."""
 
-    passed: bool = Field(description="score >= min_score (always True when nothing is expected).")
-    read_text: str = Field(description="What OCR read, lines joined by spaces.")
-    expected: str = Field(description="The text the prompt quotes.")
-    score: float = Field(description="Similarity of the normalized texts, 0..1.")
-    min_score: float = Field(description="The score needed to pass.")
     seconds: float = Field(default=0.0, description="OCR time for this image.")
     request_id: str | None = None
     index: int | None = None

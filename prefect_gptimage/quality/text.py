@@ -1,5 +1,10 @@
 """The text a prompt quotes, and how OCR output is compared with it (no Prefect, no OCR here).
 
+:class:`TextVerdict` is the comparison's outcome, the fields every verdict shares: the gate's
+:class:`~prefect_gptimage.quality.gate.OcrVerdict` and the manifest's
+:class:`~prefect_gptimage.reporting.manifest.OcrVerdictRecord` extend it (this module imports
+nothing of the package, so the reporting layer can build on it without depending on the gate).
+
 GPT Image renders the words a prompt puts in quotes (``a poster that says "GRAND OPENING"``).
 :func:`quoted_text` finds them: text between straight double quotes or curly quotes (“…”), the
 segments joined by one space. :func:`text_score` compares what OCR read with it:
@@ -33,10 +38,23 @@ import difflib
 import re
 import unicodedata
 
-__all__ = ["DEFAULT_MIN_SCORE", "normalize_text", "quoted_text", "text_score"]
+from pydantic import BaseModel, Field
+
+__all__ = ["DEFAULT_MIN_SCORE", "TextVerdict", "normalize_text", "quoted_text", "text_score"]
 
 #: Default similarity a read text needs to pass (see the module docs).
 DEFAULT_MIN_SCORE = 0.97
+
+
+class TextVerdict(BaseModel):
+    """Does what was read match what was expected: the fields of every OCR verdict."""
+
+    passed: bool = Field(description="score >= min_score (always True when nothing is expected).")
+    read_text: str = Field(description="What OCR read, lines joined by spaces.")
+    expected: str = Field(description="The text the prompt quotes ('': nothing to check).")
+    score: float = Field(description="Similarity of the normalized texts, 0..1.")
+    min_score: float = Field(description="The score needed to pass.")
+
 
 _QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')
 

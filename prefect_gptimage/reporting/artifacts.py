@@ -5,7 +5,8 @@ What the Prefect UI (3.8) renders, and so what this package produces:
 * a **table** artifact: one row per image and per failure, five short columns (a link to the
   image, the prompt cut to 60 characters, size/quality/format, estimated cost, status), so it
   reads at 1400 px (:func:`results_table`, here); request ids, ``s3://`` URIs, bytes and
-  checksums are in the run manifest;
+  checksums are in the run manifest. A run through the OCR gate folds each image's verdict into
+  its status (``ok · OCR 1.00: GRAND OPENING (attempt 2/3)``) rather than adding columns;
 * a **markdown gallery**: linked thumbnails with escaped prompts
   (:func:`~prefect_gptimage.gallery.gallery_markdown`);
 * per-image **link** artifacts only on request (``max_links``), each with its own key: by default
@@ -50,6 +51,7 @@ from prefect_gptimage.reporting.artifact_keys import artifact_key
 from prefect_gptimage.reporting.gallery import THUMB_WIDTH as THUMB_WIDTH
 from prefect_gptimage.reporting.gallery import (
     FailureLike,
+    Verdicts,
     escape_text,
     gallery_markdown,
     links_valid_until,
@@ -97,12 +99,14 @@ def results_table(
     requests: Mapping[str, AnyRequest] | None = None,
     max_rows: int | None = None,
     prompt_chars: int = 60,
+    verdicts: Verdicts | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for the table artifact: images first, then failures (``status`` tells them apart).
 
     Five short columns (:data:`TABLE_COLUMNS`): ``image`` (a markdown link, ``00.png``, to the
     presigned URL), ``prompt`` (cut to ``prompt_chars``), ``size`` (``WxH quality format``),
-    ``cost_usd`` and ``status`` (``ok`` or ``failed: reason``). The Prefect UI renders each cell
+    ``cost_usd`` and ``status`` (``ok`` or ``failed: reason``; with ``verdicts``, a gated image's
+    status is ``ok · OCR 1.00: GRAND OPENING (attempt 2/3)``). The Prefect UI renders each cell
     as markdown, so text is escaped (:func:`escape_text`). Everything else about an image is in
     the run manifest.
 
@@ -118,13 +122,17 @@ def results_table(
     for image in staged:
         prompt, request = lookup_request(image.request_id, prompts, requests)
         quality = f" {request.quality}" if request is not None else ""
+        verdict = (verdicts or {}).get((image.request_id, image.index))
+        status = (
+            "ok" if verdict is None else f"ok · {escape_text(verdict.label(), 60, in_table=False)}"
+        )
         rows.append(
             {
                 "image": _md_link(f"{image.index:02d}.{image.format}", image.url),
                 "prompt": escape_text(prompt, prompt_chars, in_table=False),
                 "size": f"{image.width}x{image.height}{quality} {image.format}",
                 "cost_usd": cost_per_image(request),
-                "status": "ok",
+                "status": status,
             }
         )
     for failure in failures:
@@ -164,6 +172,8 @@ def publish_results(
     max_table_rows: int = 2000,
     totals: ManifestTotals | None = None,
     manifest_uri: str | None = None,
+    verdicts: Verdicts | None = None,
+    note: str | None = None,
 ) -> PublishedArtifacts:
     """Create the table and gallery artifacts of a batch (in the current flow run).
 
@@ -185,6 +195,10 @@ def publish_results(
             (a large batch keeps only what the table shows); by default counted from ``staged``.
         manifest_uri: where the run manifest is (``s3://...``), named in the table's description
             as the place for the details.
+        verdicts: the OCR gate's verdict per image, by ``(request_id, index)``, shown in the
+            table's status column and the gallery (a gated run).
+        note: one sentence of the caller's own markdown (not escaped) added to the table's
+            description and under the gallery's counts, e.g. the gate's regenerations and cost.
 
     Example:
         >>> @flow  # doctest: +SKIP
@@ -207,13 +221,20 @@ def publish_results(
     table_key = artifact_key(key_prefix, "results")
     gallery_key = artifact_key(key_prefix, "gallery")
     rows = results_table(
-        staged, failures, prompts=prompts, requests=requests, max_rows=max_table_rows
+        staged,
+        failures,
+        prompts=prompts,
+        requests=requests,
+        max_rows=max_table_rows,
+        verdicts=verdicts,
     )
     n_images = len(staged) if totals is None else totals.images
     total_rows = n_images + len(failures)
     table_desc = f"{n_images} images, {len(failures)} failures"
     if total_rows > len(rows):
         table_desc += f"; first {len(rows)} rows shown, the run manifest has all {total_rows}"
+    if note:
+        table_desc += f". {note.rstrip('.')}"
     table_desc += (
         f". Request ids, s3:// URIs, bytes and checksums: manifest {manifest_uri}"
         if manifest_uri
@@ -231,6 +252,8 @@ def publish_results(
             requests=requests,
             max_images=max_gallery,
             totals=totals,
+            verdicts=verdicts,
+            note=note,
         ),
         key=gallery_key,
         description=f"Thumbnail gallery of {n_images} images"

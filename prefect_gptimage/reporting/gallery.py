@@ -8,6 +8,10 @@ thumbnails; ``![](url)`` would be drawn full size), each wrapped in a link to th
 HTML page shows downloaded images through relative paths and staged ones through their presigned
 URLs.
 
+A run through the OCR quality gate passes each image's verdict (``verdicts``, keyed by request id
+and index): it is shown beside the size and cost, in one short line
+(:meth:`~prefect_gptimage.reporting.manifest.OcrVerdictRecord.label`, escaped like any text).
+
 **Presigned links expire** (``S3Target.presign_expires``, 1 day by default): the gallery says
 until when. After that each thumbnail is drawn as a broken image with its prompt as alt text, and
 its link answers 403; the ``s3://`` URIs in the run manifest stay valid, and re-running the batch
@@ -39,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
+from prefect_gptimage.reporting.manifest import ManifestTotals, OcrVerdictRecord, cost_per_image
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 
@@ -47,6 +51,7 @@ __all__ = [
     "THUMB_WIDTH",
     "FailureLike",
     "HtmlGallery",
+    "Verdicts",
     "escape_attr",
     "escape_text",
     "gallery_markdown",
@@ -71,6 +76,9 @@ class FailureLike(Protocol):
 
 
 THUMB_WIDTH = 160
+
+#: The OCR gate's verdict on each image of a gated run, by ``(request_id, index)``.
+Verdicts = Mapping[tuple[str, int], OcrVerdictRecord]
 
 #: CommonMark backslash escapes: drawn as the plain character, never as markup.
 _MD_SPECIAL = {c: "\\" + c for c in "\\`*_{}[]()#+!|~$"}
@@ -148,12 +156,16 @@ def gallery_markdown(
     thumb_width: int = THUMB_WIDTH,
     totals: ManifestTotals | None = None,
     prompt_chars: int = 60,
+    verdicts: Verdicts | None = None,
+    note: str | None = None,
 ) -> str:
     """The markdown gallery: a table of linked thumbnails with escaped prompts, then failures.
 
-    Three narrow columns (image, prompt cut to ``prompt_chars``, size/format/cost), readable at
-    1400 px; request ids, ``s3://`` URIs and checksums are in the run manifest. ``totals`` gives
-    the whole run's image count and cost when ``staged`` is only its start.
+    Three narrow columns (image, prompt cut to ``prompt_chars``, size/format/cost and, with
+    ``verdicts``, the OCR verdict), readable at 1400 px; request ids, ``s3://`` URIs and checksums
+    are in the run manifest. ``totals`` gives the whole run's image count and cost when ``staged``
+    is only its start. ``note`` is a paragraph of the caller's own markdown (not escaped: build it
+    from numbers, not user input) under the counts, e.g. the OCR gate's regenerations.
     """
     if totals is None:
         n_images = len(staged)
@@ -168,6 +180,8 @@ def gallery_markdown(
         "",
         f"**{n_images}** images, **{len(failures)}** failures, estimated cost **${cost:.3f}**.",
     ]
+    if note:
+        out += ["", note]
     until = links_valid_until(staged[:max_images])
     if until:
         out += [
@@ -186,6 +200,9 @@ def gallery_markdown(
             details = f"{image.width}x{image.height} {escape_text(image.format, 10)}" + (
                 f" · ${price:.3f}" if price is not None else ""
             )
+            verdict = (verdicts or {}).get((image.request_id, image.index))
+            if verdict is not None:
+                details += f" · {escape_text(verdict.label(), 60)}"
             out.append(
                 f'| <a href="{url}"><img src="{url}" width="{thumb_width}" '
                 f'alt="{escape_attr(prompt, 40)}"></a> | {escape_text(prompt, prompt_chars)} '
@@ -263,8 +280,9 @@ class HtmlGallery:
         image: StagedImage | DownloadedImage,
         prompt: str,
         request: AnyRequest | None = None,
+        ocr: OcrVerdictRecord | None = None,
     ) -> None:
-        """Add one image's figure (thread-safe)."""
+        """Add one image's figure (thread-safe); ``ocr``: its OCR gate verdict, shown under it."""
         esc = html.escape
         if isinstance(image, DownloadedImage):
             src = esc(_local_src(image.path, self.path.parent), quote=True)
@@ -276,6 +294,8 @@ class HtmlGallery:
         meta = f"{image.width}x{image.height} {image.format}" + (
             f" · ${price:.3f}" if price is not None else ""
         )
+        if ocr is not None:
+            meta += f" · {ocr.label()}"
         figure = (
             f'<figure><a href="{src}"><img src="{src}" loading="lazy" '
             f'alt="{esc(prompt[:200], quote=True)}"></a>'

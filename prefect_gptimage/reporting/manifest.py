@@ -7,6 +7,10 @@ are replaced by a short digest and the query string of presigned input URLs is d
 manifest never carries megabytes of base64 or a live signature. Presigned *output* URLs are not
 stored either: they expire; the ``s3_uri`` does not.
 
+A run through the OCR quality gate adds ``"ocr"`` to its lines, an :class:`OcrVerdictRecord`
+(what OCR read, the expected text, the score, which attempt of how many); other runs' lines have
+no ``"ocr"`` key at all, so their manifests are what they were before the gate existed.
+
 Example:
     >>> from prefect_gptimage.schemas import GptImageRequest
     >>> m = Manifest()
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -27,10 +32,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, TypeAdapter, model_serializer
 
 from prefect_gptimage._files import sweep_stale
 from prefect_gptimage.pricing import price_per_image
+from prefect_gptimage.quality.text import TextVerdict
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import AnyRequest
 
@@ -41,12 +47,59 @@ __all__ = [
     "ManifestLine",
     "ManifestTotals",
     "ManifestWriter",
+    "OcrVerdictRecord",
     "cost_per_image",
     "manifest_parameters",
 ]
 
 
-class ImageLine(BaseModel):
+class OcrVerdictRecord(TextVerdict):
+    """The OCR gate's verdict on one image, as the manifest and the artifacts carry it.
+
+    The comparison (:class:`~prefect_gptimage.quality.text.TextVerdict`: what was read, what was
+    expected, the score) and which attempt (request) of the row made the image; not the gate's
+    own :class:`~prefect_gptimage.quality.gate.OcrVerdict`, so reporting depends only on the
+    comparison module, which imports nothing of the package. ``ocr_gated_batch`` fills it in.
+
+    Example:
+        >>> OcrVerdictRecord(passed=True, read_text="GRAND OPENING", expected="Grand Opening",
+        ...                  score=0.976, min_score=0.97, attempt=2, max_attempts=3,
+        ...                  variant=1).label()
+        'OCR 0.97: GRAND OPENING (attempt 2/3)'
+    """
+
+    attempt: int = Field(ge=1, description="Which request of the row made the image, from 1.")
+    max_attempts: int = Field(ge=1, description="Requests the row was allowed.")
+    variant: int = Field(description="The request's variant (the cache key's part).")
+
+    def label(self, limit: int = 40) -> str:
+        """One short line for tables and galleries (plain text: callers escape it).
+
+        The score is rounded *down* to two decimals, so a shown score never reaches the pass
+        mark the real one missed (0.969 shows as 0.96, not 0.97).
+        """
+        tries = f"(attempt {self.attempt}/{self.max_attempts})"
+        if not self.expected:
+            return f"OCR: no quoted text {tries}"
+        shown = math.floor(self.score * 100 + 1e-9) / 100
+        text = " ".join(self.read_text.split()) or "nothing read"
+        if len(text) > limit:
+            text = text[: limit - 1] + "…"
+        return f"OCR {shown:.2f}: {text} {tries}"
+
+
+class _Line(BaseModel):
+    """A manifest line: its ``ocr`` verdict (the last field) is written only when there is one."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_ocr(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("ocr", 0) is None:
+            del data["ocr"]  # a line outside the gate reads as before the gate existed
+        return data
+
+
+class ImageLine(_Line):
     """One staged image."""
 
     kind: Literal["image"] = "image"
@@ -62,10 +115,11 @@ class ImageLine(BaseModel):
     bytes: int
     content_type: str
     estimated_cost_usd: float | None = Field(description="Per image, from fal's price table.")
+    ocr: OcrVerdictRecord | None = Field(default=None, description="The OCR gate's verdict.")
 
 
-class FailureLine(BaseModel):
-    """One prompt (or request) that produced no image."""
+class FailureLine(_Line):
+    """One prompt (or request) that produced no image (``ocr``: a gated row's last verdict)."""
 
     kind: Literal["failure"] = "failure"
     prompt: str
@@ -74,6 +128,7 @@ class FailureLine(BaseModel):
     request_id: str | None = None
     reason: str
     error_type: str | None = None
+    ocr: OcrVerdictRecord | None = Field(default=None, description="A gated row's last verdict.")
 
 
 ManifestLine = Annotated[ImageLine | FailureLine, Field(discriminator="kind")]
@@ -142,8 +197,17 @@ class _Lines:
     def _append(self, line: ImageLine | FailureLine) -> None:
         raise NotImplementedError
 
-    def add_image(self, staged: StagedImage, prompt: str, request: AnyRequest) -> ImageLine:
-        """Record a staged image; the cost is fal's per-image price for the request's settings."""
+    def add_image(
+        self,
+        staged: StagedImage,
+        prompt: str,
+        request: AnyRequest,
+        ocr: OcrVerdictRecord | None = None,
+    ) -> ImageLine:
+        """Record a staged image; the cost is fal's per-image price for the request's settings.
+
+        ``ocr``: the OCR gate's verdict on it, for a gated run.
+        """
         line = ImageLine(
             prompt=prompt,
             parameters=manifest_parameters(request.to_arguments()),
@@ -157,6 +221,7 @@ class _Lines:
             bytes=staged.bytes,
             content_type=staged.content_type,
             estimated_cost_usd=cost_per_image(request),
+            ocr=ocr,
         )
         self._append(line)
         return line
@@ -169,10 +234,12 @@ class _Lines:
         reason: str | BaseException,
         request_id: str | None = None,
         error_type: str | None = None,
+        ocr: OcrVerdictRecord | None = None,
     ) -> FailureLine:
         """Record a failure. Pass the exception as ``reason`` to fill ``error_type`` from it.
 
         The endpoint is the request's; ``request_id`` is None when the request never reached fal.
+        ``ocr``: a gated row's last verdict (what was read when it gave up).
         """
         if isinstance(reason, BaseException):
             request_id = request_id or getattr(reason, "request_id", None)
@@ -185,6 +252,7 @@ class _Lines:
             request_id=request_id,
             reason=reason[:2000],
             error_type=error_type,
+            ocr=ocr,
         )
         self._append(line)
         return line

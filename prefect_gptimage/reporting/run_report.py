@@ -14,6 +14,12 @@ materializes the staged manifest and emits ``prefect-gptimage.batch.completed`` 
 :mod:`~prefect_gptimage.reporting.events` and :mod:`~prefect_gptimage.reporting.assets`). Both
 are best effort: they never fail the run.
 
+A run through the OCR quality gate passes each image's verdict to :meth:`RunReport.add` (and a
+failed row's last verdict to :meth:`RunReport.fail`): it goes into the image's manifest line, its
+gallery figure and its row of the results table; a request whose images were all rejected is
+added with no images, so the totals still count what it cost. :meth:`RunReport.close` takes a
+``note`` for the artifacts (the gate's regenerations and their cost).
+
 Example:
     >>> with RunReport(Path("out/run"), "nightly", target) as report:  # doctest: +SKIP
     ...     report.add(outcome, prompt)
@@ -22,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -32,7 +39,7 @@ from prefect_gptimage.reporting import events
 from prefect_gptimage.reporting.artifacts import publish_results
 from prefect_gptimage.reporting.assets import ImageAssets, assets_enabled
 from prefect_gptimage.reporting.gallery import HtmlGallery
-from prefect_gptimage.reporting.manifest import ManifestWriter, cost_per_image
+from prefect_gptimage.reporting.manifest import ManifestWriter, OcrVerdictRecord, cost_per_image
 from prefect_gptimage.reporting.summary import Failure, RunSummary
 from prefect_gptimage.s3 import S3Target, StagedImage, manifest_key, stage_file
 from prefect_gptimage.schemas import AnyRequest
@@ -75,6 +82,7 @@ class RunReport:
         self.gallery = HtmlGallery(out / "index.html", title=run_key)
         self._table: list[StagedImage] = []
         self._requests: dict[str, AnyRequest] = {}
+        self._verdicts: dict[tuple[str, int], OcrVerdictRecord] = {}  # the table's, gated runs
         self._closed = False
         self._cached = 0  # requests served from the cache
         self._events = events.events_enabled()
@@ -87,8 +95,20 @@ class RunReport:
             else None
         )
 
-    def add(self, outcome: RowOutcome, prompt: str) -> None:
-        """One request's images: manifest lines, gallery figures, totals."""
+    def add(
+        self,
+        outcome: RowOutcome,
+        prompt: str,
+        ocr: Sequence[OcrVerdictRecord] | None = None,
+    ) -> None:
+        """One request's images: manifest lines, gallery figures, totals.
+
+        ``ocr``: the OCR gate's verdict on each of ``outcome.images``, in the same order (a gated
+        run); an outcome with no images still counts its request (submitted or cached, cost).
+        """
+        if ocr is not None and len(ocr) != len(outcome.images):
+            raise ValueError(f"{len(ocr)} OCR verdicts for {len(outcome.images)} images")
+        verdicts = list(ocr) if ocr is not None else [None] * len(outcome.images)
         summary = self.summary
         summary.submitted += not outcome.from_cache
         summary.images_total += len(outcome.images)
@@ -97,13 +117,17 @@ class RunReport:
         room = SUMMARY_IMAGES - len(summary.images)
         if room > 0:
             summary.images.extend(outcome.image_records()[:room])
-        for staged in outcome.staged:
-            self.manifest.add_image(staged, prompt, outcome.request)
+        for staged, verdict in zip(outcome.staged, verdicts, strict=False):
+            self.manifest.add_image(staged, prompt, outcome.request, ocr=verdict)
         if len(self._table) < TABLE_ROWS and outcome.staged:
-            self._table.extend(outcome.staged[: TABLE_ROWS - len(self._table)])
+            shown = outcome.staged[: TABLE_ROWS - len(self._table)]
+            self._table.extend(shown)
             self._requests[outcome.request_id] = outcome.request
-        for image in outcome.images:
-            self.gallery.add_image(image, prompt, outcome.request)
+            for staged, verdict in zip(shown, verdicts, strict=False):
+                if verdict is not None:
+                    self._verdicts[(staged.request_id, staged.index)] = verdict
+        for image, verdict in zip(outcome.images, verdicts, strict=True):
+            self.gallery.add_image(image, prompt, outcome.request, ocr=verdict)
         self._cached += outcome.from_cache
         if outcome.staged and (self._events or self._assets is not None):
             self._announce(outcome, prompt)
@@ -126,8 +150,17 @@ class RunReport:
         except Exception as exc:
             events.warn_once("report staged images to Prefect", exc)
 
-    def fail(self, exc: BaseException, request: AnyRequest, line: int | None = None) -> None:
-        """A request that produced no image: in the summary, the manifest and the gallery."""
+    def fail(
+        self,
+        exc: BaseException,
+        request: AnyRequest,
+        line: int | None = None,
+        ocr: OcrVerdictRecord | None = None,
+    ) -> None:
+        """A request that produced no image: in the summary, the manifest and the gallery.
+
+        ``ocr``: a gated row's last verdict, kept on its manifest line.
+        """
         failure = Failure.from_exception(exc, request, line)
         self.summary.failures.append(failure)
         self.manifest.add_failure(
@@ -136,11 +169,16 @@ class RunReport:
             reason=failure.reason,
             request_id=failure.request_id,
             error_type=failure.error_type,
+            ocr=ocr,
         )
         self.gallery.add_failure(failure)
 
-    def close(self) -> State[RunSummary]:
-        """Finish the files, stage the manifest, publish the artifacts; the run's final state."""
+    def close(self, note: str | None = None) -> State[RunSummary]:
+        """Finish the files, stage the manifest, publish the artifacts; the run's final state.
+
+        ``note``: one sentence of the caller's markdown for the artifacts' descriptions (built
+        from numbers, not user input: it is not escaped).
+        """
         summary = self.summary
         summary.gallery = str(self.gallery.close())
         manifest_path = self.manifest.close()
@@ -163,6 +201,8 @@ class RunReport:
             requests=self._requests,
             totals=self.manifest.totals(),
             manifest_uri=staged_manifest.s3_uri,
+            verdicts=self._verdicts,
+            note=note,
         )
         if self._assets is not None:
             totals = self.manifest.totals().model_dump()
