@@ -38,11 +38,13 @@ from prefect_gptimage.reporting.artifacts import (
     results_table,
     write_html_gallery,
 )
+from prefect_gptimage.reporting.gallery import HtmlGallery
 from prefect_gptimage.reporting.manifest import (
     FailureLine,
     ImageLine,
     Manifest,
     ManifestWriter,
+    OcrVerdictRecord,
     cost_per_image,
     manifest_parameters,
 )
@@ -370,6 +372,58 @@ def test_results_table_rows(batch: dict[str, Any]) -> None:
 
 
 #: An entity the Prefect UI would show literally: it decodes only &amp; &lt; &gt; &quot;.
+def test_ocr_verdicts_in_manifest_table_and_galleries(
+    batch: dict[str, Any], tmp_path: Path
+) -> None:
+    """A gated run's verdict rides on its manifest lines and is shown, escaped, in one short
+    line of the table's status and of both galleries; a line without one has no ``ocr`` key."""
+    first, second = batch["staged"][:2]
+    request = batch["requests"][first.request_id]
+    misread = "GRAND <OPEN|NG> & *co*"
+    verdict = OcrVerdictRecord(
+        passed=True,
+        read_text=misread,
+        expected="GRAND OPENING",
+        score=0.9695,
+        min_score=0.9,
+        attempt=2,
+        max_attempts=3,
+        variant=7,
+    )
+    manifest = Manifest()
+    manifest.add_image(first, request.prompt, request, ocr=verdict)
+    manifest.add_image(second, request.prompt, request)
+    manifest.add_failure("p", request, reason="0 of 1 passed", ocr=verdict)
+    path = manifest.write(tmp_path / "m.jsonl")
+    gated, plain, failed = (json.loads(raw) for raw in path.read_text().splitlines())
+    assert gated["ocr"]["read_text"] == misread and gated["ocr"]["attempt"] == 2
+    assert "ocr" not in plain  # a batch's manifest is what it was
+    assert failed["ocr"]["variant"] == 7
+    assert [line.ocr for line in Manifest.from_jsonl(path)] == [verdict, None, verdict]
+
+    assert verdict.label() == "OCR 0.96: GRAND <OPEN|NG> & *co* (attempt 2/3)"  # rounded down
+    verdicts = {(first.request_id, first.index): verdict}
+    rows = results_table([first, second], requests=batch["requests"], verdicts=verdicts)
+    assert [len(row) for row in rows] == [5, 5]  # folded into status: no new column
+    assert rows[0]["status"] == (
+        "ok · OCR 0.96: GRAND &lt;OPEN\\|NG&gt; &amp; \\*co\\* \\(attempt 2/3\\)"
+    )
+    assert rows[1]["status"] == "ok"
+
+    note = "OCR gate: 1 of 1 rows passed, 1 regenerations costing $0.009"
+    markdown = gallery_markdown(
+        [first, second], requests=batch["requests"], verdicts=verdicts, note=note
+    )
+    assert note in markdown and markdown.count("OCR 0.96: ") == 1
+    assert "GRAND &lt;OPEN¦NG&gt; &amp; \\*co\\*" in markdown  # the pipe cannot split the row
+    assert not LITERAL_ENTITY.search(markdown)
+
+    page = HtmlGallery(tmp_path / "index.html", "gated")
+    page.add_image(first, request.prompt, request, ocr=verdict)
+    html_text = page.close().read_text()
+    assert html.escape(verdict.label()) in html_text and misread not in html_text
+
+
 LITERAL_ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-f]+|(?!(?:amp|lt|gt|quot);)[a-z][a-z0-9]*);", re.I)
 SPECIAL_PROMPTS = [
     "Cats | dogs & <birds> #1 -- 50% *off* `code` [x](y) \\ back",

@@ -12,7 +12,7 @@ import json
 import ssl
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ pytest.importorskip(
     "rapidocr_onnxruntime", reason='the ocr extra is missing: pip install -e ".[dev]"'
 )
 
+from prefect.events.schemas.events import Event
 from test_manifest_artifacts import LITERAL_ENTITY, read_artifacts
 
 from prefect_gptimage.errors import ConfigurationError
@@ -34,9 +35,12 @@ from prefect_gptimage.quality import (
     text_score,
 )
 from prefect_gptimage.reporting.artifacts import artifact_key
+from prefect_gptimage.reporting.events import BATCH_COMPLETED, IMAGE_STAGED
 from prefect_gptimage.reporting.manifest import FailureLine, ImageLine, Manifest
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.images import misspell
+
+MATERIALIZED = "prefect.asset.materialization.succeeded"
 
 SIGNS = [
     "GRAND OPENING",
@@ -302,8 +306,32 @@ def test_gate_flow_stages_only_passing_images(
     assert again.cost_this_run == 0 and again.cost == pytest.approx(summary.cost)
 
 
+@pytest.fixture
+def sent_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[Event]]]:
+    """The events this test's runs send to the Prefect API (they still reach it), read after
+    the worker has delivered them all."""
+    from prefect.events.clients import AssertingPassthroughEventsClient
+    from prefect.events.worker import EventsWorker
+
+    AssertingPassthroughEventsClient.reset()
+    worker = EventsWorker.instance(AssertingPassthroughEventsClient)
+    monkeypatch.setattr(EventsWorker, "instance", lambda *_: worker)
+
+    def delivered() -> list[Event]:
+        worker.drain()
+        return [e for c in AssertingPassthroughEventsClient.all for e in c.events]
+
+    yield delivered
+    AssertingPassthroughEventsClient.reset()
+
+
 def test_gate_flow_stages_nothing_that_never_passes(
-    fal_emulator: FalEmulator, unique: str, tmp_path: Path, s3: Any, s3_bucket: str
+    fal_emulator: FalEmulator,
+    unique: str,
+    tmp_path: Path,
+    s3: Any,
+    s3_bucket: str,
+    sent_events: Callable[[], list[Event]],
 ) -> None:
     from prefect_gptimage.flows.ocr_gate import ocr_gated_batch
     from prefect_gptimage.s3 import get_s3_client
@@ -343,6 +371,16 @@ def test_gate_flow_stages_nothing_that_never_passes(
     assert failure.request_id == sign.attempts[-1].request_id
     assert failure.ocr is not None and not failure.ocr.passed
     assert (failure.ocr.attempt, failure.ocr.max_attempts) == (2, 2)
+    # Prefect hears of the staged image only, and of the run, as it does of a batch
+    events = sent_events()
+    staged = [e for e in events if e.event == IMAGE_STAGED]
+    assert [e.resource.id for e in staged] == [plain.staged[0].s3_uri]
+    (completed,) = [e for e in events if e.event == BATCH_COMPLETED]
+    assert completed.resource.id == summary.manifest_uri
+    assert completed.payload["failed"] == 1 and completed.payload["ok"] is False
+    assert completed.payload["cost_usd"] == pytest.approx(summary.cost_this_run)
+    materialized = {e.resource.id for e in events if e.event == MATERIALIZED}
+    assert materialized == {plain.staged[0].s3_uri, summary.manifest_uri}
 
 
 def _latest_artifact(key: str) -> Any:

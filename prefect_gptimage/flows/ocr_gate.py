@@ -280,7 +280,9 @@ def ocr_gated_batch(
 
     ``max_attempts`` counts requests per row, the first included. ``min_score`` is the similarity
     the text must reach (see :mod:`prefect_gptimage.quality.text`). Rows that still fail are in
-    the summary with their last verdicts (``passed=False``); the flow itself completes.
+    the summary with their last verdicts (``passed=False``) and in the manifest as failure lines;
+    the flow itself completes. The manifest, gallery, artifacts, events and assets are a batch's
+    (see the module docs); ``manifest_uri`` and ``gallery`` in the summary say where they are.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -352,17 +354,14 @@ def _report_row(report: RunReport, row: OcrGateRow, request: AnyRequest, max_att
     if row.passed:
         return
     last = row.attempts[-1] if row.attempts else None
-    rejected = [v for v in last.verdicts if not v.passed] if last is not None else []
-    error = OcrGateFailed(
-        row.error or "failed",
-        error_type=row.error_type,
-        request_id=last.request_id if last is not None else None,
-    )
-    ocr = (
-        _record(rejected[0], len(row.attempts), max_attempts, last.variant)
-        if rejected and last is not None
-        else None
-    )
+    ocr = None
+    if last is not None:  # the last image rejected, if any: what was read when it gave up
+        rejected = next((v for v in last.verdicts if not v.passed), None)
+        if rejected is not None:
+            ocr = _record(rejected, len(row.attempts), max_attempts, last.variant)
+    # an OCR mismatch is about the last request; a request that failed was not that one
+    request_id = last.request_id if last and row.error_type == OCR_MISMATCH else None
+    error = OcrGateFailed(row.error or "failed", error_type=row.error_type, request_id=request_id)
     report.fail(error, request, row.line, ocr=ocr)
 
 
