@@ -389,7 +389,7 @@ def _summarize(run_key: str, results: list[OcrGateRow]) -> OcrGateSummary:
 def _note(summary: OcrGateSummary) -> str:
     """The gate's line in the artifacts: rows passed, regenerations and what they cost."""
     return (
-        f"OCR gate: {summary.passed} of {summary.rows} rows passed, "
-        f"{summary.regenerations} regenerations costing ${summary.regeneration_cost:.3f} "
-        f"of ${summary.cost:.3f} in all (${summary.cost_this_run:.3f} paid by this run)"
+        f"OCR gate: {summary.passed} of {summary.rows} rows passed; regenerations: "
+        f"{summary.regenerations}, costing ${summary.regeneration_cost:.3f} of "
+        f"${summary.cost:.3f} in all (${summary.cost_this_run:.3f} paid by this run)"
     )

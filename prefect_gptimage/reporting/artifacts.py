@@ -197,8 +197,8 @@ def publish_results(
             as the place for the details.
         verdicts: the OCR gate's verdict per image, by ``(request_id, index)``, shown in the
             table's status column and the gallery (a gated run).
-        note: one sentence of the caller's own markdown (not escaped) added to the table's
-            description and under the gallery's counts, e.g. the gate's regenerations and cost.
+        note: one sentence of plain text added (escaped) to the table's description and under
+            the gallery's counts, e.g. the gate's regenerations and cost.
 
     Example:
         >>> @flow  # doctest: +SKIP
@@ -234,7 +234,7 @@ def publish_results(
     if total_rows > len(rows):
         table_desc += f"; first {len(rows)} rows shown, the run manifest has all {total_rows}"
     if note:
-        table_desc += f". {note.rstrip('.')}"
+        table_desc += f". {escape_text(note.rstrip('.'), 500, in_table=False)}"
     table_desc += (
         f". Request ids, s3:// URIs, bytes and checksums: manifest {manifest_uri}"
         if manifest_uri

@@ -164,8 +164,8 @@ def gallery_markdown(
     Three narrow columns (image, prompt cut to ``prompt_chars``, size/format/cost and, with
     ``verdicts``, the OCR verdict), readable at 1400 px; request ids, ``s3://`` URIs and checksums
     are in the run manifest. ``totals`` gives the whole run's image count and cost when ``staged``
-    is only its start. ``note`` is a paragraph of the caller's own markdown (not escaped: build it
-    from numbers, not user input) under the counts, e.g. the OCR gate's regenerations.
+    is only its start. ``note``: a sentence of plain text (escaped) under the counts, e.g. the
+    OCR gate's regenerations and their cost.
     """
     if totals is None:
         n_images = len(staged)
@@ -181,7 +181,7 @@ def gallery_markdown(
         f"**{n_images}** images, **{len(failures)}** failures, estimated cost **${cost:.3f}**.",
     ]
     if note:
-        out += ["", note]
+        out += ["", escape_text(note, 500)]  # "$" escaped: never read as a math delimiter
     until = links_valid_until(staged[:max_images])
     if until:
         out += [

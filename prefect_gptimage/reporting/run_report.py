@@ -176,8 +176,8 @@ class RunReport:
     def close(self, note: str | None = None) -> State[RunSummary]:
         """Finish the files, stage the manifest, publish the artifacts; the run's final state.
 
-        ``note``: one sentence of the caller's markdown for the artifacts' descriptions (built
-        from numbers, not user input: it is not escaped).
+        ``note``: one sentence of plain text for the artifacts (see
+        :func:`~prefect_gptimage.reporting.artifacts.publish_results`).
         """
         summary = self.summary
         summary.gallery = str(self.gallery.close())
