@@ -371,6 +371,10 @@ def test_gate_flow_stages_nothing_that_never_passes(
     assert failure.request_id == sign.attempts[-1].request_id
     assert failure.ocr is not None and not failure.ocr.passed
     assert (failure.ocr.attempt, failure.ocr.max_attempts) == (2, 2)
+    # the results table lists the failed row with what was expected and what was read
+    cells = json.loads(_latest_artifact(artifact_key(summary.run_key, "results")).data)
+    assert [cell["status"][:6] for cell in cells] == ["ok · O", "failed"]
+    assert f"expected 'Staff Only', read '{last.read_text}'" in cells[1]["status"]
     # Prefect hears of the staged image only, and of the run, as it does of a batch
     events = sent_events()
     staged = [e for e in events if e.event == IMAGE_STAGED]

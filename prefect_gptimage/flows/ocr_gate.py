@@ -240,16 +240,17 @@ def ocr_gated_row(
 
 
 def _mismatch(row: OcrGateRow, min_score: float) -> str:
-    """Why a row failed OCR: the expected text, and what was read in its last rejected image."""
-    reason = (
-        f"{len(row.images)} of {row.wanted} image(s) passed OCR in {len(row.attempts)} "
-        f"attempt(s): expected {row.expected!r}"
-    )
+    """Why a row failed OCR: the expected text and what was read in its last rejected image
+    first (the results table shows a reason's first 80 characters), then the count."""
+    reason = f"expected {row.expected!r}"
     rejected = [v for v in row.attempts[-1].verdicts if not v.passed] if row.attempts else []
     if rejected:
         last = rejected[0]
         reason += f", read {last.read_text!r} (score {last.score:.3f} < {min_score:.2f})"
-    return reason
+    return (
+        f"{reason}: {len(row.images)} of {row.wanted} image(s) passed OCR in "
+        f"{len(row.attempts)} attempt(s)"
+    )
 
 
 def _run_key(prompt_file: Path, max_attempts: int, min_score: float) -> str:
