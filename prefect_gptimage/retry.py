@@ -21,16 +21,24 @@ error after sending, dropped connection, ingress       resent, fal may have acce
 S3 throttling codes, HTTP 408/429/5xx                  transient
 botocore connection errors, timeouts, cut bodies       transient
 other S3 4xx, missing credentials, TLS failures        permanent
+Prefect API (a global concurrency slot): connection    transient
+refused or reset, timeouts, HTTP 408/425/429/5xx
+(the server restarting, overloaded, its database away)
+Prefect API: other 4xx (a missing limit, a bad lease)  permanent
 =====================================================  =====================================
 
-(The S3 rows are implemented in the private ``prefect_gptimage._retry_s3``, re-exported here.)
+(The S3 rows are implemented in the private ``prefect_gptimage._retry_s3``, re-exported here; the
+Prefect API rows are :func:`is_transient_prefect_api_error`.)
 
 How long: :class:`RetryPolicy` retries a transient failure with exponential backoff and jitter
 until its ``budget`` (seconds, from the first attempt) or ``attempts`` runs out, then raises the
 last error with the attempts and time spent. With fal unreachable, a command therefore fails after
 about ``budget`` seconds instead of stacking retries layer over layer. S3 calls get the same
 policy and budget (:meth:`RetryPolicy.from_settings`): botocore's own retries are off, so an S3
-outage or a burst of ``SlowDown`` shorter than the budget is ridden out by every row.
+outage or a burst of ``SlowDown`` shorter than the budget is ridden out by every row. So do the
+calls that take and give back a global concurrency slot on the Prefect server
+(:mod:`prefect_gptimage.tasks.concurrency`), with the budget counted from their first failure
+(``budget_from_first_failure``): taking a slot may rightly wait minutes for a free one first.
 
 Example:
     >>> is_transient_status(503, {})
@@ -79,6 +87,9 @@ GONE_STATUS_CODES = frozenset({404, 410})
 #: Ingress answers (no ``x-fal-request-id``) that leave a submit's outcome unknown.
 UNKNOWN_SUBMIT_CODES = frozenset({502, 504})
 
+#: Prefect API statuses worth retrying (besides every 5xx): the server busy or restarting.
+PREFECT_API_TRANSIENT_CODES = frozenset({408, 425, 429})
+
 #: Transport failures where nothing was sent: a submit may be resent safely.
 NOT_SENT = (
     httpx.ConnectError,
@@ -102,6 +113,30 @@ def is_transient_status(
     if media and status_code in GONE_STATUS_CODES:
         return False
     return status_code in TRANSIENT_STATUS_CODES or status_code >= 500
+
+
+def is_transient_prefect_api_error(exc: BaseException) -> bool:
+    """Whether a failed Prefect API call (taking or giving back a concurrency slot) may succeed
+    if retried: the server restarting (connection refused or reset), a timeout, HTTP
+    408/425/429 or any 5xx, found anywhere in ``exc``'s chain (Prefect wraps them, e.g. in
+    ``ConcurrencySlotAcquisitionError``). A 4xx (a limit that does not exist, a lease the server
+    does not know) and a URL with no ``http(s)://`` are permanent.
+
+    Example:
+        >>> is_transient_prefect_api_error(httpx.ConnectError("refused"))
+        True
+        >>> is_transient_prefect_api_error(RuntimeError("limit must be created first"))
+        False
+    """
+    for cause in exception_chain(exc):
+        if isinstance(cause, httpx.HTTPStatusError):
+            status = cause.response.status_code
+            return status in PREFECT_API_TRANSIENT_CODES or status >= 500
+        if isinstance(cause, httpx.UnsupportedProtocol):
+            return False
+        if isinstance(cause, httpx.TransportError):
+            return True
+    return False
 
 
 def is_ingress(response: httpx.Response) -> bool:
@@ -278,16 +313,27 @@ class RetryPolicy(BaseModel):
         settings = get_settings()
         return cls(budget=settings.retry_budget, max_delay=settings.retry_max_delay)
 
-    def retrying(self, *, retry_on: Any = None) -> tenacity.Retrying:
-        """A tenacity ``Retrying`` for a sync call (``retry_on``: default, transient errors)."""
-        return tenacity.Retrying(**self._options(retry_on))
+    def retrying(
+        self, *, retry_on: Any = None, budget_from_first_failure: bool = False
+    ) -> tenacity.Retrying:
+        """A tenacity ``Retrying`` for a sync call (``retry_on``: default, transient errors).
+
+        ``budget_from_first_failure``: count the budget from the end of the first failed attempt,
+        not from the first attempt's start, for a call that may rightly wait long before it
+        fails (taking a concurrency slot waits for a free one).
+        """
+        return tenacity.Retrying(**self._options(retry_on, budget_from_first_failure))
 
     def async_retrying(self, *, retry_on: Any = None) -> tenacity.AsyncRetrying:
         """The same policy for an async call."""
-        return tenacity.AsyncRetrying(**self._options(retry_on))
+        return tenacity.AsyncRetrying(**self._options(retry_on, False))
 
-    def _options(self, retry_on: Any) -> dict[str, Any]:
-        stop: Any = tenacity.stop_after_delay(self.budget)
+    def _options(self, retry_on: Any, from_first_failure: bool) -> dict[str, Any]:
+        stop: Any = (
+            _StopAfterFailingFor(self.budget)
+            if from_first_failure
+            else tenacity.stop_after_delay(self.budget)
+        )
         if self.attempts is not None:
             stop = stop | tenacity.stop_after_attempt(self.attempts)
         return {
@@ -298,6 +344,20 @@ class RetryPolicy(BaseModel):
             "retry_error_callback": _give_up,
             "before_sleep": _log_retry,
         }
+
+
+class _StopAfterFailingFor(tenacity.stop.stop_base):
+    """Stop once a call has kept failing for ``budget`` seconds since its first failure."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        now = retry_state.outcome_timestamp
+        if now is None:  # pragma: no cover - tenacity asks only after an outcome
+            return False
+        first: float = retry_state.__dict__.setdefault("_first_failure", now)
+        return now - first >= self.budget
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:

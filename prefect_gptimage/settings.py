@@ -62,6 +62,17 @@ class GptImageSettings(PrefectBaseSettings):
             "slot (use when the cap equals your fal account's limit; see README, Concurrency)."
         ),
     )
+    slot_lease: float = Field(
+        default=60.0,
+        ge=60,
+        le=86400,
+        description=(
+            "Seconds a global concurrency slot's lease lasts on the Prefect server. A live holder "
+            "renews it every 3/4 of this; a worker killed while holding a slot gives it back when "
+            "the lease ends (plus the server's repossessor loop, 15 s). The server refuses less "
+            "than 60."
+        ),
+    )
     output_dir: str = Field(default="gptimage-output", description="Where images are written.")
     resubmit_expired: bool = Field(
         default=True,

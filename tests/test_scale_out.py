@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from prefect_gptimage.testing import FalEmulator, Fault
-from prefect_gptimage.testing.services import PrefectServer, RedisServer
+from prefect_gptimage.testing.services import PrefectServer, RedisServer, client_env
 
 #: One row of a batch, as a worker runs it: a flow that waits at a barrier (so that every process
 #: reaches the submit at the same moment), then generates the request.
@@ -339,3 +340,197 @@ def test_lock_is_a_lease_released_after_each_submit(
     assert other.acquire_lock("k-" + unique, holder="next", acquire_timeout=10)
     assert time.monotonic() - started < 3
     other.release_lock("k-" + unique, holder="next")
+
+
+# -- a global slot: its lease, and the Prefect server away while it is taken ---------------------
+
+#: Holds one slot of a global limit, as a row does (``fal_request_slot``), and logs what happened
+#: to ``<folder>/events.jsonl``: ``looked`` (the limit was looked up, when ``early``), ``acquired``
+#: (with the slot's label), ``released``, or ``failed`` (with the error). It takes the slot once
+#: ``<folder>/go`` exists and gives it back once ``<folder>/release`` exists.
+SLOT_HOLDER = """
+import json, sys, time
+from pathlib import Path
+
+from prefect_gptimage.tasks.concurrency import fal_request_slot, global_limit_exists
+
+name, folder, when = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+
+def log(event, **data):
+    with (folder / "events.jsonl").open("a") as fh:
+        fh.write(json.dumps({"event": event, "t": time.time(), **data}) + "\\n")
+
+
+def wait_for(flag):
+    while not (folder / flag).exists():
+        time.sleep(0.05)
+
+
+if when == "early":
+    log("looked", exists=global_limit_exists(name))
+wait_for("go")
+try:
+    with fal_request_slot(name) as slot:
+        log("acquired", slot=slot)
+        wait_for("release")
+        log("released")
+except Exception as exc:
+    log("failed", error=f"{type(exc).__name__}: {exc}")
+    raise
+"""
+
+
+class SlotHolder:
+    """A process (its own Prefect home) that takes a slot of a global limit on ``go``."""
+
+    def __init__(
+        self, folder: Path, server: PrefectServer, limit: str, when: str = "late", **env: str
+    ) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True)
+        script = folder / "holder.py"
+        script.write_text(SLOT_HOLDER)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), limit, str(folder), when],
+            env=client_env(server.api_url, folder / "home", **env),
+            stdout=subprocess.DEVNULL,
+            stderr=(folder / "stderr.log").open("wb"),
+        )
+
+    def events(self) -> dict[str, dict[str, Any]]:
+        path = self.folder / "events.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {e["event"]: e for e in map(json.loads, lines)}
+
+    def wait(self, event: str, timeout: float) -> dict[str, Any]:
+        """The event, once logged; fails after ``timeout`` s or if the process ended without it."""
+        deadline = time.monotonic() + timeout
+        while event not in self.events():
+            ended = self.proc.poll() is not None and event not in self.events()
+            if ended or time.monotonic() > deadline:
+                log = (self.folder / "stderr.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"no {event!r} in {timeout} s: {self.events()}\n{log}")
+            time.sleep(0.05)
+        return self.events()[event]
+
+    def signal(self, flag: str) -> None:
+        (self.folder / flag).touch()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def slot_limit(prefect_server: PrefectServer) -> Iterator[str]:
+    """A global concurrency limit of 2 slots, under a name of this test's own."""
+    name = prefect_server.create_limit(2, "slot-test")
+    yield name
+    prefect_server.delete_limit(name)
+
+
+@pytest.fixture
+def holders() -> Iterator[list[SlotHolder]]:
+    """The test's holder processes; any left running are killed at its end."""
+    started: list[SlotHolder] = []
+    yield started
+    for holder in started:
+        holder.stop()
+
+
+def test_a_killed_holders_slot_frees_within_the_lease_and_a_live_one_keeps_it(
+    prefect_server: PrefectServer,
+    slot_limit: str,
+    holders: list[SlotHolder],
+    tmp_path: Path,
+) -> None:
+    """A limit of 2: a live holder keeps its slot for longer than the 60 s lease (renewed in the
+    background), another holder is killed with SIGKILL. Of two processes then waiting, one gets
+    the killed holder's slot within the lease plus the server's repossessor loop (15 s) and a
+    margin; the other gets none while the live holder holds: never more than 2 held at once."""
+    limit, lease = slot_limit, 60.0
+    env = {"PREFECT_GPTIMAGE_SLOT_LEASE": str(lease)}
+
+    def holder(name: str) -> SlotHolder:
+        holders.append(SlotHolder(tmp_path / name, prefect_server, limit, **env))
+        holders[-1].signal("go")
+        return holders[-1]
+
+    live, victim = holder("live"), holder("victim")
+    live.wait("acquired", 60)
+    taken = victim.wait("acquired", 60)
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    killed = time.time()
+    waiting = [holder("waiter-1"), holder("waiter-2")]
+    peak, first = 0, None
+    while first is None:
+        peak = max(peak, prefect_server.active_slots(limit))
+        got = [w for w in waiting if "acquired" in w.events()]
+        assert time.time() - killed < lease + 15 + 20, "the killed holder's slot never freed"
+        first = got[0] if got else None
+        time.sleep(0.5)
+    freed_after = first.events()["acquired"]["t"] - taken["t"]
+    other = next(w for w in waiting if w is not first)
+    held_until = time.time() + 5  # the live holder, past its lease, still holds: no third one
+    while time.time() < held_until:
+        peak = max(peak, prefect_server.active_slots(limit))
+        assert "acquired" not in other.events(), "a third slot was handed out"
+        time.sleep(0.5)
+    live_for = time.time() - live.events()["acquired"]["t"]
+    print(
+        f"killed holder's slot taken over {freed_after:.1f} s after it was taken; the live "
+        f"holder held {live_for:.1f} s; peak {peak}"
+    )
+    assert live_for > lease + 5 and "released" not in live.events()
+    assert lease - 5 < freed_after < lease + 15 + 15
+    assert peak == 2 and prefect_server.active_slots(limit) == 2
+    other.stop()  # still waiting: it holds nothing
+    for done in (live, first):
+        done.signal("release")
+        done.wait("released", 30)
+        assert done.proc.wait(30) == 0
+    assert prefect_server.active_slots(limit) == 0
+
+
+def test_taking_a_slot_rides_out_a_prefect_server_restart(
+    prefect_server: PrefectServer,
+    slot_limit: str,
+    holders: list[SlotHolder],
+    tmp_path: Path,
+) -> None:
+    """The Prefect server stopped while rows need global slots: a row that looked the limit up
+    before, and one that looks it up now, wait and take a global slot once the server is back
+    (none before: nothing could be sent to fal); with a retry budget shorter than the outage a
+    row fails naming the server, instead of running without a global slot."""
+    limit = slot_limit
+    early = SlotHolder(tmp_path / "early", prefect_server, limit, "early")
+    holders.append(early)
+    assert early.wait("looked", 60)["exists"]
+    prefect_server.stop_keeping_files()
+    try:
+        late = SlotHolder(tmp_path / "late", prefect_server, limit)
+        brief = SlotHolder(
+            tmp_path / "brief", prefect_server, limit, PREFECT_GPTIMAGE_RETRY_BUDGET="3"
+        )
+        holders.extend([late, brief])
+        for waiting in (early, late, brief):
+            waiting.signal("go")
+        failed = brief.wait("failed", 60)
+        assert brief.proc.wait(30) != 0 and "acquired" not in brief.events()
+        assert "PrefectApiUnavailable" in failed["error"] and "gave up after" in failed["error"]
+        time.sleep(2)
+        assert "acquired" not in early.events() and "acquired" not in late.events()
+    finally:
+        prefect_server.start()
+    back = time.time()
+    for waiting in (early, late):
+        acquired = waiting.wait("acquired", 90)
+        assert acquired["slot"] == f"global:{limit}" and acquired["t"] >= back - 1
+    assert prefect_server.active_slots(limit) == 2
+    for waiting in (early, late):
+        waiting.signal("release")
+        assert waiting.proc.wait(60) == 0
+    assert prefect_server.active_slots(limit) == 0

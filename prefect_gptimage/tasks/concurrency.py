@@ -25,6 +25,23 @@ requests *running* at fal than the cap) holds when the cap is the account's limi
 below the account's limit, a look-ahead raises the running count to cap + lookahead, so leave it
 at 0 there. It applies to the local cap only: a global limit is the cap across workers, as is.
 
+**A global slot is a lease** of ``PREFECT_GPTIMAGE_SLOT_LEASE`` seconds (default 60, the least
+the Prefect server accepts). While held, Prefect's own renewal thread renews it every 3/4 of the
+lease, so a request that runs for minutes keeps its slot; a worker killed with ``kill -9`` stops
+renewing, and the server's repossessor gives its slot back within the lease plus its loop (15 s
+by default), instead of Prefect's default 300 s. A renewal that fails for good (the server away
+for minutes, or a server restarted with in-memory lease storage, which forgets every lease) is
+logged and the request goes on: it is running at fal already, and cutting its wait short would
+not stop it there.
+
+**The Prefect server restarting or failing** (connection refused, 5xx) while a slot is taken or
+given back is retried under the package's one :class:`~prefect_gptimage.retry.RetryPolicy`
+(``PREFECT_GPTIMAGE_RETRY_BUDGET``, counted from the first failure: a wait for a free slot is
+not a failure). A slot that cannot be taken within the budget fails the row before anything is
+sent to fal (:class:`PrefectApiUnavailable`); one that cannot be given back is logged, and frees
+when its lease ends. The lookup of the limit itself never falls back to the per-process cap
+because the server is briefly away: that would run more requests at fal than the limit.
+
 Example:
     >>> with fal_request_slot():
     ...     handle = client.submit(request)
@@ -36,14 +53,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
+
+# Prefect's own building blocks of `prefect.concurrency.sync.concurrency`, composed as it does,
+# with retries added: the public context manager takes and gives back a slot in one try each.
+from prefect.concurrency._asyncio import _discard_cleanup_lease
+from prefect.concurrency._events import (
+    emit_concurrency_acquisition_events,
+    emit_concurrency_release_events,
+)
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import (
+    acquire_concurrency_slots_with_lease,
+    release_concurrency_slots_with_lease,
+)
 from prefect.exceptions import ObjectNotFound
 
+from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.retry import RetryPolicy, is_transient_prefect_api_error
 from prefect_gptimage.settings import get_settings
+
+T = TypeVar("T")
 
 logger = logging.getLogger("prefect_gptimage.tasks.concurrency")
 
@@ -55,18 +90,57 @@ _semaphores: dict[int, threading.BoundedSemaphore] = {}
 _lookups: dict[str, tuple[bool, float]] = {}
 
 
+class PrefectApiUnavailable(GptImageError):
+    """The Prefect API did not answer (refused, 5xx, ...) while a global slot was looked up,
+    taken or given back. Transient: retried within ``PREFECT_GPTIMAGE_RETRY_BUDGET``."""
+
+    transient = True
+
+
+def _api_call(what: str, call: Callable[[], T]) -> T:
+    """``call()`` (one Prefect API call about the global limit), its transient failures retried
+    under :meth:`RetryPolicy.from_settings`, the budget counted from the first failure."""
+
+    def attempt() -> T:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient_prefect_api_error(exc):
+                raise
+            cause = exc.__cause__ or exc
+            raise PrefectApiUnavailable(
+                f"Prefect API: could not {what}: {type(cause).__name__}: {cause or exc}"
+            ) from exc
+
+    result: T = RetryPolicy.from_settings().retrying(budget_from_first_failure=True)(attempt)
+    return result
+
+
+def _read_limit_active(name: str) -> bool:
+    try:
+        with get_client(sync_client=True) as client:
+            return bool(client.read_global_concurrency_limit_by_name(name).active)
+    except ObjectNotFound:
+        return False
+
+
 def global_limit_exists(name: str) -> bool:
-    """Whether the Prefect API has an active global concurrency limit ``name`` (cached 60 s)."""
+    """Whether the Prefect API has an active global concurrency limit ``name`` (cached 60 s).
+
+    A server that is briefly away (restarting) is asked again within the retry budget, then
+    :class:`PrefectApiUnavailable`; only another failure (no API configured at all) falls back
+    to the per-process cap, which would not bound the requests of other workers.
+    """
     with _lock:
         known = _lookups.get(name)
         if known is not None and time.monotonic() - known[1] < LOOKUP_TTL:
             return known[0]
     try:
-        with get_client(sync_client=True) as client:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        exists = bool(limit.active)
-    except ObjectNotFound:
-        exists = False
+        exists = _api_call(
+            f"look up the global concurrency limit {name!r}", lambda: _read_limit_active(name)
+        )
+    except PrefectApiUnavailable:
+        raise
     except Exception as exc:  # no API reachable: fall back to the local cap
         logger.debug("global concurrency limit lookup failed: %s", exc)
         exists = False
@@ -151,7 +225,7 @@ def fal_request_slot(
     if global_limit_exists(name):
         if held is not None:
             held.release()
-        with concurrency(name, occupy=1, strict=True):
+        with global_slot(name):
             yield f"global:{name}"
         return
     size, extra = local_cap(local_limit, lookahead)
@@ -164,3 +238,41 @@ def fal_request_slot(
         yield label
     finally:
         held.release()
+
+
+@contextmanager
+def global_slot(name: str) -> Iterator[UUID]:
+    """Hold one slot of the global concurrency limit ``name``; yields the lease id.
+
+    As ``prefect.concurrency.sync.concurrency(name, occupy=1, strict=True)``, with a lease of
+    ``PREFECT_GPTIMAGE_SLOT_LEASE`` seconds renewed in the background, and with taking and giving
+    back the slot retried through a Prefect server restart (see the module docs). Raises
+    :class:`PrefectApiUnavailable` when no slot could be taken within the retry budget (nothing
+    is sent to fal then), and Prefect's ``ConcurrencySlotAcquisitionError`` at once when the
+    limit does not exist.
+    """
+    lease = get_settings().slot_lease
+    taken = _api_call(
+        f"take a slot of the global concurrency limit {name!r}; nothing was submitted",
+        lambda: acquire_concurrency_slots_with_lease([name], 1, lease_duration=lease, strict=True),
+    )
+    events = emit_concurrency_acquisition_events(taken.limits, 1)
+    try:
+        # a renewal that fails for good is logged, not raised: the request is at fal already
+        with maintain_concurrency_lease(
+            taken.lease_id, lease, raise_on_lease_renewal_failure=False
+        ):
+            yield taken.lease_id
+    finally:
+        try:
+            _api_call(
+                f"give back a slot of the global concurrency limit {name!r}",
+                lambda: release_concurrency_slots_with_lease(taken.lease_id),
+            )
+        except Exception as exc:  # the row's result is in hand: do not fail it for this
+            logger.warning(
+                "%s; the slot frees when its lease ends (within %.0f s)", exc, lease + 15
+            )
+        else:
+            _discard_cleanup_lease(taken.lease_id)
+        emit_concurrency_release_events(taken.limits, 1, events)

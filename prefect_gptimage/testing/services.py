@@ -10,7 +10,15 @@ against a real PostgreSQL cluster.
   throwaway cluster with trust authentication; one database. PostgreSQL refuses to run as root,
   so as root the cluster runs as the ``postgres`` user.
 * :class:`PrefectServer`: ``prefect server start`` with its own ``PREFECT_HOME``, on PostgreSQL
-  when given a :class:`PostgresServer`, else on SQLite.
+  when given a :class:`PostgresServer`, else on SQLite. Its concurrency leases are kept on disk
+  (``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``, as the README tells users to run it), so that
+  :meth:`PrefectServer.restart` keeps the slots of a global concurrency limit in step with their
+  leases; Prefect's default, in memory, forgets every lease on a restart while the database still
+  counts their slots as taken, forever.
+
+Each has ``restart()``: stop and start again on the same port with the same files, as an operator
+restarting the service (the tests of what users notice when Redis or the Prefect server restarts
+in the middle of a batch).
 
 :func:`missing` tells which binaries are absent, for a clean ``pytest.skip``.
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -32,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,14 +49,23 @@ from typing import Any
 from typing_extensions import Self
 
 __all__ = [
+    "FILESYSTEM_LEASES",
+    "MEMORY_LEASES",
     "PostgresServer",
     "PrefectServer",
     "RedisServer",
     "ServiceError",
+    "client_env",
     "find_binary",
     "free_port",
     "missing",
 ]
+
+
+#: Prefect server lease storages (``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``): on disk, in the
+#: server's ``PREFECT_HOME`` (survives a restart), and Prefect's default, in memory (does not).
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"
 
 
 class ServiceError(RuntimeError):
@@ -75,6 +94,26 @@ def find_binary(name: str) -> str | None:
 def missing(*names: str) -> list[str]:
     """Which of these binaries cannot be found."""
     return [n for n in names if find_binary(n) is None]
+
+
+def client_env(api_url: str, home: Path | str, **extra: str) -> dict[str, str]:
+    """The environment of a process on a "machine" of its own that reports to ``api_url``: this
+    process's environment (fal, AWS, ``PREFECT_GPTIMAGE_*`` settings) without any other Prefect
+    setting, a fresh ``PREFECT_HOME`` at ``home``, then ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PREFECT_") or k.startswith("PREFECT_GPTIMAGE_")
+    }
+    env.pop("PREFECT_GPTIMAGE_LOCK_URL", None)
+    Path(home).mkdir(parents=True, exist_ok=True)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **extra,
+    )
+    return env
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -115,6 +154,18 @@ class _Service:
     ) -> None:
         self.stop()
 
+    def stop_keeping_files(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def restart(self, down: float = 0.0) -> float:
+        """Stop the service, stay down ``down`` seconds, start it again on the same port with the
+        same files; the seconds it was unreachable."""
+        started = time.monotonic()
+        self.stop_keeping_files()
+        time.sleep(down)
+        self.start()
+        return time.monotonic() - started
+
 
 class RedisServer(_Service):
     """A ``redis-server`` on a free port, no persistence; :attr:`url` is ``redis://…/0``."""
@@ -144,6 +195,9 @@ class RedisServer(_Service):
             self.stop()
             raise ServiceError(f"redis-server did not start:\n{_tail(self.log)}")
         return self
+
+    def stop_keeping_files(self) -> None:
+        self.stop(remove=False)
 
     def stop(self, remove: bool = True) -> None:
         """Stop the server (SIGTERM, then SIGKILL); ``remove=False`` keeps its folder."""
@@ -193,17 +247,32 @@ class PostgresServer(_Service):
                 f"\n{_tail(self.log)}"
             )
 
-    def start(self) -> Self:
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8")
+    def _pg_start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         options += " -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         self.started = True
+
+    def _create(self) -> Self:
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8")
+        self._pg_start()
         host = ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user]
         self._run("createdb", *host, self.database)
         return self
+
+    def stop_keeping_files(self) -> None:
+        """``pg_ctl stop -m fast``, the cluster kept (:meth:`start` then runs it again)."""
+        if self.started:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.started = False
+
+    def start(self) -> Self:
+        if self.data.exists():  # a restart: the cluster and its database are there
+            self._pg_start()
+            return self
+        return self._create()
 
     def stop(self) -> None:
         if self.started:
@@ -217,10 +286,21 @@ class PrefectServer(_Service):
     """``prefect server start`` on a free port, its own ``PREFECT_HOME``; PostgreSQL if given.
 
     :attr:`api_url` is the value for ``PREFECT_API_URL`` of the processes that report to it.
+    ``lease_storage``: where it keeps concurrency leases (default on disk, see the module docs).
+    ``repossessor_seconds``: how often it gives back the slots of expired leases (Prefect's
+    default 15 s; a test of a killed holder sets 1 s to measure the lease itself).
     """
 
-    def __init__(self, database: PostgresServer | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        database: PostgresServer | None = None,
+        port: int | None = None,
+        lease_storage: str = FILESYSTEM_LEASES,
+        repossessor_seconds: float | None = None,
+    ) -> None:
         self.database = database
+        self.lease_storage = lease_storage
+        self.repossessor_seconds = repossessor_seconds
         self.port = port or free_port()
         self.home = Path(tempfile.mkdtemp(prefix="gptimage-prefect-server-"))
         self.log = self.home / "server.log"
@@ -243,10 +323,39 @@ class PrefectServer(_Service):
             PREFECT_UI_ENABLED="false",
             PREFECT_SERVER_API_HOST="127.0.0.1",
             PREFECT_SERVER_API_PORT=str(self.port),
+            PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=self.lease_storage,
         )
+        if self.repossessor_seconds is not None:
+            env["PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS"] = str(self.repossessor_seconds)
         if self.database is not None:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database.url
         return env
+
+    def _limit_call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"{self.api_url}/v2/concurrency_limits/{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            text = answer.read()
+        return json.loads(text) if text else None
+
+    def create_limit(self, size: int, prefix: str = "limit") -> str:
+        """A global concurrency limit of ``size`` slots under a new name (``<prefix>-<hex>``)."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self._limit_call("POST", "", {"name": name, "limit": size})
+        return name
+
+    def active_slots(self, name: str) -> int:
+        """How many slots of the global concurrency limit ``name`` the server counts as taken."""
+        return int(self._limit_call("GET", name)["active_slots"])
+
+    def delete_limit(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            self._limit_call("DELETE", name)
 
     def healthy(self) -> bool:
         try:
@@ -276,7 +385,12 @@ class PrefectServer(_Service):
         self.stop(remove=False)
         raise ServiceError(f"prefect server ({self.backend}) did not start:\n{_tail(self.log)}")
 
+    def stop_keeping_files(self) -> None:
+        self.stop(remove=False)
+
     def stop(self, remove: bool = True) -> None:
+        """Stop the server (SIGTERM to its process group, then SIGKILL); ``remove=False`` keeps
+        its ``PREFECT_HOME`` (and the leases kept there)."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
