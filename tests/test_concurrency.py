@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +102,34 @@ def test_lookahead_queues_at_fal_without_running_more_than_the_cap(
     assert len(summary.images) == 8 and not summary.failures
     assert max_overlap(fal_emulator, unique) == 4  # 2 running + 2 queued at fal
     assert max_overlap(fal_emulator, unique, running=True) == 2
+
+
+def test_a_slot_lease_shorter_than_the_servers_minimum_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Prefect server answers 422 to a lease under 60 s: the setting refuses it up front."""
+    from pydantic import ValidationError
+
+    from prefect_gptimage.settings import get_settings
+
+    monkeypatch.setenv("PREFECT_GPTIMAGE_SLOT_LEASE", "30")
+    with pytest.raises(ValidationError, match="slot_lease"):
+        get_settings()
+    monkeypatch.setenv("PREFECT_GPTIMAGE_SLOT_LEASE", "90")
+    assert get_settings().slot_lease == 90
+
+
+def test_a_missing_global_limit_fails_at_once_not_after_the_retry_budget(unique: str) -> None:
+    """A limit that does not exist is a permanent answer (not the server being away): taking a
+    slot of it fails at once, the retry budget (60 s) unspent."""
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+    from prefect_gptimage.tasks.concurrency import global_slot
+
+    started = time.monotonic()
+    with (
+        pytest.raises(ConcurrencySlotAcquisitionError, match="must be created"),
+        global_slot(f"no-such-limit-{unique}"),
+    ):
+        pass  # pragma: no cover - never entered
+    assert time.monotonic() - started < 10
