@@ -37,6 +37,7 @@ import contextvars
 import logging
 import os
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -46,9 +47,11 @@ from urllib.parse import unquote
 from prefect_gptimage.cli._signals import StopBeforeStart
 
 if TYPE_CHECKING:
-    from prefect_gptimage.schemas import AnyRequest
+    from prefect_gptimage.fal.client import FalQueueClient
+    from prefect_gptimage.prompts import PromptRow
+    from prefect_gptimage.schemas import AnyRequest, RequestHandle
 
-__all__ = ["HEAD_START_NOTE", "head_start"]
+__all__ = ["HEAD_START_NOTE", "head_start", "stop_head_start"]
 
 logger = logging.getLogger("prefect_gptimage.cli.head_start")
 
@@ -101,12 +104,9 @@ def _head_start(args: argparse.Namespace, request: AnyRequest | None) -> int:
 
 def _submit_first_rows(args: argparse.Namespace, request: AnyRequest | None) -> int:
     from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
-    from prefect_gptimage.flows.batch import plan_cost
+    from prefect_gptimage.flows.batch import MAX_RESUMED_AHEAD, plan_cost
     from prefect_gptimage.prompts import PromptRow, load_prompt_file, unique_rows
-    from prefect_gptimage.schemas import request_fingerprint
-    from prefect_gptimage.tasks.cache import is_submit_cached
-    from prefect_gptimage.tasks.concurrency import local_cap, reserve_slot
-    from prefect_gptimage.tasks.intents import guarded_submit, read_intent
+    from prefect_gptimage.tasks.concurrency import local_cap, on_hand_over
     from prefect_gptimage.tasks.queue import sync_client
 
     max_cost = check_budget(getattr(args, "max_cost", None))
@@ -120,38 +120,168 @@ def _submit_first_rows(args: argparse.Namespace, request: AnyRequest | None) -> 
     if max_cost is not None and estimate > max_cost:
         return 0  # the flow refuses the batch and says so
     cap, extra = local_cap(concurrency, lookahead)
-    picks: list[PromptRow] = []
-    for row in rows:
-        if len(picks) >= cap + extra:
-            break
-        if is_submit_cached(row.request, row.variant) or read_intent(row.request, row.variant):
-            continue  # paid already, or the flow decides (resume, or "outcome unknown")
-        if reserve_slot(request_fingerprint(row.request, row.variant), concurrency, lookahead):
-            picks.append(row)
+    ahead = _Ahead(rows, sync_client(None), args.resubmit_unknown, concurrency, lookahead)
+    ahead.budget = MAX_RESUMED_AHEAD  # the flow widens its window for these, up to this
+    picks = ahead.reserve(cap + extra)
     if not picks:
         return 0
-    client = sync_client(None)
-
-    def send(row: PromptRow) -> bool:
-        guarded_submit(
-            row.request,
-            row.variant,
-            lambda: client.submit(row.request),
-            resubmit_unknown=args.resubmit_unknown,
-            note=HEAD_START_NOTE,
-        )
-        return True
-
-    sent = 0
+    sent: list[tuple[PromptRow, RequestHandle]] = []
     with ThreadPoolExecutor(max_workers=min(8, len(picks))) as pool:
         # each thread runs in a copy of this context: the temporary settings above reach it
-        futures = [pool.submit(contextvars.copy_context().run, send, row) for row in picks]
-        for future in futures:
+        futures = [pool.submit(contextvars.copy_context().run, ahead.send, row) for row in picks]
+        for row, future in zip(picks, futures, strict=True):
             try:
-                sent += future.result()
+                sent.append((row, future.result()))
             except Exception as exc:  # recorded by the protocol; the row's task reports it
                 logger.debug("head start submit failed: %s", exc)
-    return sent
+    if request is None and sent:  # a batch: keep fal busy until the flow's tasks take over
+        on_hand_over(ahead.stop)
+        global _running
+        _running = ahead
+        for row, handle in sent:
+            threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(ahead.keep_busy, row, handle),
+                name="prefect-gptimage-head-start",
+                daemon=True,
+            ).start()
+    return len(sent)
+
+
+def stop_head_start() -> None:
+    """Stop submitting ahead (the command is over, or stopped): returns once the last submit
+    is recorded. A no-op when nothing runs."""
+    if _running is not None:
+        _running.quit()
+
+
+class _Ahead:
+    """The head start's submits: the first rows at once, then one more each time one completes.
+
+    Each request holds a reserved slot of the local cap (:func:`reserve_slot`). When one
+    completes at fal, its slot goes to the next uncached row (:func:`completed_at_fal`: the
+    finished request's task then fetches its result without a slot), so fal keeps running the
+    cap's worth of requests while Prefect's temporary API boots. :meth:`stop`, run before the
+    first task looks at its request (:func:`hand_over`), ends the submits: after the one in
+    progress is recorded, nothing more is sent, and the flow's tasks resume what was. Until a
+    task takes its request over, a completion still frees the slot, for the tasks' next rows.
+    """
+
+    def __init__(
+        self,
+        rows: list[PromptRow],
+        client: FalQueueClient,
+        resubmit_unknown: bool,
+        concurrency: int | None,
+        lookahead: int | None,
+    ) -> None:
+        from prefect_gptimage.tasks.cache import is_submit_cached
+        from prefect_gptimage.tasks.intents import read_intent
+
+        self._client = client
+        self._resubmit_unknown = resubmit_unknown
+        self._cap = (concurrency, lookahead)
+        # rows not paid for yet, nor left to the flow (a resume, or "outcome unknown")
+        self._rows = (
+            row
+            for row in rows
+            if not is_submit_cached(row.request, row.variant)
+            and read_intent(row.request, row.variant) is None
+        )
+        self.budget = 0  # how many rows it may still take (:meth:`reserve`)
+        self._waiting: PromptRow | None = None  # the next row, when no slot was free for it
+        self._lock = threading.Lock()  # held through each submit after the first ones
+        self._stopped = threading.Event()  # nothing more is submitted
+        self._quit = threading.Event()  # nothing more is watched
+
+    def reserve(self, count: int) -> list[PromptRow]:
+        """Up to ``count`` next rows, each with a reserved slot."""
+        from prefect_gptimage.tasks.concurrency import reserve_slot
+
+        picks: list[PromptRow] = []
+        while len(picks) < min(count, self.budget):
+            row = self._waiting or next(self._rows, None)
+            self._waiting = None
+            if row is None:
+                break
+            if not reserve_slot(_key(row), *self._cap):
+                self._waiting = row  # the next free slot's
+                break
+            picks.append(row)
+        self.budget -= len(picks)
+        return picks
+
+    def send(self, row: PromptRow) -> RequestHandle:
+        """Submit ``row`` under the intent protocol."""
+        from prefect_gptimage.tasks.intents import guarded_submit
+
+        return guarded_submit(
+            row.request,
+            row.variant,
+            lambda: self._client.submit(row.request),
+            resubmit_unknown=self._resubmit_unknown,
+            note=HEAD_START_NOTE,
+        )
+
+    def keep_busy(self, row: PromptRow, handle: RequestHandle) -> None:
+        """Watch ``row``'s request; when it completes, submit the next row and watch that."""
+        from prefect_gptimage.tasks.concurrency import completed_at_fal
+
+        while self._completed(handle):
+            with self._lock:
+                # after the hand-over too: the freed slot goes to the next row's task at once
+                if not completed_at_fal(_key(row)) or self._stopped.is_set():
+                    return
+                picks = self.reserve(1)
+                if not picks:
+                    return
+                row = picks[0]
+                try:
+                    handle = self.send(row)
+                except Exception as exc:  # recorded by the protocol; the row's task reports it
+                    logger.debug("head start submit failed: %s", exc)
+                    return
+
+    def _completed(self, handle: RequestHandle) -> bool:
+        """Poll as a task's wait does (it teaches the latency model); False once the command
+        ends (:meth:`quit`). The hand-over does not end it: until the row's task takes the
+        request over, its completion frees its slot for the tasks."""
+        from prefect_gptimage.fal._wait import WaitTracker
+
+        track = WaitTracker(handle, None, logger)
+        delay = track.delay() if track.learning else 0.0
+        try:
+            while not self._quit.wait(delay):
+                current = self._client.status(handle)
+                track.update(current)
+                if current.done:
+                    return not current.error
+                if track.timed_out():
+                    return False
+                delay = track.delay()
+        except Exception as exc:  # the row's task meets it again, and reports it
+            logger.debug("head start: status of %s failed: %s", handle.request_id, exc)
+        return False
+
+    def stop(self) -> None:
+        """Send nothing more; returns once a submit in progress is recorded."""
+        self._stopped.set()
+        with self._lock:
+            pass
+
+    def quit(self) -> None:
+        """Stop, and watch nothing more (the command is over)."""
+        self._quit.set()
+        self.stop()
+
+
+_running: _Ahead | None = None
+
+
+def _key(row: PromptRow) -> str:
+    from prefect_gptimage.schemas import request_fingerprint
+
+    return request_fingerprint(row.request, row.variant)
 
 
 def _may_have_global_limit(connection_url: object, name: str) -> bool:

@@ -2,7 +2,8 @@
 
 Prefect workers and Kubernetes stop a run with SIGTERM; a user with Ctrl+C. On the first signal:
 
-* before the flow starts (imports, validation), the command stops at once: nothing was submitted;
+* before the flow starts (imports, validation), the command stops at once: nothing was
+  submitted, or what the head start submitted is recorded (a re-run resumes it);
 * during a batch, no new row is started (:func:`prefect_gptimage.flows.batch.request_stop`): rows
   not started are reported "not started (interrupted)", rows already at fal get a few seconds to
   finish, then are reported "in flight (interrupted)" once their submit is recorded. Nothing is
@@ -46,6 +47,7 @@ class Interrupts:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.running = False  # the flow was called: stop it instead of unwinding
+        self.submitted_ahead = False  # the head start sent requests before the flow started
         self.returned = False  # the flow returned: the command prints its own summary
         #: what to print when the process must go before the flow returns (a batch's summary)
         self.last_words: Callable[[], None] | None = None
@@ -93,6 +95,11 @@ class Interrupts:
             self.leave()
         self.signum = signum
         name = signal.Signals(signum).name
+        if not self.running and self.submitted_ahead:
+            raise StopBeforeStart(
+                f"{name}: stopped during start-up; requests already submitted are recorded and "
+                "a re-run resumes them without paying again"
+            )
         if not self.running:
             raise StopBeforeStart(f"{name}: stopped before anything was submitted")
         self._say(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
-from prefect_gptimage.cli._head_start import head_start
+from prefect_gptimage.cli._head_start import head_start, stop_head_start
 from prefect_gptimage.cli._signals import Interrupts, StopBeforeStart
 from prefect_gptimage.errors import BatchIncomplete, ConfigurationError, InvalidRequestError
 
@@ -257,10 +257,10 @@ def cmd_generate(
         return _fail_usage(str(exc))
     from prefect_gptimage.flows.generate import generate_to_s3
 
-    if early is not None:  # fal generates while the temporary API boots
-        head_start(args, request)
-    _prefect_api(early, args.verbose)
     interrupts = interrupts or Interrupts()
+    if early is not None:  # fal generates while the temporary API boots
+        interrupts.submitted_ahead = head_start(args, request) > 0
+    _prefect_api(early, args.verbose)
     interrupts.request = request
     interrupts.running = True  # a signal from here on lets the request be recorded first
     state = generate_to_s3.with_options(on_running=[interrupts.reclaim])(  # type: ignore[list-item]
@@ -310,10 +310,10 @@ def cmd_batch(
     from prefect_gptimage.flows import batch as batch_flow
     from prefect_gptimage.flows.batch import batch_to_s3
 
-    if early is not None:  # fal generates while the temporary API boots
-        head_start(args)
-    _prefect_api(early, args.verbose, progress=True)
     interrupts = interrupts or Interrupts()
+    if early is not None:  # fal generates while the temporary API boots
+        interrupts.submitted_ahead = head_start(args) > 0
+    _prefect_api(early, args.verbose, progress=True)
 
     def last_words() -> None:  # the process must go before the flow returned: what was staged
         summary = batch_flow.live_summary()
@@ -390,7 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
         if early is not None:  # on a hard exit: stop it without waiting (it dies with us anyway)
             interrupts.cleanups.append(early.terminate)
-        code = commands[args.command](args, early, interrupts)
+        try:
+            code = commands[args.command](args, early, interrupts)
+        finally:  # before exiting: a submit the head start has in progress is recorded first
+            stop_head_start()
     except StopBeforeStart as exc:
         print(f"prefect-gptimage: {exc}", file=sys.stderr)
         code = interrupts.exit_code

@@ -1,12 +1,13 @@
 """``batch_to_s3``: a prompt file (JSONL or CSV) in, images in S3 with a manifest out.
 
-One request per row, fanned out under a concurrency cap through a bounded window (at most 256
-rows in flight, results back in file order), and reported as it goes: each image's manifest
-line and gallery figure go to disk at once, so a 10,000-row file never becomes one giant flow
-state. Every row is validated before anything is paid for; ``dry_run`` prints the estimated cost
-and submits nothing; ``max_cost`` refuses a batch whose uncached rows would cost more (cached
-rows are free). Running the same batch again submits nothing and writes no duplicate object; a
-batch killed half way resumes where it was.
+One request per row, fanned out under a concurrency cap through a bounded window (twice the cap,
+plus up to :data:`MAX_RESUMED_AHEAD` rows already submitted, in flight, results back in file
+order), and reported as it goes: each image's manifest line and gallery figure go to disk at
+once, so a 10,000-row file never becomes one giant flow state. Every row is validated before
+anything is paid for; ``dry_run`` prints the estimated cost and submits nothing; ``max_cost``
+refuses a batch whose uncached rows would cost more (cached rows are free). Running the same
+batch again submits nothing and writes no duplicate object; a batch killed half way resumes
+where it was.
 
 **Stopping.** :func:`request_stop` (the CLI calls it on SIGTERM or SIGINT) stops a running batch
 from starting rows: rows not started are reported "not started (interrupted)". Rows already
@@ -36,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow
 from prefect.client.schemas.objects import State
@@ -63,12 +64,15 @@ from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import is_submit_cached
-from prefect_gptimage.tasks.concurrency import local_cap
+from prefect_gptimage.tasks.concurrency import hand_over, local_cap
 from prefect_gptimage.tasks.generate import GenerationOptions
-from prefect_gptimage.tasks.intents import read_intent, unresolved_intent
+from prefect_gptimage.tasks.intents import read_intent
 from prefect_gptimage.tasks.rows import RowOutcome, generate_and_stage
 from prefect_gptimage.tasks.window import in_order
 
+#: Rows already submitted (the CLI's head start, a killed run) that widen the window beyond the
+#: cap's, at most; also the most the head start submits ahead of the flow.
+MAX_RESUMED_AHEAD = 128
 #: How often (seconds) the flow logs its progress and ETA.
 LOG_EVERY_S = 15.0
 #: After a stop, how long (seconds) started rows may take to finish before they are reported as
@@ -203,21 +207,35 @@ def _watch_for_stop(started: dict[int, _Row], lock: threading.Lock, over: thread
         time.sleep(0.1)
 
 
-def plan_cost(rows: list[PromptRow], resubmit_unknown: bool = False) -> tuple[float, int]:
-    """Estimated USD of the rows not already cached, and how many rows are cached (free).
+class Plan(NamedTuple):
+    """What a batch's rows will cost, read from the cache and the submit intents."""
 
-    A row whose earlier submit's outcome is unknown is not submitted (so free) unless
-    ``resubmit_unknown``.
-    """
-    cost, cached = 0.0, 0
+    cost: float  # estimated USD of the rows that will be submitted
+    cached: int  # rows that cost nothing: cached, or left unsent ("outcome unknown")
+    at_fal: int  # rows whose submit is recorded but not cached: resumed, needing no new slot
+
+
+def plan_rows(rows: list[PromptRow], resubmit_unknown: bool = False) -> Plan:
+    """The :class:`Plan` of ``rows``. A row whose earlier submit's outcome is unknown is not
+    submitted (so free) unless ``resubmit_unknown``."""
+    cost, cached, at_fal = 0.0, 0, 0
     for row in rows:
-        if is_submit_cached(row.request, row.variant) or (
-            not resubmit_unknown and unresolved_intent(row.request, row.variant) is not None
-        ):
+        if is_submit_cached(row.request, row.variant):
             cached += 1
-        else:
-            cost += estimate_cost(row.request)
-    return round(cost, 6), cached
+            continue
+        intent = read_intent(row.request, row.variant)
+        if intent is not None and intent.unresolved and not resubmit_unknown:
+            cached += 1
+            continue
+        cost += estimate_cost(row.request)
+        at_fal += intent is not None and intent.state == "submitted"
+    return Plan(round(cost, 6), cached, at_fal)
+
+
+def plan_cost(rows: list[PromptRow], resubmit_unknown: bool = False) -> tuple[float, int]:
+    """Estimated USD of the rows not already cached, and how many rows are cached (free)."""
+    plan = plan_rows(rows, resubmit_unknown)
+    return plan.cost, plan.cached
 
 
 @flow(name="gptimage-batch-to-s3", log_prints=False)
@@ -272,7 +290,9 @@ def batch_to_s3(
         bucket, prefix, presign_expires=presign_expires, probe=False
     )
     run_key = run_key_for(prompt_file, defaults)
-    estimate, cached = plan_cost(rows, resubmit_unknown=resubmit_unknown or refresh)
+    hand_over()  # the CLI's head start stops here, each of its submits recorded
+    plan = plan_rows(rows, resubmit_unknown=resubmit_unknown or refresh)
+    estimate, cached = plan.cost, plan.cached
     summary = RunSummary(estimated_cost_usd=estimate)
     _live[:] = [summary]
     log.info(
@@ -342,9 +362,11 @@ def batch_to_s3(
     # one fal request id per request: a second row given the same id fails (see _flag_duplicates)
     ledger = RequestIdLedger()
     reported: dict[str, PromptRow] = {}
-    # twice the fal cap in workers: while one row downloads and uploads, the next is already at fal
+    # twice the fal cap in workers: while one row downloads and uploads, the next is already at
+    # fal; plus the rows already submitted (the CLI's head start, a killed run): resuming them
+    # takes no fal slot, so they must not keep the next rows from the freed slots
     _, ahead = local_cap(concurrency, options.lookahead)  # the look-ahead, resolved in one place
-    workers = 2 * max(1, concurrency) + ahead
+    workers = 2 * max(1, concurrency) + ahead + min(plan.at_fal, MAX_RESUMED_AHEAD)
     runner = row_runner(cluster, workers)  # this process's threads, or a Dask cluster
     watcher = threading.Thread(
         target=_watch_for_stop, args=(started, started_lock, over), daemon=True

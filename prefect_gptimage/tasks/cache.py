@@ -33,7 +33,7 @@ import asyncio
 import functools
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prefect import task
@@ -62,6 +62,7 @@ __all__ = [
     "cached_value",
     "is_submit_cached",
     "lock_lease",
+    "read_record",
     "redis_lock_manager",
     "request_fingerprint",
     "result_cache_key",
@@ -277,15 +278,25 @@ def _store() -> ResultStore:
     return store.model_copy(update={"lock_manager": None}) if store.lock_manager else store
 
 
+def read_record(store: ResultStore, key: str) -> Any | None:
+    """The value of the unexpired record ``key`` in ``store``, or None, in one read.
+
+    As ``store.exists(key)`` decides (a record that cannot be read, or has expired, is a miss),
+    but that reads the whole record too: exists-then-read read every record twice.
+    """
+    try:
+        record = store.read(key)
+    except Exception:  # missing or unreadable: a miss, as for ResultStore.exists
+        return None
+    expiration = record.metadata.expiration
+    if expiration is not None and expiration <= datetime.now(timezone.utc):
+        return None
+    return record.result
+
+
 def cached_value(key: str) -> Any | None:
     """The value cached under ``key``, read straight from the result store, or None."""
-    store = _store()
-    if not store.exists(key):
-        return None
-    try:
-        return store.read(key).result
-    except Exception:  # unreadable or expired between the two calls: treat as a miss
-        return None
+    return read_record(_store(), key)
 
 
 def is_submit_cached(request: AnyRequest, variant: int = 0) -> bool:

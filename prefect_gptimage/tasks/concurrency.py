@@ -82,6 +82,9 @@ T = TypeVar("T")
 
 logger = logging.getLogger("prefect_gptimage.tasks.concurrency")
 
+#: What :func:`fal_request_slot` yields for a request that completed at fal before its task ran.
+COMPLETED = "completed"
+
 #: How long the answer "does the global limit exist?" is trusted.
 LOOKUP_TTL = 60.0
 
@@ -155,7 +158,12 @@ def forget_lookups() -> None:
         _lookups.clear()
 
 
+#: A reservation whose request completed at fal: its task needs no slot to fetch the result.
+_DONE = threading.BoundedSemaphore(1)
 _reserved: dict[str, threading.BoundedSemaphore] = {}
+#: Callbacks of whatever submits requests ahead of their tasks (the CLI's head start).
+_handover: list[Callable[[], None]] = []
+_handover_lock = threading.Lock()
 
 
 def local_cap(local_limit: int | None = None, lookahead: int | None = None) -> tuple[int, int]:
@@ -176,9 +184,48 @@ def reserve_slot(key: str, local_limit: int | None = None, lookahead: int | None
     with _lock:
         previous = _reserved.pop(key, None)
         _reserved[key] = semaphore
-    if previous is not None:
+    if previous is not None and previous is not _DONE:
         previous.release()
     return True
+
+
+def completed_at_fal(key: str) -> bool:
+    """The request reserved under ``key`` completed at fal: its slot is free for another now.
+
+    Its task then takes the reservation over without holding a slot (fetching a finished
+    request's result runs nothing at fal). False when the reservation was already taken over.
+    """
+    with _lock:
+        semaphore = _reserved.get(key)
+        if semaphore is None or semaphore is _DONE:
+            return False
+        _reserved[key] = _DONE
+    semaphore.release()
+    return True
+
+
+def on_hand_over(callback: Callable[[], None]) -> None:
+    """Register ``callback`` to run once, before the first task looks at its request.
+
+    Whatever submits requests ahead of their tasks (the CLI's head start) stops there: the
+    callback returns once its last submit is recorded, so no task can find a submit mid-way.
+    """
+    with _handover_lock:
+        _handover.append(callback)
+
+
+def hand_over() -> None:
+    """Run the :func:`on_hand_over` callbacks (once; later calls return at once)."""
+    if not _handover:  # emptied only after the callbacks returned
+        return
+    with _handover_lock:
+        while _handover:
+            callback = _handover[0]
+            try:
+                callback()
+            except Exception as exc:  # it can only have made the run start sooner
+                logger.debug("hand-over callback failed: %s", exc)
+            del _handover[0]
 
 
 def release_reserved() -> int:
@@ -187,7 +234,8 @@ def release_reserved() -> int:
         left = list(_reserved.values())
         _reserved.clear()
     for semaphore in left:
-        semaphore.release()
+        if semaphore is not _DONE:
+            semaphore.release()
     return len(left)
 
 
@@ -218,10 +266,15 @@ def fal_request_slot(
     never raises it above ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY``. ``lookahead`` (None:
     ``PREFECT_GPTIMAGE_LOOKAHEAD``) adds that many slots to a local cap, for requests that wait
     in fal's queue (see the module docs); ``"local:16+2"`` names such a cap. ``reserved``: the
-    key a slot was reserved under (:func:`reserve_slot`); that slot is taken over, not acquired.
+    key a slot was reserved under (:func:`reserve_slot`); that slot is taken over, not acquired,
+    and none is held at all (label ``"completed"``) when the request completed at fal meanwhile
+    (:func:`completed_at_fal`).
     """
     name = name or get_settings().concurrency_limit_name
     held = _take_reserved(reserved)
+    if held is _DONE:
+        yield COMPLETED
+        return
     if global_limit_exists(name):
         if held is not None:
             held.release()

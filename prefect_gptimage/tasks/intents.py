@@ -113,12 +113,12 @@ def _store() -> ResultStore:
 
 def read_intent(request: AnyRequest, variant: int = 0) -> SubmitIntent | None:
     """The submit intent of this request, or None (none, expired or unreadable)."""
-    store, key = _store(), intent_key(request, variant)
-    if not store.exists(key):
+    value = cache.read_record(_store(), intent_key(request, variant))
+    if value is None:
         return None
     try:
-        return SubmitIntent.model_validate(store.read(key).result)
-    except (ValidationError, ValueError, OSError, TypeError):
+        return SubmitIntent.model_validate(value)
+    except (ValidationError, ValueError, TypeError):
         return None
 
 
