@@ -43,4 +43,5 @@ if __name__ == "__main__":
         read = "; ".join(v.read_text for v in last)
         verdict = "PASS" if row.passed else "FAIL"
         print(f"line {row.line}: {verdict} after {len(row.attempts)} attempt(s): {read!r}")
+    print(f"manifest: {summary.manifest_uri}\ngallery: {summary.gallery}")
     print(summary.model_dump_json(include={"rows", "passed", "regenerations", "cost"}))
