@@ -35,7 +35,7 @@ CAP = 3  # the global concurrency limit: requests running at fal across every wo
 ROWS = 24
 #: Threads of each worker ("machine"): 4 rows at once for 3 slots, so the limit binds. The worker
 #: the kill test kills has one thread, so it holds at most one slot when it dies: a killed
-#: worker's slots stay leased on the server until the lease runs out (minutes), and the other
+#: worker's slots stay leased on the server until the lease runs out (about 75 s), and the other
 #: worker goes on with the rest.
 THREADS = {"worker-0": 1, "worker-1": 3}
 FINISHED = "Finished in state Completed()"
@@ -140,7 +140,7 @@ def results_block(prefect_server: PrefectServer, local_s3: Any, s3_bucket: str) 
 @pytest.fixture
 def limit(prefect_server: PrefectServer) -> Iterator[str]:
     """A global concurrency limit of CAP on the server, under a name of this test's own (a killed
-    worker's slots stay leased for minutes: no other test must share them)."""
+    worker's slots stay leased for about 75 s: no other test must share them)."""
     name = f"fal-fanout-{uuid.uuid4().hex[:8]}"
     answer = httpx.post(
         f"{prefect_server.api_url}/v2/concurrency_limits/", json={"name": name, "limit": CAP}
