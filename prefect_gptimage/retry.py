@@ -25,10 +25,15 @@ Prefect API (a global concurrency slot): connection    transient
 refused or reset, timeouts, HTTP 408/425/429/5xx
 (the server restarting, overloaded, its database away)
 Prefect API: other 4xx (a missing limit, a bad lease)  permanent
+Redis (the submit lock): connection refused, reset or  transient
+closed, timeouts, ``LOADING`` (a restarted server
+reading its data), ``READONLY`` (a failover under way)
+Redis: wrong password or ACL, any other Redis error    permanent
 =====================================================  =====================================
 
 (The S3 rows are implemented in the private ``prefect_gptimage._retry_s3``, re-exported here; the
-Prefect API rows are :func:`is_transient_prefect_api_error`.)
+Prefect API rows are :func:`is_transient_prefect_api_error`; the Redis rows are
+:func:`is_transient_redis_error`.)
 
 How long: :class:`RetryPolicy` retries a transient failure with exponential backoff and jitter
 until its ``budget`` (seconds, from the first attempt) or ``attempts`` runs out, then raises the
@@ -39,6 +44,9 @@ outage or a burst of ``SlowDown`` shorter than the budget is ridden out by every
 calls that take and give back a global concurrency slot on the Prefect server
 (:mod:`prefect_gptimage.tasks.concurrency`), with the budget counted from their first failure
 (``budget_from_first_failure``): taking a slot may rightly wait minutes for a free one first.
+The calls of the Redis submit lock (taking it, waiting for it, giving it back:
+:mod:`prefect_gptimage.tasks.cache`) are retried the same way, so a Redis restart shorter than
+the budget is ridden out by every row.
 
 Example:
     >>> is_transient_status(503, {})
@@ -135,6 +143,44 @@ def is_transient_prefect_api_error(exc: BaseException) -> bool:
         if isinstance(cause, httpx.UnsupportedProtocol):
             return False
         if isinstance(cause, httpx.TransportError):
+            return True
+    return False
+
+
+def is_transient_redis_error(exc: BaseException) -> bool:
+    """Whether a failed call to the Redis lock service may succeed if retried: the server
+    restarting or unreachable (connection refused, reset or closed), a timeout, ``LOADING`` (a
+    restarted server still reading its data) or ``READONLY`` (a Sentinel failover under way),
+    found anywhere in ``exc``'s chain. A wrong password or ACL, and every other Redis error (a
+    lock no longer held, a bad command), are permanent: waiting would not change them.
+
+    Example:
+        >>> from redis.exceptions import AuthenticationError, ConnectionError
+        >>> is_transient_redis_error(ConnectionError("Error 111 connecting to 127.0.0.1:6379"))
+        True
+        >>> is_transient_redis_error(AuthenticationError("invalid username-password pair"))
+        False
+    """
+    try:
+        from redis import exceptions as redis_errors  # the optional [redis] extra
+    except ImportError:  # pragma: no cover - depends on the install
+        return False
+    permanent = (
+        redis_errors.AuthenticationError,
+        redis_errors.AuthorizationError,
+        redis_errors.AuthenticationWrongNumberOfArgsError,
+    )
+    transient = (
+        redis_errors.ConnectionError,  # refused, reset, closed; LOADING is one too
+        redis_errors.TimeoutError,
+        redis_errors.ReadOnlyError,
+        ConnectionError,  # the socket's own, where redis-py does not wrap it
+        TimeoutError,
+    )
+    for cause in exception_chain(exc):
+        if isinstance(cause, permanent):
+            return False
+        if isinstance(cause, transient):
             return True
     return False
 
