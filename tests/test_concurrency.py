@@ -14,6 +14,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect_gptimage.flows.batch import batch_to_s3
 from prefect_gptimage.tasks.concurrency import fal_request_slot, forget_lookups
 from prefect_gptimage.testing import FalEmulator
+from prefect_gptimage.testing.faults import Fault
 
 
 def max_overlap(emulator: FalEmulator, marker: str, running: bool = False) -> int:
@@ -133,3 +134,24 @@ def test_a_missing_global_limit_fails_at_once_not_after_the_retry_budget(unique:
     ):
         pass  # pragma: no cover - never entered
     assert time.monotonic() - started < 10
+
+
+def test_a_slot_is_given_back_when_fal_completes_not_after_the_result_is_read(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cap 1, two rows, the first result slow to read (2 s): the second row is submitted once
+    the first completed at fal, while its result is still being read, and never alongside it."""
+    monkeypatch.setenv("PREFECT_GPTIMAGE_LOCAL_CONCURRENCY", "1")
+    forget_lookups()
+    fal_emulator.set_latency(0.5)
+    fal_emulator.inject(Fault.parse("result:slow:1:2"))
+    batch_to_s3(
+        prompt_file=prompts(tmp_path, unique, 2), concurrency=1, output_dir=str(tmp_path / "o")
+    )
+    first, second = sorted(
+        (r for r in fal_emulator.requests() if unique in str(r.arguments.get("prompt"))),
+        key=lambda r: r.submitted_at,
+    )
+    assert first.completed_at is not None
+    assert second.submitted_at >= first.completed_at  # the cap: never two at fal
+    assert second.submitted_at - first.completed_at < 1.5  # not after the 2 s read

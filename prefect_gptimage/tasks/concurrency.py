@@ -3,7 +3,10 @@
 fal counts only running requests against an account's limit and queues the rest, so sending
 more than the limit only makes requests wait in fal's queue (and costs status polls). Every
 :func:`~prefect_gptimage.tasks.generate_images` holds one slot from its submit until its result
-is fetched (not while downloading, and not at all for a cached request).
+is fetched (not while downloading, and not at all for a cached request). A local slot is given
+back as soon as fal reports the request completed (:func:`fal_completed`, called by the fetch
+task between its wait and its result): the next request is submitted while this one's result
+is read, instead of after.
 
 * If a Prefect **global concurrency limit** named ``PREFECT_GPTIMAGE_CONCURRENCY_LIMIT_NAME``
   (default ``fal-gpt-image``) exists, slots come from it: the cap holds across every task, flow
@@ -50,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -273,24 +277,70 @@ def fal_request_slot(
     name = name or get_settings().concurrency_limit_name
     held = _take_reserved(reserved)
     if held is _DONE:
-        yield COMPLETED
+        token = _early_release.set(_nothing_held)
+        try:
+            yield COMPLETED
+        finally:
+            _early_release.reset(token)
         return
     if global_limit_exists(name):
         if held is not None:
             held.release()
-        with global_slot(name):
-            yield f"global:{name}"
+        token = _early_release.set(None)
+        try:
+            with global_slot(name):
+                yield f"global:{name}"
+        finally:
+            _early_release.reset(token)
         return
     size, extra = local_cap(local_limit, lookahead)
     label = f"local:{size}+{extra}" if extra else f"local:{size}"
     if held is None:
-        with _local_semaphore(size + extra):
-            yield label
-        return
+        held = _local_semaphore(size + extra)
+        held.acquire()
+    token = _early_release.set(_once(held.release))
     try:
         yield label
     finally:
-        held.release()
+        release = _early_release.get()
+        _early_release.reset(token)
+        if release is not None:
+            release()
+
+
+#: Gives back the local slot this context holds, once (see :func:`fal_completed`).
+_early_release: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "prefect_gptimage_fal_slot", default=None
+)
+
+
+def _once(release: Callable[[], None]) -> Callable[[], None]:
+    done = threading.Lock()
+
+    def release_once() -> None:
+        if done.acquire(blocking=False):
+            release()
+
+    return release_once
+
+
+def _nothing_held() -> None:
+    """The "release" of a request that completed at fal before its task held any slot."""
+
+
+def fal_completed() -> bool:
+    """The request whose local slot this context holds completed at fal: give the slot back now.
+
+    Fetching its result and downloading it run nothing at fal, so the next request may start
+    meanwhile; the slot's ``with`` block then gives nothing back twice. True when this context
+    holds no slot from now on (so a new submit must take one); False when it holds a global slot,
+    kept to the end of its block, or none was taken here.
+    """
+    release = _early_release.get()
+    if release is None:
+        return False
+    release()
+    return True
 
 
 @contextmanager

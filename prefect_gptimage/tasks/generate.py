@@ -40,7 +40,7 @@ from prefect_gptimage.schemas import (
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import cached_generation, is_submit_cached
-from prefect_gptimage.tasks.concurrency import COMPLETED, fal_request_slot, hand_over
+from prefect_gptimage.tasks.concurrency import fal_completed, fal_request_slot, hand_over
 from prefect_gptimage.tasks.download import download, download_image
 from prefect_gptimage.tasks.intents import unresolved_intent
 from prefect_gptimage.tasks.queue import fetch_result, submit_request
@@ -137,13 +137,13 @@ def _submit_and_fetch(
     timeout = options.timeout or get_settings().request_timeout  # every wait has a deadline
     hand_over()  # a request submitted ahead of this task (the CLI's head start) is recorded now
     with ExitStack() as slot:
-        held, label = False, ""
+        held = False
 
         def hold(reserved: str | None = request_fingerprint(request, options.variant)) -> None:
             """A fal slot, from submit to fetched result."""
-            nonlocal held, label
+            nonlocal held
             if not held:
-                label = slot.enter_context(
+                slot.enter_context(
                     fal_request_slot(
                         local_limit=options.max_in_flight,
                         lookahead=options.lookahead,
@@ -194,7 +194,9 @@ def _submit_and_fetch(
                     )
                 else:
                     log.warning("submitting %s again: %s", handle.request_id, reason)
-                if label == COMPLETED:  # it completed at fal slot-free: the new submit needs one
+                # the new submit needs a local slot: the old one was given back when fal
+                # completed the request, or is now (a failed request runs nothing at fal either)
+                if fal_completed():
                     held = False
                     hold(reserved=None)
                 refresh = True

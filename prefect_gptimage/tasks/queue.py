@@ -37,6 +37,7 @@ from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import CACHE_EXPIRATION, RESULT_CACHE, SUBMIT_CACHE
+from prefect_gptimage.tasks.concurrency import fal_completed
 from prefect_gptimage.tasks.intents import guarded_submit
 from prefect_gptimage.tasks.policies import body_limits, retry_policy
 
@@ -168,6 +169,7 @@ def fetch_result(
     client = sync_client(credentials)
     if wait:
         client.wait(handle, timeout=timeout, log=get_run_logger())
+        fal_completed()  # nothing runs at fal any more: its slot may take the next request
     return client.result(handle)
 
 
