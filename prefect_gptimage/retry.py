@@ -31,9 +31,9 @@ reading its data), ``READONLY`` (a failover under way)
 Redis: wrong password or ACL, any other Redis error    permanent
 =====================================================  =====================================
 
-(The S3 rows are implemented in the private ``prefect_gptimage._retry_s3``, re-exported here; the
-Prefect API rows are :func:`is_transient_prefect_api_error`; the Redis rows are
-:func:`is_transient_redis_error`.)
+(The S3 rows are implemented in the private ``prefect_gptimage._retry_s3``, the Prefect API and
+Redis rows (:func:`is_transient_prefect_api_error`, :func:`is_transient_redis_error`) in
+``prefect_gptimage._retry_services``, both re-exported here.)
 
 How long: :class:`RetryPolicy` retries a transient failure with exponential backoff and jitter
 until its ``budget`` (seconds, from the first attempt) or ``attempts`` runs out, then raises the
@@ -76,6 +76,15 @@ from prefect_gptimage._retry_s3 import (
 from prefect_gptimage._retry_s3 import (
     is_transient_s3_error as is_transient_s3_error,
 )
+from prefect_gptimage._retry_services import (  # re-exported: the Prefect API and Redis rows
+    PREFECT_API_TRANSIENT_CODES as PREFECT_API_TRANSIENT_CODES,
+)
+from prefect_gptimage._retry_services import (
+    is_transient_prefect_api_error as is_transient_prefect_api_error,
+)
+from prefect_gptimage._retry_services import (
+    is_transient_redis_error as is_transient_redis_error,
+)
 from prefect_gptimage.errors import (
     FalError,
     FalRequestFailed,
@@ -94,9 +103,6 @@ TRANSIENT_STATUS_CODES = frozenset({408, 409, 425, 429})
 GONE_STATUS_CODES = frozenset({404, 410})
 #: Ingress answers (no ``x-fal-request-id``) that leave a submit's outcome unknown.
 UNKNOWN_SUBMIT_CODES = frozenset({502, 504})
-
-#: Prefect API statuses worth retrying (besides every 5xx): the server busy or restarting.
-PREFECT_API_TRANSIENT_CODES = frozenset({408, 425, 429})
 
 #: Transport failures where nothing was sent: a submit may be resent safely.
 NOT_SENT = (
@@ -121,68 +127,6 @@ def is_transient_status(
     if media and status_code in GONE_STATUS_CODES:
         return False
     return status_code in TRANSIENT_STATUS_CODES or status_code >= 500
-
-
-def is_transient_prefect_api_error(exc: BaseException) -> bool:
-    """Whether a failed Prefect API call (taking or giving back a concurrency slot) may succeed
-    if retried: the server restarting (connection refused or reset), a timeout, HTTP
-    408/425/429 or any 5xx, found anywhere in ``exc``'s chain (Prefect wraps them, e.g. in
-    ``ConcurrencySlotAcquisitionError``). A 4xx (a limit that does not exist, a lease the server
-    does not know) and a URL with no ``http(s)://`` are permanent.
-
-    Example:
-        >>> is_transient_prefect_api_error(httpx.ConnectError("refused"))
-        True
-        >>> is_transient_prefect_api_error(RuntimeError("limit must be created first"))
-        False
-    """
-    for cause in exception_chain(exc):
-        if isinstance(cause, httpx.HTTPStatusError):
-            status = cause.response.status_code
-            return status in PREFECT_API_TRANSIENT_CODES or status >= 500
-        if isinstance(cause, httpx.UnsupportedProtocol):
-            return False
-        if isinstance(cause, httpx.TransportError):
-            return True
-    return False
-
-
-def is_transient_redis_error(exc: BaseException) -> bool:
-    """Whether a failed call to the Redis lock service may succeed if retried: the server
-    restarting or unreachable (connection refused, reset or closed), a timeout, ``LOADING`` (a
-    restarted server still reading its data) or ``READONLY`` (a Sentinel failover under way),
-    found anywhere in ``exc``'s chain. A wrong password or ACL, and every other Redis error (a
-    lock no longer held, a bad command), are permanent: waiting would not change them.
-
-    Example:
-        >>> from redis.exceptions import AuthenticationError, ConnectionError
-        >>> is_transient_redis_error(ConnectionError("Error 111 connecting to 127.0.0.1:6379"))
-        True
-        >>> is_transient_redis_error(AuthenticationError("invalid username-password pair"))
-        False
-    """
-    try:
-        from redis import exceptions as redis_errors  # the optional [redis] extra
-    except ImportError:  # pragma: no cover - depends on the install
-        return False
-    permanent = (
-        redis_errors.AuthenticationError,
-        redis_errors.AuthorizationError,
-        redis_errors.AuthenticationWrongNumberOfArgsError,
-    )
-    transient = (
-        redis_errors.ConnectionError,  # refused, reset, closed; LOADING is one too
-        redis_errors.TimeoutError,
-        redis_errors.ReadOnlyError,
-        ConnectionError,  # the socket's own, where redis-py does not wrap it
-        TimeoutError,
-    )
-    for cause in exception_chain(exc):
-        if isinstance(cause, permanent):
-            return False
-        if isinstance(cause, transient):
-            return True
-    return False
 
 
 def is_ingress(response: httpx.Response) -> bool:

@@ -12,6 +12,7 @@ import pytest
 
 MODULES = [
     "prefect_gptimage.retry",
+    "prefect_gptimage._retry_services",
     "prefect_gptimage.schemas",
     "prefect_gptimage.pricing",
     "prefect_gptimage._lazy",
