@@ -34,14 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from prefect import flow
 from prefect.client.schemas.objects import State
-from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import TaskRunner
@@ -51,6 +48,33 @@ from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import BatchIncomplete, DuplicateRequestId, FalError
 from prefect_gptimage.flows._fanout import check_cluster, row_runner
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
+from prefect_gptimage.flows._stop import (  # re-exported: the CLI stops a batch through here
+    IN_FLIGHT as IN_FLIGHT,
+)
+from prefect_gptimage.flows._stop import (
+    NOT_STARTED,
+    RowInterrupted,
+    SettledRow,
+    StartedRow,
+    forget_row,
+    stop_event,
+    watch_for_stop,
+)
+from prefect_gptimage.flows._stop import (
+    STOP_GRACE_S as STOP_GRACE_S,
+)
+from prefect_gptimage.flows._stop import (
+    STOP_SUBMIT_WAIT_S as STOP_SUBMIT_WAIT_S,
+)
+from prefect_gptimage.flows._stop import (
+    request_stop as request_stop,
+)
+from prefect_gptimage.flows._stop import (
+    reset_stop as reset_stop,
+)
+from prefect_gptimage.flows._stop import (
+    stop_requested as stop_requested,
+)
 from prefect_gptimage.ledger import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
@@ -75,136 +99,12 @@ from prefect_gptimage.tasks.window import in_order
 MAX_RESUMED_AHEAD = 128
 #: How often (seconds) the flow logs its progress and ETA.
 LOG_EVERY_S = 15.0
-#: After a stop, how long (seconds) started rows may take to finish before they are reported as
-#: in flight; a row in the middle of its submit is waited for up to :data:`STOP_SUBMIT_WAIT_S`.
-STOP_GRACE_S = 4.0
-STOP_SUBMIT_WAIT_S = 3.0
-
-#: ``error_type`` of rows a stop left unstarted, and of rows it left running at fal.
-NOT_STARTED = "not_started_interrupted"
-IN_FLIGHT = "in_flight_interrupted"
-
-_stop = threading.Event()
 _live: list[RunSummary] = []  # the running batch's summary, for a process that must exit early
 
 
 def live_summary() -> RunSummary | None:
     """The summary of the batch running in this process so far (None when none runs)."""
     return _live[-1] if _live else None
-
-
-def request_stop() -> None:
-    """Stop the running batch (see the module docs); safe from a signal handler."""
-    _stop.set()
-
-
-def stop_requested() -> bool:
-    """Whether :func:`request_stop` was called (and not :func:`reset_stop` since)."""
-    return _stop.is_set()
-
-
-def reset_stop() -> None:
-    """Forget a stop (for a process that runs another batch afterwards)."""
-    _stop.clear()
-
-
-class RowInterrupted(FalError):
-    """A row a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
-
-
-class _Settled:
-    """A row future finished by the flow itself: never started, or abandoned in flight."""
-
-    def __init__(self, error: RowInterrupted) -> None:
-        self.state: State[Any] = Failed(data=error, message=error.message)
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        fn(self)
-
-    def wait(self, timeout: float | None = None) -> None:
-        return None
-
-
-class _Row:
-    """A started row's future, which a stop can settle before the task finishes."""
-
-    def __init__(self, row: PromptRow, future: PrefectFuture[Any]) -> None:
-        self.row, self._future = row, future
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._settled: State[Any] | None = None
-        self.done = threading.Event()
-        future.add_done_callback(lambda _f: self._finish(None))
-
-    def _finish(self, state: State[Any] | None) -> None:
-        with self._lock:
-            if self.done.is_set():
-                return
-            self._settled = state
-            self.done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
-
-    def abandon(self) -> None:
-        """Report the row as in flight at fal and stop waiting for it (its task runs on)."""
-        error = RowInterrupted(
-            "in flight (interrupted): submitted to fal and left running there, not cancelled; "
-            "a re-run resumes it from the cache without paying again",
-            error_type=IN_FLIGHT,
-        )
-        self._finish(Failed(data=error, message=error.message))
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        with self._lock:
-            if not self.done.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def wait(self, timeout: float | None = None) -> None:
-        self.done.wait(timeout)
-
-    @property
-    def state(self) -> State[Any]:
-        if self._settled is not None:
-            return self._settled
-        self._future.wait()  # done already: this only lets the future read its final state
-        return self._future.state
-
-
-def _mid_submit(row: PromptRow) -> bool:
-    """Whether this row's submit was sent and its answer is not recorded yet."""
-    try:
-        intent = read_intent(row.request, row.variant)
-    except Exception:  # an unreadable store: assume the worst, within the wait's bound
-        return True
-    return intent is not None and intent.state == "submitting"
-
-
-def _watch_for_stop(started: dict[int, _Row], lock: threading.Lock, over: threading.Event) -> None:
-    """On a stop: give started rows their grace, then settle the rest as in flight."""
-    while not _stop.wait(0.2):
-        if over.is_set():
-            return
-    deadline = time.monotonic() + STOP_GRACE_S
-    while time.monotonic() < deadline and not over.is_set():
-        with lock:
-            pending = [r for r in started.values() if not r.done.is_set()]
-        if not pending:
-            return
-        time.sleep(0.1)
-    deadline = time.monotonic() + STOP_SUBMIT_WAIT_S
-    while not over.is_set():
-        with lock:
-            pending = [r for r in started.values() if not r.done.is_set()]
-        if not pending:
-            return
-        if time.monotonic() >= deadline or not any(_mid_submit(r.row) for r in pending):
-            for r in pending:
-                r.abandon()
-            return
-        time.sleep(0.1)
 
 
 class Plan(NamedTuple):
@@ -331,13 +231,13 @@ def batch_to_s3(
         lookahead=lookahead,
     )
 
-    started: dict[int, _Row] = {}
+    started: dict[int, StartedRow] = {}
     started_lock = threading.Lock()
     over = threading.Event()
 
     def submit(row: PromptRow) -> Any:
-        if _stop.is_set():  # a stop: nothing new is started (nor paid)
-            return _Settled(
+        if stop_event.is_set():  # a stop: nothing new is started (nor paid)
+            return SettledRow(
                 RowInterrupted(
                     "not started (interrupted): nothing was submitted for it",
                     error_type=NOT_STARTED,
@@ -353,10 +253,10 @@ def batch_to_s3(
                 **({"bucket_block": bucket} if cluster and isinstance(bucket, S3Bucket) else {}),
             },
         )
-        handle = _Row(row, future)
+        handle = StartedRow(row, future)
         with started_lock:
             started[id(handle)] = handle
-        handle.add_done_callback(lambda h: _forget(started, started_lock, h))
+        handle.add_done_callback(lambda h: forget_row(started, started_lock, h))
         return handle
 
     # one fal request id per request: a second row given the same id fails (see _flag_duplicates)
@@ -369,7 +269,7 @@ def batch_to_s3(
     workers = 2 * max(1, concurrency) + ahead + min(plan.at_fal, MAX_RESUMED_AHEAD)
     runner = row_runner(cluster, workers)  # this process's threads, or a Dask cluster
     watcher = threading.Thread(
-        target=_watch_for_stop, args=(started, started_lock, over), daemon=True
+        target=watch_for_stop, args=(started, started_lock, over), daemon=True
     )
     with (
         use_s3_client(s3_client),
@@ -404,18 +304,13 @@ def batch_to_s3(
         log.info("%s: %s", run_key, progress.status())
         _flag_duplicates(ledger, reported, report)
         state = report.close()
-    if _stop.is_set():
+    if stop_event.is_set():
         message = f"interrupted: {state.message}"
         return Failed(message=message, data=BatchIncomplete(report.summary, message))
     if report.summary.ok:
         return state
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
     return Failed(message=state.message, data=BatchIncomplete(report.summary, state.message))
-
-
-def _forget(started: dict[int, _Row], lock: threading.Lock, handle: _Row) -> None:
-    with lock:
-        started.pop(id(handle), None)
 
 
 @contextlib.contextmanager
@@ -427,7 +322,7 @@ def _running(runner: TaskRunner[Any]) -> Any:
         yield runner
     finally:
         executor = getattr(runner, "_executor", None)
-        if _stop.is_set() and executor is not None:
+        if stop_event.is_set() and executor is not None:
             # no cancel events either: a row in flight keeps going until the process exits
             executor.shutdown(wait=False, cancel_futures=True)
             runner._executor = None  # type: ignore[attr-defined]
