@@ -44,6 +44,13 @@ CONTENT_TYPES: dict[str, str] = {
     "webp": "image/webp",
 }
 
+#: Default cap on one queue answer (``PREFECT_GPTIMAGE_MAX_RESULT_BYTES``): four ``sync_mode``
+#: images of the largest size GPT Image 1.5 makes (1536x1024 RGBA, at most ~6.3 MB even
+#: incompressible, ~8.4 MB as base64) fit. Reading, validating and caching a result (Prefect's
+#: record copies it) takes ~6x its size, so this is what keeps a process under 500 MB (a 60 MiB
+#: result reached 558 MiB; ``tests/test_memory.py``).
+DEFAULT_MAX_BODY_BYTES = 36 * 1024 * 1024
+
 #: URL schemes fal accepts for input images: a URL it can fetch, or an inline ``data:`` URI.
 INPUT_URL_SCHEMES = ("https", "http", "data")
 

@@ -28,7 +28,7 @@ from prefect.settings.base import PrefectBaseSettings, build_settings_config
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from prefect_gptimage.fal._transport import DEFAULT_MAX_BODY_BYTES
+from prefect_gptimage.schemas import DEFAULT_MAX_BODY_BYTES
 
 __all__ = ["GptImageSettings", "get_settings"]
 

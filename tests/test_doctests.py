@@ -17,6 +17,7 @@ MODULES = [
     "prefect_gptimage.pricing",
     "prefect_gptimage._lazy",
     "prefect_gptimage.fal._classify",
+    "prefect_gptimage.fal._transport",
     "prefect_gptimage.fal.polling",
     "prefect_gptimage.tasks.cache",
     "prefect_gptimage.s3",

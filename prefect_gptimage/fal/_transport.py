@@ -40,13 +40,8 @@ from prefect_gptimage.retry import (
     is_ingress,
     submit_outcome_unknown,
 )
+from prefect_gptimage.schemas import DEFAULT_MAX_BODY_BYTES
 
-#: Default cap on one queue answer (``PREFECT_GPTIMAGE_MAX_RESULT_BYTES``): four ``sync_mode``
-#: images of the largest size GPT Image 1.5 makes (1536x1024 RGBA, at most ~6.3 MB even
-#: incompressible, ~8.4 MB as base64) fit. Reading, validating and caching a result (Prefect's
-#: record copies it) takes ~6x its size, so this is what keeps a process under 500 MB (a 60 MiB
-#: result reached 558 MiB; ``tests/test_memory.py``).
-DEFAULT_MAX_BODY_BYTES = 36 * 1024 * 1024
 #: Default total time to read one body (after its headers arrived).
 DEFAULT_BODY_TIMEOUT = 120.0
 #: Error bodies are only read for their message: a smaller cap.
@@ -58,7 +53,7 @@ class BodyLimits(BaseModel):
 
     Example:
         >>> BodyLimits().max_bytes // 2**20, BodyLimits().timeout
-        (64, 120.0)
+        (36, 120.0)
     """
 
     model_config = ConfigDict(frozen=True)
