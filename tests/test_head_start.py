@@ -166,3 +166,24 @@ def test_the_head_start_refills_each_freed_slot_until_the_hand_over(
     intents = [read_intent(row.request, row.variant) for row in rows]
     states = [i.state if i else None for i in intents]
     assert states == ["submitted"] * 6 + [None, None], states
+
+
+def test_a_database_still_being_created_has_no_global_limit(tmp_path: Path) -> None:
+    """The temporary server creates the home's database while the head start looks: a file with
+    no tables yet cannot hold a limit (the head start goes ahead); one with the limit can."""
+    import sqlite3
+    from contextlib import closing
+
+    from prefect_gptimage.cli._head_start import _may_have_global_limit
+
+    db = tmp_path / "prefect.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    assert _may_have_global_limit(url, "fal-gpt-image") is False  # no file yet
+    sqlite3.connect(db).close()
+    assert _may_have_global_limit(url, "fal-gpt-image") is False  # created, not migrated
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE concurrency_limit_v2 (name TEXT, active BOOLEAN)")
+        conn.execute("INSERT INTO concurrency_limit_v2 VALUES ('fal-gpt-image', 1)")
+        conn.commit()
+    assert _may_have_global_limit(url, "fal-gpt-image") is True
+    assert _may_have_global_limit(url, "another-limit") is False

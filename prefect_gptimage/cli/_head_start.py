@@ -299,6 +299,10 @@ def _may_have_global_limit(connection_url: object, name: str) -> bool:
             row = db.execute(
                 "SELECT active FROM concurrency_limit_v2 WHERE name = ?", (name,)
             ).fetchone()
+    except sqlite3.OperationalError as exc:
+        # a database the temporary server is creating right now has no such table yet, and so
+        # no limit; locked, or another schema: assume it may
+        return "no such table" not in str(exc)
     except sqlite3.Error:
-        return True  # locked, or another schema: assume it may
+        return True
     return row is not None and bool(row[0])
