@@ -58,7 +58,8 @@ def global_limit() -> Iterator[str]:
 def test_global_limit_caps_requests_in_flight(
     fal_emulator: FalEmulator, global_limit: str, unique: str, tmp_path: Path
 ) -> None:
-    fal_emulator.set_latency(1.5)  # long enough to overlap on a loaded machine
+    # long enough to overlap on a loaded machine, where taking a slot on the API takes seconds
+    fal_emulator.set_latency(4.0)
     with fal_request_slot() as slot:
         assert slot == f"global:{global_limit}"
     batch_to_s3(
