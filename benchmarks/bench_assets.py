@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from bench_batch import (  # noqa: E402
     package_digest,
     plugin_command,
     run_measured,
+    warm_prefect_home,
 )
 
 MODES: dict[str, dict[str, str]] = {
@@ -76,19 +76,6 @@ def write_prompts(path: Path, n: int) -> None:
         for i in range(n):
             row = {"prompt": f"asset bench {tag} row {i:06d}: a paper lantern", "quality": "low"}
             fh.write(json.dumps(row) + "\n")
-
-
-def warm(env: dict[str, str]) -> float:
-    """Create and migrate the Prefect home's database (a one-task flow run), untimed."""
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", "from prefect import flow\nflow(lambda: None)()"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-    )
-    return round(time.perf_counter() - started, 2)
 
 
 def synthetic_child(mode: str, n: int) -> int:
@@ -261,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
             api = PrefectServer().start()
             base["PREFECT_API_URL"] = api.api_url
-        warmup = None if args.fresh_home else warm(base)
+        warmup = None if args.fresh_home else warm_prefect_home(base)
         if args.synthetic:
             synthetic = run_synthetic(args, base, work, logs, problems)
         order = [m for r in range(args.repeats) for m in (args.modes[:: (-1) ** r])]

@@ -175,6 +175,19 @@ def run_measured(
     )
 
 
+def warm_prefect_home(env: dict[str, str]) -> float:
+    """Create and migrate the Prefect home's database (a one-task flow run), untimed: seconds."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "from prefect import flow\nflow(lambda: None)()"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    return round(time.perf_counter() - started, 2)
+
+
 # -- servers ---------------------------------------------------------------------------------
 
 
@@ -533,15 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 # (A dry run no longer starts a Prefect API, so a one-task flow run does it: the
                 # temporary API it starts creates and migrates the home's database.)
                 plugin_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-                started = time.perf_counter()
-                subprocess.run(
-                    [sys.executable, "-c", "from prefect import flow\nflow(lambda: None)()"],
-                    env=plugin_env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    check=False,
-                )
-                warmup_s = round(time.perf_counter() - started, 2)
+                warmup_s = warm_prefect_home(plugin_env)
                 print(f"[bench {now()}] Prefect home warmed up in {warmup_s}s", file=sys.stderr)
             plugin_env["PREFECT_GPTIMAGE_LOCAL_CONCURRENCY"] = str(args.limit)
             plugin_env.update(item.split("=", 1) for item in args.plugin_env)
