@@ -25,6 +25,17 @@ def run_cli_process(args: list[str], env: dict[str, str]) -> subprocess.Complete
     )
 
 
+def start_cli_process(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """:func:`run_cli_process` without waiting: the running command, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect_gptimage.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _short_backoff() -> Iterator[None]:
     """Backoff capped at 1 s instead of 8 (users' default): the faults are the same, the suite

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import start_cli_process
 
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.services import PrefectServer, free_port
@@ -175,13 +176,7 @@ def start_batch(
 ) -> subprocess.Popen[str]:
     args = ["batch", str(file), "--bucket", bucket, "--prefix", "fanout", "--json"]
     args += ["--concurrency", str(CAP), "--cluster", cluster.address, "--output-dir", str(out)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect_gptimage.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli_process(args, env)
 
 
 def finish(batch: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import start_cli_process
 
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
@@ -82,13 +82,7 @@ def prompt_file(path: Path, tag: str) -> Path:
 def start_batch(file: Path, bucket: str, env: dict[str, str]) -> subprocess.Popen[str]:
     """``prefect-gptimage batch`` as a user runs it, ``--json`` summary on stdout."""
     args = ["batch", str(file), "--bucket", bucket, "--prefix", "restart", "--json"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect_gptimage.cli", *args, "--concurrency", str(CAP)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli_process([*args, "--concurrency", str(CAP)], env)
 
 
 def summary_of(batch: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
