@@ -140,14 +140,14 @@ def test_a_missing_global_limit_fails_at_once_not_after_the_retry_budget(unique:
 def test_a_slot_is_given_back_when_fal_completes_not_after_the_result_is_read(
     fal_emulator: FalEmulator, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cap 1, two rows, the first result slow to read (5 s): the second row is submitted once
+    """Cap 1, two rows, the first result slow to read (8 s): the second row is submitted once
     the first completed at fal, while its result is still being read, and never alongside it.
-    (Noticing the completion and the next submit's task run take a second or two on a loaded
-    machine: the bound is well under the read, well over them.)"""
+    (Noticing the completion and the next submit's task run took up to 3.7 s in CI on a loaded
+    machine: the bound is 2 s under the read, well over them.)"""
     monkeypatch.setenv("PREFECT_GPTIMAGE_LOCAL_CONCURRENCY", "1")
     forget_lookups()
     fal_emulator.set_latency(0.5)
-    fal_emulator.inject(Fault.parse("result:slow:1:5"))
+    fal_emulator.inject(Fault.parse("result:slow:1:8"))
     batch_to_s3(
         prompt_file=prompts(tmp_path, unique, 2), concurrency=1, output_dir=str(tmp_path / "o")
     )
@@ -157,4 +157,4 @@ def test_a_slot_is_given_back_when_fal_completes_not_after_the_result_is_read(
     )
     assert first.completed_at is not None
     assert second.submitted_at >= first.completed_at  # the cap: never two at fal
-    assert second.submitted_at - first.completed_at < 3.5  # not after the 5 s read
+    assert second.submitted_at - first.completed_at < 6.0  # not after the 8 s read
