@@ -1,0 +1,57 @@
+"""A request to stop a run, passed in as an object: the one place a stop lands.
+
+The CLI creates one :class:`Stop`, hands it to the flow (``stop=``) and calls :meth:`Stop.request`
+from its signal handler; the engine checks it before starting each row and gives rows in flight
+:attr:`Stop.grace` seconds. Nothing about a stop lives in a module global.
+
+Example:
+    >>> stop = Stop()
+    >>> stop.requested
+    False
+    >>> stop.request("SIGTERM")
+    >>> stop.requested, stop.reason
+    (True, 'SIGTERM')
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+__all__ = ["STOP_GRACE_S", "Stop"]
+
+#: After a stop, how long (seconds) rows already started may take before they are reported as
+#: in flight (left at fal, resumed by a re-run without paying again).
+STOP_GRACE_S = 4.0
+
+
+class Stop:
+    """One run's stop request: safe to set from a signal handler or another thread.
+
+    ``summary`` is what the engine has reported so far (set by the engine when the run starts),
+    so a process that must exit early can still print it.
+    """
+
+    def __init__(self, grace: float = STOP_GRACE_S) -> None:
+        self.grace = grace
+        self.reason: str | None = None
+        self.summary: Any = None
+        self._event = threading.Event()
+
+    def request(self, reason: str = "interrupted") -> None:
+        """Ask the run to stop (idempotent: the first reason is kept)."""
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a stop is requested or ``timeout`` passes; True if requested."""
+        return self._event.wait(timeout)
+
+    def __repr__(self) -> str:  # flows log their parameters: keep it short
+        return f"Stop(requested={self.requested})"
