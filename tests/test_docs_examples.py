@@ -162,6 +162,7 @@ def _recipe_env(home: Path, api_url: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timeout(700)  # past the 600 s below, so the servers the recipe started are ended
 def test_offline_recipe_runs(tmp_path: Path, prefect_harness: dict[str, Any]) -> None:
     """docs/cli.md's offline recipe, run as written (on free ports): the emulator and moto's S3
     server started by hand, every command succeeds, and the second batch is served from the
