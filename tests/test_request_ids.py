@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from prefect_gptimage.errors import (
     DuplicateRequestId,
     FalError,
+    PermanentFalError,
     SubmitOutcomeUnknown,
     TransientFalError,
 )
@@ -177,6 +178,18 @@ def test_urls_naming_another_request_are_not_followed(
     assert client.status(forged).state is RequestState.IN_QUEUE  # its own state, not done's
     assert client.status(done).state is RequestState.COMPLETED
     fal_emulator.clear_faults()
+
+
+def test_an_unvalidated_handle_is_checked_before_its_id_reaches_a_url(
+    fal_emulator: FalEmulator,
+) -> None:
+    """A handle unpickled from a record (no validation runs) with a forged id."""
+    forged = RequestHandle.model_construct(endpoint="fal-ai/gpt-image-1.5", request_id=f"../{RID}")
+    client, before = FalQueueClient(retry=FAST), calls(fal_emulator)
+    for call in (client.status, client.result, client.cancel, client.wait):
+        with pytest.raises(PermanentFalError, match="not a fal request id"):
+            call(forged)
+    assert calls(fal_emulator) == before
 
 
 # --- through a Prefect flow ------------------------------------------------------------------

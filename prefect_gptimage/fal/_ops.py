@@ -16,9 +16,10 @@ from typing import Any
 
 import httpx
 
+from prefect_gptimage.errors import PermanentFalError
 from prefect_gptimage.fal._connect import SUBMIT_TIMEOUT
 from prefect_gptimage.fal.hosts import on_queue_host
-from prefect_gptimage.schemas import AnyRequest, RequestHandle
+from prefect_gptimage.schemas import AnyRequest, RequestHandle, check_request_id
 
 POLL_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
 
@@ -67,7 +68,15 @@ class Io:
     base: httpx.URL
 
     def handle(self, handle: RequestHandle) -> Any:
-        """fal_client's (public) request handle for ``handle``, over this shell's client."""
+        """fal_client's (public) request handle for ``handle``, over this shell's client.
+
+        The request id is checked again here, at its use in a URL: a handle read back from a
+        pickled record was never validated.
+        """
+        try:
+            check_request_id(handle.request_id)
+        except ValueError as exc:
+            raise PermanentFalError(f"{exc}: not used in a URL") from None
         urls = queue_urls(handle, self.base)
         if urls is None:
             return self.handle_class.from_request_id(self.http, handle.endpoint, handle.request_id)
