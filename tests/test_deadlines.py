@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_new_fault_kinds_parse_and_validate() -> None:
 
 
 def test_default_deadline_applies_when_none_is_given() -> None:
-    handle = RequestHandle(endpoint="fal-ai/gpt-image-1.5", request_id="r")
+    handle = RequestHandle(endpoint="fal-ai/gpt-image-1.5", request_id=str(uuid.uuid4()))
     track = WaitTracker(handle, None, __import__("logging").getLogger("t"))
     assert track.deadline - track.started == pytest.approx(DEFAULT_REQUEST_TIMEOUT)
     assert DEFAULT_REQUEST_TIMEOUT == 600
