@@ -364,11 +364,11 @@ def test_lock_calls_ride_out_redis_and_know_their_own_holder(
 
     from redis import Redis
 
-    from prefect_gptimage.tasks.cache import _lease_lock_class, redis_lock_manager
+    from prefect_gptimage.tasks.locks import RedisSubmitLocks, redis_lock_manager
 
     redis = Redis.from_url(redis_server.url)
     mine = redis_lock_manager(redis_server.url, lease=60.0)
-    other = _lease_lock_class()(redis_server.url, 60.0)  # type: ignore[call-arg]
+    other = RedisSubmitLocks(redis_server.url, 60.0)
     key = f"lost-reply-{unique}"
     redis.set(f"lock:{key}", "holder-a", px=60_000)  # what a SET with a lost reply left behind
     started = time.monotonic()
@@ -395,6 +395,46 @@ def test_lock_calls_ride_out_redis_and_know_their_own_holder(
     finally:
         redis_server.start()
     assert "not given back" in caplog.text and "lease frees it" in caplog.text
+
+
+def test_the_lock_is_prefects_public_protocol_on_redis_py_and_travels_by_pickle(
+    redis_server: RedisServer, unique: str
+) -> None:
+    """The submit lock implements ``prefect.locking.protocol.LockManager`` itself (prefect-redis
+    is not imported), survives a pickle round trip (a task's policy goes to Dask workers) as a
+    manager with no locks, and answers ``is_locked`` for a lock it holds without Redis."""
+    import pickle
+    import subprocess
+
+    from prefect.locking.protocol import LockManager
+
+    from prefect_gptimage.tasks.locks import RedisSubmitLocks, redis_lock_manager
+
+    locks = redis_lock_manager(redis_server.url, lease=30.0)
+    assert isinstance(locks, LockManager)
+    key = f"protocol-{unique}"
+    assert locks.acquire_lock(key, holder="holder-p")
+    assert locks.is_lock_holder(key, "holder-p") and not locks.is_lock_holder(key, "holder-q")
+    copy = pickle.loads(pickle.dumps(locks))
+    assert isinstance(copy, RedisSubmitLocks) and (copy.url, copy.lease) == (locks.url, 30.0)
+    assert copy.held == {} and copy.is_locked(key)  # asked Redis: held by the original
+    with pytest.raises(ValueError, match="No lock held by holder-q"):
+        copy.release_lock(key, holder="holder-q")  # held by another: as prefect-redis
+    redis_server.stop(remove=False)
+    try:
+        assert locks.is_locked(key)  # held here: no Redis call
+    finally:
+        redis_server.start()
+    locks.release_lock(key, holder="holder-p")
+    assert not copy.is_locked(key)
+    copy.release_lock(key, holder="holder-p")  # gone in Redis: nothing to give back
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, prefect_gptimage.tasks.cache, "
+         "prefect_gptimage.tasks.locks as l; l.RedisSubmitLocks('redis://localhost:1/0', 1.0); "
+         "print('prefect_redis' in sys.modules)"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert imported.stdout.strip() == "False"
 
 
 # -- a global slot: its lease, and the Prefect server away while it is taken ---------------------
