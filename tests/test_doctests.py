@@ -22,6 +22,7 @@ MODULES = [
     "prefect_gptimage.fal.hosts",
     "prefect_gptimage.fal.polling",
     "prefect_gptimage.tasks.cache",
+    "prefect_gptimage.tasks.locks",
     "prefect_gptimage.s3",
     "prefect_gptimage.s3.clients",
     "prefect_gptimage.s3.errors",

@@ -45,6 +45,16 @@ sent to fal (:class:`PrefectApiUnavailable`); one that cannot be given back is l
 when its lease ends. The lookup of the limit itself never falls back to the per-process cap
 because the server is briefly away: that would run more requests at fal than the limit.
 
+**Public API only.** A global slot is Prefect's public ``prefect.concurrency.sync.concurrency``
+context manager (taking it, renewing its lease, giving it back, and the events), each attempt
+at entering it wrapped by the retry policy. It gives a slot back in one try and does not tell
+its lease id; the retry of a failed release needs that id, which Prefect records in the public
+``ConcurrencyContext.cleanup_lease_ids`` when the slot is granted (seen in 3.8.8 and 3.9.1). On
+Prefect 3.6 and 3.7 (3.7.8) it is not recorded, so there a release that fails (the server away
+at that very moment) is not retried: it is logged, and the slot frees when its lease ends
+(lease plus the server's 15 s loop), as for a killed worker. A release that fails emits no
+"released" event either.
+
 Example:
     >>> with fal_request_slot():
     ...     handle = client.submit(request)
@@ -55,27 +65,18 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from types import TracebackType
 from typing import TypeVar
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-
-# Prefect's own building blocks of `prefect.concurrency.sync.concurrency`, composed as it does,
-# with retries added: the public context manager takes and gives back a slot in one try each.
-from prefect.concurrency._asyncio import _discard_cleanup_lease
-from prefect.concurrency._events import (
-    emit_concurrency_acquisition_events,
-    emit_concurrency_release_events,
-)
-from prefect.concurrency._leases import maintain_concurrency_lease
-from prefect.concurrency._sync import (
-    acquire_concurrency_slots_with_lease,
-    release_concurrency_slots_with_lease,
-)
+from prefect.concurrency.context import ConcurrencyContext
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from prefect_gptimage.errors import GptImageError
@@ -343,39 +344,101 @@ def fal_completed() -> bool:
     return True
 
 
-@contextmanager
-def global_slot(name: str) -> Iterator[UUID]:
-    """Hold one slot of the global concurrency limit ``name``; yields the lease id.
+_ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
 
-    As ``prefect.concurrency.sync.concurrency(name, occupy=1, strict=True)``, with a lease of
-    ``PREFECT_GPTIMAGE_SLOT_LEASE`` seconds renewed in the background, and with taking and giving
-    back the slot retried through a Prefect server restart (see the module docs). Raises
-    :class:`PrefectApiUnavailable` when no slot could be taken within the retry budget (nothing
-    is sent to fal then), and Prefect's ``ConcurrencySlotAcquisitionError`` at once when the
-    limit does not exist.
+
+@contextmanager
+def global_slot(name: str) -> Iterator[UUID | None]:
+    """Hold one slot of the global concurrency limit ``name``; yields the lease id (None where
+    Prefect does not tell it: 3.6, 3.7).
+
+    Prefect's public ``prefect.concurrency.sync.concurrency(name, occupy=1, strict=True)``, with
+    a lease of ``PREFECT_GPTIMAGE_SLOT_LEASE`` seconds that Prefect renews in the background (a
+    renewal that fails for good is logged, not raised), and with taking the slot retried through
+    a Prefect server restart (see the module docs). Raises :class:`PrefectApiUnavailable` when no
+    slot could be taken within the retry budget (nothing is sent to fal then), and Prefect's
+    ``ConcurrencySlotAcquisitionError`` at once when the limit does not exist.
+
+    Giving the slot back: the public context manager tries once and raises on failure. That
+    failure is caught here; the release is then retried under the same policy through the
+    public client's ``release_concurrency_slots_with_lease``, for which the lease id is needed.
+    Prefect 3.8.8 and 3.9 record it, when the slot is granted, in the ``cleanup_lease_ids`` of
+    the active ``prefect.concurrency.context.ConcurrencyContext`` (one is entered here); 3.6 and
+    3.7 do not, so there a slot that could not be given back is only logged, and frees when its
+    lease ends (within the lease plus the server's 15 s loop). Either way the row is not
+    failed: its result is in hand.
     """
     lease = get_settings().slot_lease
-    taken = _api_call(
-        f"take a slot of the global concurrency limit {name!r}; nothing was submitted",
-        lambda: acquire_concurrency_slots_with_lease([name], 1, lease_duration=lease, strict=True),
-    )
-    events = emit_concurrency_acquisition_events(taken.limits, 1)
-    try:
-        # a renewal that fails for good is logged, not raised: the request is at fal already
-        with maintain_concurrency_lease(
-            taken.lease_id, lease, raise_on_lease_renewal_failure=False
-        ):
-            yield taken.lease_id
-    finally:
+    with ConcurrencyContext() as leases:
+        slot = _api_call(
+            f"take a slot of the global concurrency limit {name!r}; nothing was submitted",
+            lambda: _enter(
+                concurrency(
+                    name,
+                    occupy=1,
+                    lease_duration=lease,
+                    strict=True,
+                    raise_on_lease_renewal_failure=False,
+                )
+            ),
+        )
+        # the last one granted (this context is new): a lease granted to an attempt that failed
+        # after all is left to the context's exit, which releases it
+        lease_id = leases.cleanup_lease_ids[-1] if leases.cleanup_lease_ids else None
         try:
-            _api_call(
-                f"give back a slot of the global concurrency limit {name!r}",
-                lambda: release_concurrency_slots_with_lease(taken.lease_id),
-            )
-        except Exception as exc:  # the row's result is in hand: do not fail it for this
-            logger.warning(
-                "%s; the slot frees when its lease ends (within %.0f s)", exc, lease + 15
-            )
+            yield lease_id
+        except BaseException:
+            _give_back(slot, sys.exc_info(), name, lease_id, leases)
+            raise
         else:
-            _discard_cleanup_lease(taken.lease_id)
-        emit_concurrency_release_events(taken.limits, 1, events)
+            _give_back(slot, (None, None, None), name, lease_id, leases)
+
+
+def _enter(manager: AbstractContextManager[None]) -> AbstractContextManager[None]:
+    """Enter ``manager`` (one try at taking a slot); returns it, to be left by _give_back."""
+    manager.__enter__()
+    return manager
+
+
+def _release_lease(lease_id: UUID) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id=lease_id)
+
+
+def _give_back(
+    slot: AbstractContextManager[None],
+    exc_info: _ExcInfo,
+    name: str,
+    lease_id: UUID | None,
+    leases: ConcurrencyContext,
+) -> None:
+    """Leave ``slot`` (Prefect gives the slot back, once); a failure is retried by lease id
+    when known, else logged. Never raises: the slot frees when its lease ends anyway."""
+    lease = get_settings().slot_lease
+    failure: Exception
+    try:
+        slot.__exit__(*exc_info)
+        return
+    except Exception as exc:  # the release failed (Prefect raised it out of its finally)
+        failure = exc
+    if lease_id is not None:
+        if lease_id in leases.cleanup_lease_ids:  # handled here, not again by the context's exit
+            leases.cleanup_lease_ids.remove(lease_id)
+        if is_transient_prefect_api_error(failure):
+            try:
+                _api_call(
+                    f"give back a slot of the global concurrency limit {name!r}",
+                    lambda: _release_lease(lease_id),
+                )
+                return
+            except Exception as exc:
+                failure = exc
+    # the row's result is in hand: do not fail it for this
+    logger.warning(
+        "could not give back a slot of the global concurrency limit %r (%s: %s); the slot "
+        "frees when its lease ends (within %.0f s)",
+        name,
+        type(failure).__name__,
+        failure,
+        lease + 15,
+    )
