@@ -89,6 +89,7 @@ class Cluster:
             args = ["distributed.cli.dask_worker", self.address, "--name", name]
             args += ["--nthreads", str(count), "--nworkers", "1", "--no-dashboard"]
             env = {**self.env, "PREFECT_HOME": tempfile.mkdtemp(prefix=f"gptimage-{name}-")}
+            env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # can deadlock on 3.11
             self.workers[name] = self._spawn(name, args, env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -252,8 +253,7 @@ def test_fanned_out_batch_holds_the_cap_and_writes_one_manifest(
     assert 2 <= peak_running(fal_emulator, unique) <= CAP  # rows overlapped; the limit held
     assert "fanning rows out to" in log and "no global concurrency limit" not in log
     assert "results are stored on this machine's disk" not in log  # the S3 block is seen
-    if sys.version_info < (3, 12):  # the workers' profiler can deadlock them: the flow stops it
-        assert "stopped Dask's statistical profiler on 2 worker(s)" in log
+    assert "statistical profiler" not in log and "cannot run a row" not in log  # workers fit
     done = {name: cluster.finished(name) for name in cluster.workers}
     print(f"backend {prefect_server.backend}; rows finished per worker: {done}")
     assert sum(done.values()) == ROWS and all(done.values()), done
