@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +28,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import start_cli_process
+from prefect import flow
 
+from prefect_gptimage.errors import ConfigurationError
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.services import PrefectServer, free_port
 
@@ -382,3 +386,27 @@ def test_a_row_dask_gives_up_on_fails_and_a_rerun_resumes_it(
     summary, _ = finish(start_batch(file, s3_bucket, fragile_cluster, env, tmp_path / "out2"))
     check_batch(summary, fal_emulator, before, local_s3, s3_bucket, unique)
     assert in_flight in {i["request_id"] for i in summary["images"]}  # its image, fetched now
+
+
+_LOCK = threading.Lock()  # a module global no process can send to another
+
+
+@flow(name="gptimage-fanout-unpicklable")
+def guarded_flow() -> str:
+    """A flow naming a lock. A flow's function is pickled by value (the module's name for it is
+    the flow, not the function), with the globals it names: it cannot travel to a worker."""
+    from prefect_gptimage.flows._fanout import check_cluster
+
+    with _LOCK:
+        try:
+            check_cluster("tcp://127.0.0.1:9", logging.getLogger("test-fanout"))
+        except ConfigurationError as exc:
+            return str(exc)
+    return "accepted"
+
+
+def test_a_flow_that_cannot_travel_is_refused_before_the_cluster_is_asked() -> None:
+    """prefect-dask sends the flow run's context with every row: check_cluster pickles it once,
+    before it connects (port 9 answers nothing) and before anything is paid."""
+    refused = guarded_flow()
+    assert "cannot be pickled" in refused and "_thread.lock" in refused, refused
