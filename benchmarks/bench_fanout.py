@@ -1,7 +1,10 @@
-"""Benchmark a fanned-out batch: rows/s with 1, 2 and 4 Dask worker processes, offline.
+"""Benchmark a fanned-out batch: rows/s with 1 and 2 Dask worker processes, offline.
 
 Each configuration runs ``prefect-gptimage batch FILE --cluster tcp://... --concurrency C`` as
-a user would, against:
+a user would; configuration ``0`` (the baseline, run first in the same invocation) runs the
+same batch without ``--cluster``, on the flow process's own thread pool. Every line carries
+``ratio_to_baseline`` (rows/s over the baseline's rows/s, rows phase), so a figure is read
+against a baseline measured on the same machine under the same load. They run against:
 
 * the bundled fal emulator (its own process; ``--latency`` seconds per request, account limit
   ``--limit``) and moto's S3 server (its own process, ``bench_batch.py --serve-s3``);
@@ -10,14 +13,16 @@ a user would, against:
   and result storage in S3 through ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` (a new folder per
   configuration, so no configuration finds another's cache);
 * a ``dask scheduler`` and N ``dask worker`` processes (``--threads`` threads each, each with a
-  fresh ``PREFECT_HOME``, Dask's profiler off), started anew for each configuration.
+  fresh ``PREFECT_HOME``, Dask's profiler off), started anew for each configuration; rows go
+  through prefect-dask's ``DaskTaskRunner`` (see ``prefect_gptimage/flows/_fanout.py``).
 
 The flow process gets a fresh ``PREFECT_HOME`` each time (a real server: nothing of it is
 warmed). Per configuration it prints ONE JSON line with:
 
 * wall seconds of the command and rows/s; the rows phase (the batch's own elapsed time, from
   its progress start to its last row, without the command's start-up) and its rows/s;
-* peak RSS of each worker process and of the flow process;
+* peak RSS of each worker process and of the flow process; CPU seconds of the flow process
+  and of each worker, and per row (where a configuration spends its CPU);
 * fal counters: accepted, duplicate submits, peak running;
 * the task runs the server dropped: the task runs a batch makes (3 per uncached row: the row,
   its submit, its fetch) minus the task runs the server has for that flow run in a final
@@ -29,7 +34,7 @@ warmed). Per configuration it prints ONE JSON line with:
 Usage::
 
     .venv/bin/python benchmarks/bench_fanout.py --rows 2000 --latency 0.3 --limit 64 \\
-        --workers 1 2 4
+        --workers 0 1 2
 """
 
 from __future__ import annotations
@@ -167,6 +172,21 @@ def start_cluster(
     return address, procs, pids
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants still running (from /proc)."""
+    tree, total, todo = _children_map(), 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        except (OSError, ValueError, IndexError):
+            pass
+        todo.extend(tree.get(p, ()))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         try:
@@ -235,6 +255,8 @@ def run_config(
         "PREFECT_GPTIMAGE_CONCURRENCY_LIMIT_NAME": limit,
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": results,
     }
+    if n_workers == 0:  # the baseline: the flow process's own threads, no cluster
+        return measure(0, args, env, None, {}, server, emulator, folder, tag)
     address, procs, pids = start_cluster(n_workers, args.threads, env, folder)
     try:
         return measure(n_workers, args, env, address, pids, server, emulator, folder, tag)
@@ -246,7 +268,7 @@ def measure(
     n_workers: int,
     args: argparse.Namespace,
     env: dict[str, str],
-    address: str,
+    address: str | None,
     pids: dict[str, int],
     server: Any,
     emulator: Emulator,
@@ -257,12 +279,15 @@ def measure(
     write_prompts(prompts, args.rows, tag)
     command = [sys.executable, "-m", "prefect_gptimage.cli", "batch", str(prompts)]
     command += ["--bucket", args.bucket, "--prefix", f"bench-{tag}", "--json"]
-    command += ["--concurrency", str(args.limit), "--cluster", address]
+    command += ["--concurrency", str(args.limit)]
+    command += ["--cluster", address] if address else []
     command += ["--output-dir", str(folder / "out")]
     flow_env = {**env, "PREFECT_HOME": tempfile.mkdtemp(prefix="bench-flow-")}
     emulator.reset()
     dropped_before = dropped_lines(server)
     load_before = os.getloadavg()
+    workers_cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    children_before = os.times()
     started = time.monotonic()
     with (folder / "batch.out").open("w") as out, (folder / "batch.err").open("w") as err:
         batch = subprocess.Popen(command, env=flow_env, stdout=out, stderr=err)
@@ -274,6 +299,11 @@ def measure(
             batch.wait(30)
             raise
     seconds = time.monotonic() - started
+    children_after = os.times()  # the batch was waited for: its CPU is in the children's times
+    flow_cpu = (children_after.children_user - children_before.children_user) + (
+        children_after.children_system - children_before.children_system
+    )
+    workers_cpu = {n: cpu_seconds(p) - workers_cpu_before[n] for n, p in pids.items()}
     rss = peak.stop()
     load_after = os.getloadavg()
     stats = emulator.stats()
@@ -302,6 +332,10 @@ def measure(
         "rows_phase_s": rows_phase,
         "rows_per_s_rows_phase": round(rows_ok / rows_phase, 2) if rows_phase else None,
         "peak_rss_mb": rss,
+        "flow_cpu_s": round(flow_cpu, 1),
+        "flow_cpu_ms_per_row": round(1000 * flow_cpu / max(1, rows_ok), 1),
+        "workers_cpu_s": {n: round(c, 1) for n, c in workers_cpu.items()},
+        "workers_cpu_ms_per_row": round(1000 * sum(workers_cpu.values()) / max(1, rows_ok), 1),
         "accepted": stats["accepted"],
         "duplicate_submits": stats["duplicate_submits"],
         "max_in_progress": stats["max_in_progress"],
@@ -323,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--limit", type=int, default=64, help="fal account limit = the GCL")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="Dask workers per configuration; 0 = the baseline without a cluster (run first)",
+    )
     parser.add_argument("--threads", type=int, default=64, help="threads per worker")
     parser.add_argument("--bucket", default="bench-fanout")
     parser.add_argument("--sqlite", action="store_true", help="server on SQLite, not PostgreSQL")
@@ -359,15 +399,21 @@ def main(argv: list[str] | None = None) -> int:
         "image": "1024x1024 jpeg, low quality, 1 per row",
         "server": server.backend,
         "prefect_home": "fresh (flow and workers); server warm across configurations",
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "cores": os.cpu_count(),
         "versions": versions(),
         "package_sources": package_digest(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    baseline: float | None = None
     try:
-        for n in args.workers:
+        for n in sorted(args.workers):  # the baseline (0) first
             print(f"[bench] {n} worker(s)...", file=sys.stderr, flush=True)
             line = common | run_config(n, args, base, server, s3, emulator, logs)
+            rate = line["rows_per_s_rows_phase"]
+            if n == 0:
+                baseline = rate
+            line["ratio_to_baseline"] = round(rate / baseline, 2) if rate and baseline else None
             print(json.dumps(line), flush=True)
     finally:
         server.stop()

@@ -236,7 +236,7 @@ def batch_to_s3(
     over = threading.Event()
 
     def submit(row: PromptRow) -> Any:
-        if stop_event.is_set():  # a stop: nothing new is started (nor paid)
+        if stop_requested():  # a stop: nothing new is started (nor paid)
             return SettledRow(
                 RowInterrupted(
                     "not started (interrupted): nothing was submitted for it",
@@ -304,7 +304,8 @@ def batch_to_s3(
         log.info("%s: %s", run_key, progress.status())
         _flag_duplicates(ledger, reported, report)
         state = report.close()
-    if stop_event.is_set():
+    # (a function, not the event: the flow function travels to Dask workers, see flows/_fanout)
+    if stop_requested():
         message = f"interrupted: {state.message}"
         return Failed(message=message, data=BatchIncomplete(report.summary, message))
     if report.summary.ok:
