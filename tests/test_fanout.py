@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import start_cli_process
+from real_services import PrefectServer, free_port
 
 from prefect_gptimage.testing import FalEmulator
-from prefect_gptimage.testing.services import PrefectServer, free_port
 
 pytest.importorskip("prefect_dask")
 
