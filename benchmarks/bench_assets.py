@@ -50,6 +50,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "tests"))  # real_services: the suite's service launchers
 
 from bench_batch import (  # noqa: E402
     FAL_KEY,
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         )
         if args.server:
-            from prefect_gptimage.testing.services import PrefectServer
+            from real_services import PrefectServer
 
             api = PrefectServer().start()
             base["PREFECT_API_URL"] = api.api_url

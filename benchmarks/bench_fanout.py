@@ -56,6 +56,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "tests"))  # real_services: the suite's service launchers
 
 from bench_batch import Emulator, S3Server, _children_map, _rss_bytes, package_digest  # noqa: E402
 
@@ -137,7 +138,7 @@ def save_results_block(server: Any, s3: S3Server, bucket: str, folder: str) -> s
 def start_cluster(
     workers: int, threads: int, env: dict[str, str], logs: Path
 ) -> tuple[str, list[subprocess.Popen[bytes]], dict[str, int]]:
-    from prefect_gptimage.testing.services import free_port
+    from real_services import free_port
 
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop: clean up like Ctrl+C
 
-    from prefect_gptimage.testing.services import PostgresServer, PrefectServer
+    from real_services import PostgresServer, PrefectServer
 
     logs = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
     print(f"logs in {logs}", file=sys.stderr, flush=True)

@@ -1,13 +1,16 @@
 """prefect-gptimage: Prefect 3 tasks and flows for OpenAI's GPT Image 1.5 on fal.ai.
 
-The public API is re-exported here, once, and loaded on first use: ``fal_client`` reads its
-hosts (``FAL_QUEUE_RUN_HOST``, ``FAL_RUN_HOST``) from the environment when it is first imported,
-so importing this package must not import it. That lets the bundled emulator
-(:mod:`prefect_gptimage.testing`) and the CLI set those variables first.
+The names most flows need are here, in prefect-aws's style: the request models and what a
+request returns, the ``FalCredentials`` block, the reusable tasks (each with its async twin), the
+ready-made flows and the base of every error. Everything else is public in its own module:
+the exception tree in :mod:`prefect_gptimage.errors`, the models in :mod:`.schemas`, the retry
+table in :mod:`.retry`, the fal clients in :mod:`.fal`, staging in :mod:`.s3`, the other flows in
+:mod:`.flows`, and so on (README, "Layout", lists the layers).
 
-The layers, bottom up: :mod:`.errors` and :mod:`.schemas`; :mod:`.retry` (what is transient);
-:mod:`.fal` (fal's queue and media, no Prefect); :mod:`.tasks` (Prefect tasks); :mod:`.s3` and
-:mod:`.reporting` (staging, manifest, artifacts); :mod:`.flows`; :mod:`.cli`.
+Names load on first use: ``fal_client`` reads its hosts (``FAL_QUEUE_RUN_HOST``,
+``FAL_RUN_HOST``) from the environment when it is first imported, so importing this package must
+not import it. That lets the bundled emulator (:mod:`prefect_gptimage.testing`) and the CLI set
+those variables first.
 
 Example:
     >>> from prefect_gptimage import GptImageRequest, generate_images
@@ -26,46 +29,15 @@ from prefect_gptimage._lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # what a request is, and what it gives back
     "GptImageRequest": "schemas",
     "GptImageEditRequest": "schemas",
-    "GptImageOutput": "schemas",
-    "ImageFile": "schemas",
     "RequestHandle": "schemas",
-    "DownloadedImage": "schemas",
     "GenerationResult": "schemas",
-    "parse_request": "schemas",
-    "TEXT_TO_IMAGE_ENDPOINT": "schemas",
-    "EDIT_ENDPOINT": "schemas",
-    "GptImageError": "errors",
-    "InvalidRequestError": "errors",
-    "InvalidPromptFile": "errors",
-    "ConfigurationError": "errors",
-    "FalError": "errors",
-    "TransientFalError": "errors",
-    "PermanentFalError": "errors",
-    "FalRequestFailed": "errors",
-    "FalRequestTimeout": "errors",
-    "SubmitOutcomeUnknown": "errors",
-    "DownloadError": "errors",
-    "TransientDownloadError": "errors",
-    "PermanentDownloadError": "errors",
-    "S3StagingError": "errors",
-    "TransientS3StagingError": "errors",
-    "PermanentS3StagingError": "errors",
-    "BatchIncomplete": "errors",
-    "ImageCountMismatch": "errors",
-    "DuplicateRequestId": "errors",
-    "RetryPolicy": "retry",
-    "retry_if_transient": "retry",
-    "transient_retries": "retry",
-    "estimate_cost": "pricing",
-    "GptImageSettings": "settings",
+    "GenerationOptions": "tasks.generate",
+    # the fal key, as a Prefect block
     "FalCredentials": "credentials",
-    "FalQueueClient": "fal.client",
-    "AsyncFalQueueClient": "fal.async_client",
-    "RequestStatus": "fal.polling",
-    "MediaPolicy": "fal.media",
-    "download_image_file": "fal.media",
+    # the reusable tasks and their async twins
     "submit_request": "tasks.queue",
     "asubmit_request": "tasks.queue",
     "wait_for_request": "tasks.queue",
@@ -75,56 +47,26 @@ _EXPORTS: dict[str, str] = {
     "acancel_request": "tasks.queue",
     "download_image": "tasks.download",
     "adownload_image": "tasks.download",
-    "GenerationOptions": "tasks.generate",
     "generate_images": "tasks.generate",
     "agenerate_images": "tasks.generate",
+    # the flows
     "batch_to_s3": "flows",
     "generate_to_s3": "flows",
-    "generate_then_edit": "flows",
-    "scheduled_content": "flows",
     "ocr_gated_batch": "flows",
-    "OcrVerdict": "quality.gate",
-    "ocr_check": "quality.gate",
+    # errors: the base of all, and what a plain call of batch_to_s3 raises
+    "GptImageError": "errors",
+    "BatchIncomplete": "errors",
 }
 
 __all__ = [
-    "EDIT_ENDPOINT",
-    "TEXT_TO_IMAGE_ENDPOINT",
-    "AsyncFalQueueClient",
     "BatchIncomplete",
-    "ConfigurationError",
-    "DownloadError",
-    "DownloadedImage",
-    "DuplicateRequestId",
     "FalCredentials",
-    "FalError",
-    "FalQueueClient",
-    "FalRequestFailed",
-    "FalRequestTimeout",
     "GenerationOptions",
     "GenerationResult",
     "GptImageEditRequest",
     "GptImageError",
-    "GptImageOutput",
     "GptImageRequest",
-    "GptImageSettings",
-    "ImageCountMismatch",
-    "ImageFile",
-    "InvalidPromptFile",
-    "InvalidRequestError",
-    "MediaPolicy",
-    "OcrVerdict",
-    "PermanentDownloadError",
-    "PermanentFalError",
-    "PermanentS3StagingError",
     "RequestHandle",
-    "RequestStatus",
-    "RetryPolicy",
-    "S3StagingError",
-    "SubmitOutcomeUnknown",
-    "TransientDownloadError",
-    "TransientFalError",
-    "TransientS3StagingError",
     "__version__",
     "acancel_request",
     "adownload_image",
@@ -134,19 +76,11 @@ __all__ = [
     "batch_to_s3",
     "cancel_request",
     "download_image",
-    "download_image_file",
-    "estimate_cost",
     "fetch_result",
     "generate_images",
-    "generate_then_edit",
     "generate_to_s3",
-    "ocr_check",
     "ocr_gated_batch",
-    "parse_request",
-    "retry_if_transient",
-    "scheduled_content",
     "submit_request",
-    "transient_retries",
     "wait_for_request",
 ]
 
@@ -155,81 +89,16 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
-    from prefect_gptimage.credentials import (
-        FalCredentials,
-    )
-    from prefect_gptimage.errors import (
-        BatchIncomplete,
-        ConfigurationError,
-        DownloadError,
-        DuplicateRequestId,
-        FalError,
-        FalRequestFailed,
-        FalRequestTimeout,
-        GptImageError,
-        ImageCountMismatch,
-        InvalidPromptFile,
-        InvalidRequestError,
-        PermanentDownloadError,
-        PermanentFalError,
-        PermanentS3StagingError,
-        S3StagingError,
-        SubmitOutcomeUnknown,
-        TransientDownloadError,
-        TransientFalError,
-        TransientS3StagingError,
-    )
-    from prefect_gptimage.fal.async_client import (
-        AsyncFalQueueClient,
-    )
-    from prefect_gptimage.fal.client import (
-        FalQueueClient,
-    )
-    from prefect_gptimage.fal.media import (
-        MediaPolicy,
-        download_image_file,
-    )
-    from prefect_gptimage.fal.polling import (
-        RequestStatus,
-    )
-    from prefect_gptimage.flows import (
-        batch_to_s3,
-        generate_then_edit,
-        generate_to_s3,
-        ocr_gated_batch,
-        scheduled_content,
-    )
-    from prefect_gptimage.pricing import (
-        estimate_cost,
-    )
-    from prefect_gptimage.quality.gate import (
-        OcrVerdict,
-        ocr_check,
-    )
-    from prefect_gptimage.retry import (
-        RetryPolicy,
-        retry_if_transient,
-        transient_retries,
-    )
+    from prefect_gptimage.credentials import FalCredentials
+    from prefect_gptimage.errors import BatchIncomplete, GptImageError
+    from prefect_gptimage.flows import batch_to_s3, generate_to_s3, ocr_gated_batch
     from prefect_gptimage.schemas import (
-        EDIT_ENDPOINT,
-        TEXT_TO_IMAGE_ENDPOINT,
-        DownloadedImage,
         GenerationResult,
         GptImageEditRequest,
-        GptImageOutput,
         GptImageRequest,
-        ImageFile,
         RequestHandle,
-        parse_request,
     )
-    from prefect_gptimage.settings import (
-        GptImageSettings,
-    )
-    from prefect_gptimage.tasks.download import (
-        adownload_image,
-        download_image,
-    )
+    from prefect_gptimage.tasks.download import adownload_image, download_image
     from prefect_gptimage.tasks.generate import (
         GenerationOptions,
         agenerate_images,

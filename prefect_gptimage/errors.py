@@ -13,14 +13,21 @@
     │   ├── FalRequestTimeout        our own deadline passed; the fal request was cancelled
     │   ├── SubmitOutcomeUnknown     the submit was sent but no answer came back: NOT retried
     │   ├── ImageCountMismatch       fal returned more or fewer images than num_images
-    │   └── DuplicateRequestId       one fal request id for two different submits
+    │   ├── DuplicateRequestId       one fal request id for two different submits
+    │   ├── RowInterrupted           a stop left the row unstarted, or running at fal
+    │   └── OcrGateFailed            a row the OCR gate could not pass
     ├── DownloadError                fetching or verifying an image
     │   ├── TransientDownloadError
     │   └── PermanentDownloadError   wrong format/size, not https, host not allowed, too big
     ├── S3StagingError               staging to S3
     │   ├── TransientS3StagingError  throttling, 5xx, timeouts, dropped connections
     │   └── PermanentS3StagingError  missing bucket, access denied, bad credentials
+    ├── PrefectApiUnavailable        transient: the Prefect API did not answer (global slots)
+    ├── LockServiceUnavailable       transient: the lock service (Redis) did not answer
     └── BatchIncomplete              a batch finished with failed rows; carries the summary
+
+    StopBeforeStart (an Exception, not a GptImageError): the CLI's signal handler stops a
+    command before its flow started; it is control flow, never a row's failure.
 
 Which outcome is transient is decided in :mod:`prefect_gptimage.retry`; retries look only at
 :attr:`GptImageError.transient`.
@@ -288,3 +295,43 @@ class BatchIncomplete(GptImageError):
 
     def __reduce__(self) -> tuple[type[BatchIncomplete], tuple[Any, str]]:
         return type(self), (self.summary, self.message)
+
+
+class PrefectApiUnavailable(GptImageError):
+    """The Prefect API did not answer (refused, 5xx, ...) while a global slot was looked up,
+    taken or given back. Transient: retried within ``PREFECT_GPTIMAGE_RETRY_BUDGET``."""
+
+    transient = True
+
+
+class LockServiceUnavailable(GptImageError, RuntimeError):
+    """The lock service (``PREFECT_GPTIMAGE_LOCK_URL``) did not answer within the retry budget.
+
+    Transient, like :class:`PrefectApiUnavailable`: each lock call is retried under
+    :meth:`~prefect_gptimage.retry.RetryPolicy.from_settings` before this reaches the row.
+    Raised while taking or waiting for a lock, it means nothing was submitted (its message says
+    so).
+    """
+
+    transient = True
+
+
+class RowInterrupted(FalError):
+    """A row a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
+
+
+class OcrGateFailed(FalError):
+    """A row the gate could not pass: how it is reported (manifest failure line, summary).
+
+    ``error_type`` is ``ocr_mismatch`` when OCR kept rejecting its images, else the error
+    that stopped its request (``request_id``: the row's last request).
+    """
+
+
+class StopBeforeStart(Exception):
+    """A signal arrived before the flow started: nothing was submitted (or what a head start
+    submitted is recorded, and a re-run resumes it).
+
+    Not a :class:`GptImageError`: it is the CLI's control flow (raised by its signal handler,
+    caught by the command), never the failure of a request or a row.
+    """

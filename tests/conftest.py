@@ -1,5 +1,7 @@
 """Shared fixtures: the plugin (prefect_gptimage.testing.pytest_plugin) provides the fal emulator,
-the local S3 server and the Prefect harness; here they are wired together for this suite."""
+the local S3 server and the Prefect harness; here they are wired together for this suite, with
+the real Redis, PostgreSQL and ``prefect server`` of :mod:`real_services` (this suite's, not the
+wheel's)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from real_services import PostgresServer, PrefectServer, RedisServer, missing
 
 
 def run_cli_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -70,3 +73,33 @@ def s3(local_s3: Any) -> Iterator[Any]:
     reset_s3_clients()
     yield local_s3
     reset_s3_clients()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real ``redis-server`` for one test (its ``url`` is ``redis://127.0.0.1:PORT/0``)."""
+    if missing("redis-server"):
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster and database for the session."""
+    absent = missing("initdb", "pg_ctl", "createdb")
+    if absent:
+        pytest.skip(f"no {', '.join(absent)}: apt-get install postgresql")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_server(request: pytest.FixtureRequest) -> Iterator[PrefectServer]:
+    """``prefect server start`` for the session: on PostgreSQL if installed, else on SQLite
+    (its ``backend`` says which)."""
+    database = None
+    if not missing("initdb", "pg_ctl", "createdb"):
+        database = request.getfixturevalue("postgres_server")
+    with PrefectServer(database) as server:
+        yield server

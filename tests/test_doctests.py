@@ -25,7 +25,7 @@ MODULES = [
     "prefect_gptimage.tasks.locks",
     "prefect_gptimage.s3",
     "prefect_gptimage.s3.clients",
-    "prefect_gptimage.s3.errors",
+    "prefect_gptimage.s3.failures",
     "prefect_gptimage.s3.keys",
     "prefect_gptimage.s3.models",
     "prefect_gptimage.reporting.artifact_keys",

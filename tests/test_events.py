@@ -49,11 +49,11 @@ from prefect.events.filters import (
 )
 from prefect.events.schemas.events import Event
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from real_services import PrefectServer
 
 from prefect_gptimage.reporting.events import BATCH_COMPLETED, IMAGE_STAGED, SPEND_REFUSED
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
-from prefect_gptimage.testing.services import PrefectServer
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"

@@ -29,10 +29,10 @@ import httpx
 import pytest
 from conftest import start_cli_process
 from prefect import flow
+from real_services import PrefectServer, free_port
 
 from prefect_gptimage.errors import ConfigurationError
 from prefect_gptimage.testing import FalEmulator
-from prefect_gptimage.testing.services import PrefectServer, free_port
 
 pytest.importorskip("prefect_dask")
 

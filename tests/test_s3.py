@@ -31,19 +31,20 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from pydantic import ValidationError
 
-from prefect_gptimage.errors import GptImageError
-from prefect_gptimage.retry import RetryPolicy
+from prefect_gptimage.errors import (
+    GptImageError,
+    PermanentS3StagingError,
+    TransientS3StagingError,
+)
+from prefect_gptimage.retry import RetryPolicy, is_transient_s3_error
 from prefect_gptimage.s3 import (
     MAX_PRESIGN_EXPIRES,
-    PermanentS3StagingError,
     S3Target,
     StagedFile,
     StagedImage,
-    TransientS3StagingError,
     client_from_block,
     get_s3_client,
     image_key,
-    is_transient_s3_error,
     manifest_key,
     normalize_prefix,
     presign,
@@ -55,7 +56,7 @@ from prefect_gptimage.s3 import (
     stage_manifest_task,
     target_from_bucket_block,
 )
-from prefect_gptimage.s3.errors import s3_error
+from prefect_gptimage.s3.failures import s3_error
 from prefect_gptimage.schemas import (
     CONTENT_TYPES,
     DownloadedImage,

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from real_services import PrefectServer, RedisServer, client_env
 
 from prefect_gptimage.testing import FalEmulator, Fault
-from prefect_gptimage.testing.services import PrefectServer, RedisServer, client_env
 
 #: One row of a batch, as a worker runs it: a flow that waits at a barrier (so that every process
 #: reaches the submit at the same moment), then generates the request.

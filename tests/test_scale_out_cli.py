@@ -35,15 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from prefect_gptimage.testing import FalEmulator, Fault
-from prefect_gptimage.testing.s3 import LocalS3Server
-from prefect_gptimage.testing.services import (
+from real_services import (
     PostgresServer,
     PrefectServer,
     RedisServer,
     missing,
 )
+
+from prefect_gptimage.testing import FalEmulator, Fault
+from prefect_gptimage.testing.s3 import LocalS3Server
 
 #: The console script a user runs (installed beside this interpreter).
 CLI = str(Path(sys.executable).with_name("prefect-gptimage"))

@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 from conftest import start_cli_process
+from real_services import PrefectServer, RedisServer, client_env
 
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
-from prefect_gptimage.testing.services import PrefectServer, RedisServer, client_env
 
 #: The cap: the global concurrency limit in the Prefect-server test, ``--concurrency`` in the
 #: Redis one. The batch keeps 2x this many rows in flight, so rows wait for slots.

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from prefect_gptimage.cli._signals import StopBeforeStart
+from prefect_gptimage.errors import StopBeforeStart
 
 if TYPE_CHECKING:
     from prefect_gptimage.fal.client import FalQueueClient

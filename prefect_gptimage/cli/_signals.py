@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prefect_gptimage.errors import StopBeforeStart
+
 __all__ = ["HARD_EXIT_S", "Interrupts"]
 
 #: The process is gone this many seconds after the first signal at the latest.
@@ -35,10 +37,6 @@ HARD_EXIT_S = 9.0
 #: ``generate``: seconds the request may take to finish after a signal before it is left at fal.
 GENERATE_GRACE_S = 4.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class StopBeforeStart(Exception):
-    """A signal arrived before the flow started: nothing was submitted."""
 
 
 class Interrupts:

@@ -28,8 +28,13 @@ from typing import Any
 
 from prefect_gptimage.cli._early_api import EarlyApi
 from prefect_gptimage.cli._head_start import head_start, stop_head_start
-from prefect_gptimage.cli._signals import Interrupts, StopBeforeStart
-from prefect_gptimage.errors import BatchIncomplete, ConfigurationError, InvalidRequestError
+from prefect_gptimage.cli._signals import Interrupts
+from prefect_gptimage.errors import (
+    BatchIncomplete,
+    ConfigurationError,
+    InvalidRequestError,
+    StopBeforeStart,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

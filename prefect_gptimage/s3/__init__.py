@@ -10,8 +10,9 @@ The package is split by concept; everything public is re-exported here, so
 
 * :mod:`~prefect_gptimage.s3.keys`: the documented, deterministic, collision-free key layout
   (:func:`image_key`, :func:`manifest_key`, :func:`gallery_key`, :func:`slugify`, ...);
-* :mod:`~prefect_gptimage.s3.errors`: :class:`S3StagingError` and its transient/permanent
-  subclasses, :func:`is_transient_s3_error`, credential redaction;
+* :mod:`~prefect_gptimage.s3.failures`: boto3/botocore failures wrapped in the package's
+  :class:`~prefect_gptimage.errors.S3StagingError` subclasses (which live, with every exception,
+  in :mod:`prefect_gptimage.errors`), credentials redacted from their messages;
 * :mod:`~prefect_gptimage.s3.clients`: the shared boto3 client (standard configuration chain,
   ``AWS_ENDPOINT_URL_S3`` for MinIO/moto/LocalStack) and prefect-aws blocks by duck typing;
 * :mod:`~prefect_gptimage.s3.models`: :class:`S3Target`, :class:`StagedImage`,
@@ -44,18 +45,14 @@ _EXPORTS: dict[str, str] = {
     "MIN_PART_SIZE": "models",
     "MiB": "models",
     "PROMPT_SLUG_MAX": "keys",
-    "PermanentS3StagingError": "errors",
-    "S3StagingError": "errors",
     "S3Target": "models",
     "StagedFile": "models",
     "StagedImage": "models",
-    "TransientS3StagingError": "errors",
     "check_target": "preflight",
     "client_from_block": "clients",
     "gallery_key": "keys",
     "get_s3_client": "clients",
     "image_key": "keys",
-    "is_transient_s3_error": "errors",
     "manifest_key": "keys",
     "normalize_prefix": "keys",
     "presign": "staging",
@@ -74,18 +71,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "MANIFEST_CONTENT_TYPE",
     "MAX_PRESIGN_EXPIRES",
-    "PermanentS3StagingError",
-    "S3StagingError",
     "S3Target",
     "StagedFile",
     "StagedImage",
-    "TransientS3StagingError",
     "check_target",
     "client_from_block",
     "gallery_key",
     "get_s3_client",
     "image_key",
-    "is_transient_s3_error",
     "manifest_key",
     "normalize_prefix",
     "presign",
@@ -120,18 +113,6 @@ if TYPE_CHECKING:
     )
     from prefect_gptimage.s3.clients import (
         target_from_bucket_block as target_from_bucket_block,
-    )
-    from prefect_gptimage.s3.errors import (
-        PermanentS3StagingError as PermanentS3StagingError,
-    )
-    from prefect_gptimage.s3.errors import (
-        S3StagingError as S3StagingError,
-    )
-    from prefect_gptimage.s3.errors import (
-        TransientS3StagingError as TransientS3StagingError,
-    )
-    from prefect_gptimage.s3.errors import (
-        is_transient_s3_error as is_transient_s3_error,
     )
     from prefect_gptimage.s3.keys import (
         PROMPT_SLUG_MAX as PROMPT_SLUG_MAX,

@@ -36,7 +36,7 @@ from botocore.exceptions import ClientError
 from prefect_gptimage.errors import InvalidRequestError
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.s3.clients import ClientSource, resolve_client
-from prefect_gptimage.s3.errors import s3_error
+from prefect_gptimage.s3.failures import s3_error
 from prefect_gptimage.s3.models import S3Target
 from prefect_gptimage.s3.staging import policy_or_default
 

@@ -11,8 +11,9 @@ deterministic key; an image already there with the same SHA-256 is not uploaded 
 through boto3's managed transfer (``client.upload_file`` with a
 :class:`boto3.s3.transfer.TransferConfig`), which streams from the local file and switches to a
 multipart upload above ``S3Target.multipart_threshold``: no image, and no batch, is ever held in
-memory whole. Keys follow :mod:`prefect_gptimage.s3.keys`; failures raise the errors of
-:mod:`prefect_gptimage.s3.errors`.
+memory whole. Keys follow :mod:`prefect_gptimage.s3.keys`; failures raise the
+:class:`~prefect_gptimage.errors.S3StagingError` subclasses, built by
+:mod:`prefect_gptimage.s3.failures`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from prefect_gptimage._run_context import run_logger
+from prefect_gptimage.errors import PermanentS3StagingError
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.s3.clients import ClientSource, resolve_client
-from prefect_gptimage.s3.errors import PermanentS3StagingError, s3_error
+from prefect_gptimage.s3.failures import s3_error
 from prefect_gptimage.s3.keys import check_key, image_key
 from prefect_gptimage.s3.models import S3Target, StagedFile, StagedImage, validate_expires
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage

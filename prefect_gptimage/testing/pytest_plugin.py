@@ -19,12 +19,9 @@ Fixtures:
 * ``s3_bucket``: a fresh bucket name on ``local_s3`` for each test.
 * ``prefect_harness``: ``prefect_test_harness()`` for the session, results and cache records in
   a temporary folder.
-* ``redis_server``: a real ``redis-server`` on a free port for one test (skipped when it is not
-  installed); see :mod:`prefect_gptimage.testing.services`.
-* ``postgres_server``: a throwaway PostgreSQL cluster for the session (skipped when PostgreSQL is
-  not installed).
-* ``prefect_server``: a real ``prefect server start`` for the session, on PostgreSQL when it is
-  installed, else on SQLite (its ``backend`` says which).
+
+(The package's own suite also starts Redis, PostgreSQL and ``prefect server``: those launchers
+live in its ``tests/``, not in the wheel.)
 
 Example:
     >>> def test_my_flow(fal_emulator, prefect_harness):
@@ -46,15 +43,12 @@ import pytest
 
 from prefect_gptimage.testing.emulator import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
-from prefect_gptimage.testing.services import (
-    PostgresServer,
-    PrefectServer,
-    RedisServer,
-    missing,
-)
 
 _EMULATOR_KEY = pytest.StashKey[FalEmulator]()
 DEFAULT_LATENCY = 0.05
+#: Seconds the session's Prefect harness may take to answer (a deadline for a server that never
+#: starts, not a performance bound).
+HARNESS_STARTUP_S = 180
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -139,40 +133,12 @@ def prefect_harness() -> Iterator[dict[str, Any]]:
     from prefect.testing.utilities import prefect_test_harness
 
     storage = Path(tempfile.mkdtemp(prefix="gptimage-prefect-results-"))
-    # 30 s (Prefect's default) is too short for a fresh database's migrations on a loaded machine
+    # 30 s (Prefect's default) is too short for a fresh database's migrations on a loaded machine:
+    # wait as long as CI allows (a loaded machine has needed over 60 s)
     with (
-        prefect_test_harness(server_startup_timeout=120),
+        prefect_test_harness(server_startup_timeout=HARNESS_STARTUP_S),
         temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
     ):
         from prefect.settings import PREFECT_API_URL
 
         yield {"api_url": PREFECT_API_URL.value(), "storage": storage}
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A real ``redis-server`` for one test (its ``url`` is ``redis://127.0.0.1:PORT/0``)."""
-    if missing("redis-server"):
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A throwaway PostgreSQL cluster and database for the session."""
-    absent = missing("initdb", "pg_ctl", "createdb")
-    if absent:
-        pytest.skip(f"no {', '.join(absent)}: apt-get install postgresql")
-    with PostgresServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def prefect_server(request: pytest.FixtureRequest) -> Iterator[PrefectServer]:
-    """``prefect server start`` for the session: on PostgreSQL if installed, else on SQLite."""
-    database = None
-    if not missing("initdb", "pg_ctl", "createdb"):
-        database = request.getfixturevalue("postgres_server")
-    with PrefectServer(database) as server:
-        yield server

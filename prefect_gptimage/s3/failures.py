@@ -5,7 +5,8 @@ Every boto3/botocore failure met while staging is wrapped by :func:`s3_error` in
 :class:`~prefect_gptimage.errors.PermanentS3StagingError`, as
 :func:`prefect_gptimage.retry.is_transient_s3_error` decides. Messages are built here, from S3's
 code and status, with access key ids and presigning signatures redacted, so no credential reaches
-a log, a Prefect state or an artifact.
+a log, a Prefect state or an artifact. (The exception classes themselves live in
+:mod:`prefect_gptimage.errors`, with every other exception of the package.)
 """
 
 from __future__ import annotations
@@ -21,13 +22,7 @@ from prefect_gptimage.errors import (
 )
 from prefect_gptimage.retry import exception_chain, is_transient_s3_error
 
-__all__ = [
-    "PermanentS3StagingError",
-    "S3StagingError",
-    "TransientS3StagingError",
-    "is_transient_s3_error",
-    "s3_error",
-]
+__all__ = ["s3_error"]
 
 
 def s3_error(exc: BaseException, *, bucket: str, key: str, operation: str) -> S3StagingError:

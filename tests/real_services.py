@@ -1,5 +1,10 @@
 """Real services for scale-out tests: ``redis-server``, PostgreSQL and ``prefect server start``.
 
+Part of the test suite, not of the package (the wheel ships the fal emulator and local S3 only):
+``tests/conftest.py`` builds the ``redis_server``, ``postgres_server`` and ``prefect_server``
+fixtures on it, tests import it as ``real_services`` (pytest puts ``tests/`` on ``sys.path``), and
+the benchmarks put ``tests/`` on ``sys.path`` first.
+
 Each starts as a child process on a free port of 127.0.0.1 with its files in a temporary
 folder, and is stopped (and its folder removed) by :meth:`stop`. Nothing here is a stand-in: the
 lock tests talk to the Redis server Debian ships, and the Prefect server runs its real migrations
@@ -19,6 +24,10 @@ against a real PostgreSQL cluster.
 Each has ``restart()``: stop and start again on the same port with the same files, as an operator
 restarting the service (the tests of what users notice when Redis or the Prefect server restarts
 in the middle of a batch).
+
+Each waits for its service to answer as long as a loaded CI machine may need (:data:`READY_S`:
+under load ``prefect server start`` took over 60 s to answer its first health check), and fails
+at once, with its log's tail, if the process exits first.
 
 :func:`missing` tells which binaries are absent, for a clean ``pytest.skip``.
 
@@ -51,6 +60,7 @@ from typing_extensions import Self
 __all__ = [
     "FILESYSTEM_LEASES",
     "MEMORY_LEASES",
+    "READY_S",
     "PostgresServer",
     "PrefectServer",
     "RedisServer",
@@ -66,6 +76,11 @@ __all__ = [
 #: server's ``PREFECT_HOME`` (survives a restart), and Prefect's default, in memory (does not).
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"
+
+
+#: Seconds a service may take to answer after it was started (a generous deadline, not a
+#: performance bound: it only decides when a service that never answers is given up on).
+READY_S = 180.0
 
 
 class ServiceError(RuntimeError):
@@ -191,7 +206,7 @@ class RedisServer(_Service):
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "no", "--logfile", str(self.log)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not _wait_port(self.port, 10, self.proc):
+        if not _wait_port(self.port, READY_S, self.proc):
             self.stop()
             raise ServiceError(f"redis-server did not start:\n{_tail(self.log)}")
         return self
@@ -240,7 +255,9 @@ class PostgresServer(_Service):
         command = [binary, *args[1:]]
         if os.geteuid() == 0:  # postgres refuses root: run as the postgres user
             command = ["runuser", "-u", "postgres", "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.dir)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=READY_S + 30, cwd=self.dir
+        )
         if done.returncode != 0:
             raise ServiceError(
                 f"{' '.join(args[:2])} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
@@ -250,7 +267,9 @@ class PostgresServer(_Service):
     def _pg_start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         options += " -c max_connections=200"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        wait = ["-w", "-t", str(int(READY_S))]  # pg_ctl's own default is 60 s
+        log = ["-l", str(self.log)]
+        self._run("pg_ctl", "-D", str(self.data), *log, "-o", options, *wait, "start")
         self.started = True
 
     def _create(self) -> Self:
@@ -364,7 +383,7 @@ class PrefectServer(_Service):
         except OSError:
             return False
 
-    def start(self, timeout: float = 120.0) -> Self:
+    def start(self, timeout: float = READY_S) -> Self:
         command = [sys.executable, "-m", "prefect", "server", "start"]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         with self.log.open("wb") as log:
