@@ -79,7 +79,7 @@ from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.errors import PrefectApiUnavailable
 from prefect_gptimage.retry import RetryPolicy, is_transient_prefect_api_error
 from prefect_gptimage.settings import get_settings
 
@@ -96,13 +96,6 @@ LOOKUP_TTL = 60.0
 _lock = threading.Lock()
 _semaphores: dict[int, threading.BoundedSemaphore] = {}
 _lookups: dict[str, tuple[bool, float]] = {}
-
-
-class PrefectApiUnavailable(GptImageError):
-    """The Prefect API did not answer (refused, 5xx, ...) while a global slot was looked up,
-    taken or given back. Transient: retried within ``PREFECT_GPTIMAGE_RETRY_BUDGET``."""
-
-    transient = True
 
 
 def _api_call(what: str, call: Callable[[], T]) -> T:

@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.errors import LockServiceUnavailable
 from prefect_gptimage.retry import RetryPolicy, is_transient_redis_error
 from prefect_gptimage.settings import get_settings
 
@@ -79,17 +79,6 @@ def lock_lease() -> float:
     fal: that one, and only that one, can be paid twice).
     """
     return max(MIN_LOCK_LEASE, 2 * get_settings().retry_budget)
-
-
-class LockServiceUnavailable(GptImageError, RuntimeError):
-    """The lock service (``PREFECT_GPTIMAGE_LOCK_URL``) did not answer within the retry budget.
-
-    Transient, like :class:`~prefect_gptimage.tasks.concurrency.PrefectApiUnavailable`: each lock
-    call is retried under :meth:`RetryPolicy.from_settings` before this reaches the row. Raised
-    while taking or waiting for a lock, it means nothing was submitted (its message says so).
-    """
-
-    transient = True
 
 
 def _without_credentials(url: str) -> str:
