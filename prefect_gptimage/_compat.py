@@ -10,9 +10,11 @@ and 3.9.1); what differs is named here, each with the one line a user sees:
   harness) answers 500 while ``/api/health`` passes. pip cannot key the fastapi pin on Prefect's
   version, so the ``prefect36`` extra carries it (``pip install 'prefect-gptimage[prefect36]'``)
   and :func:`warn_if_server_unusable` says so once, at import, when the pair is wrong.
-* A feature that needs a newer Prefect than the installed one goes through
-  :func:`requires_prefect`: it logs one line (once per process and feature) and returns False,
-  so the caller skips the feature instead of failing the run. :data:`FEATURES` lists them.
+* No feature of this package needs a newer Prefect than 3.6.24: assets (``materialize``,
+  ``add_asset_metadata``), events, global concurrency limits with leases, transactions and
+  locks, artifacts, ``serve``/``deploy`` and the flow-run functions all exist in 3.6.29 with the
+  signatures 3.9.1 has. A feature that comes to need one is checked here, against
+  :func:`prefect_version`, and says so in one line instead of failing the run.
 
 Versions are read from the installed distributions' metadata, so nothing here imports Prefect
 (the CLI's dry run must not).
@@ -24,8 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
-import threading
 import warnings
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -33,12 +33,10 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.version import Version
 
 __all__ = [
-    "FEATURES",
     "MIN_PREFECT",
     "Version",
     "installed_version",
     "prefect_version",
-    "requires_prefect",
     "server_dependency_problem",
     "warn_if_server_unusable",
 ]
@@ -50,15 +48,6 @@ _FASTAPI_ROUTES_FIX = Version("3.7")
 #: fastapi releases that break Prefect 3.6's server, and every Prefect's (3.9 caps it itself).
 _FASTAPI_BREAKS_36 = Version("0.137")
 _FASTAPI_BREAKS_ALL = Version("0.151")
-
-#: Features that need a newer Prefect than :data:`MIN_PREFECT`: name -> first Prefect with it.
-#: Empty while every feature works on the whole supported range; :func:`requires_prefect`
-#: checks against this table, the README lists it.
-FEATURES: dict[str, Version] = {}
-
-logger = logging.getLogger("prefect_gptimage.compat")
-_told_lock = threading.Lock()
-_told: set[str] = set()
 
 
 @cache
@@ -116,23 +105,3 @@ def warn_if_server_unusable() -> None:
     problem = server_dependency_problem()
     if problem is not None:
         warnings.warn(problem, RuntimeWarning, stacklevel=2)
-
-
-def requires_prefect(feature: str) -> bool:
-    """Whether the installed Prefect has ``feature`` (a :data:`FEATURES` name).
-
-    When it does not, one line is logged (once per process and feature) naming the Prefect
-    release that has it, and the caller skips the feature: the run goes on without it.
-    """
-    needed = FEATURES.get(feature)
-    have = prefect_version()
-    if needed is None or have >= needed:
-        return True
-    with _told_lock:
-        first = feature not in _told
-        _told.add(feature)
-    if first:
-        logger.warning(
-            "%s needs Prefect %s or later (installed: %s); skipped", feature, needed, have
-        )
-    return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import logging
 import subprocess
 import sys
 
@@ -44,22 +43,6 @@ def test_server_dependency_problem_names_the_fix(prefect: str, fastapi: str, bro
     assert (problem is not None) == broken
     if problem is not None:
         assert prefect in problem and fastapi in problem and "pip install" in problem
-
-
-def test_a_feature_of_a_newer_prefect_is_one_line_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    newer = Version(f"{_compat.prefect_version().major + 1}.0")
-    monkeypatch.setitem(_compat.FEATURES, "test feature", newer)
-    caplog.set_level(logging.WARNING, logger="prefect_gptimage.compat")
-    assert _compat.requires_prefect("test feature") is False
-    assert _compat.requires_prefect("test feature") is False
-    lines = [r.getMessage() for r in caplog.records if "test feature" in r.getMessage()]
-    assert lines == [
-        f"test feature needs Prefect {newer} or later (installed: "
-        f"{_compat.prefect_version()}); skipped"
-    ]
-    assert _compat.requires_prefect("a feature every supported Prefect has") is True
 
 
 def test_importing_the_package_imports_no_prefect() -> None:
