@@ -1,0 +1,182 @@
+"""Rows on a stop: the ones not started are settled at once, the ones in flight after a grace.
+
+After :meth:`Stop.request <prefect_gptimage.engine.stop.Stop.request>` the engine starts no new
+row; each is reported "not started (interrupted)" (:data:`NOT_STARTED`, nothing paid). Rows
+already started get :attr:`Stop.grace` seconds to finish; those still waiting on fal then are
+reported "in flight (interrupted)" (:data:`IN_FLIGHT`) once their submit has been recorded
+(never in the middle of one: that waits up to :data:`STOP_SUBMIT_WAIT_S` more), and left
+running at fal: nothing is cancelled, and a re-run resumes them from the cache without paying
+again. :class:`StartedRow` is the future the engine waits on, which :func:`watch_for_stop` can
+settle before the row's task run ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture
+from prefect.states import Failed
+
+from prefect_gptimage.engine.stop import Stop
+from prefect_gptimage.errors import FalError
+from prefect_gptimage.prompts import PromptRow
+from prefect_gptimage.tasks.intents import read_intent
+
+__all__ = [
+    "IN_FLIGHT",
+    "NOT_STARTED",
+    "STOP_SUBMIT_WAIT_S",
+    "RowInterrupted",
+    "SettledRow",
+    "StartedRow",
+    "StartedRows",
+    "not_started",
+]
+
+#: A row in the middle of its submit when the grace ends is waited for this long (seconds).
+STOP_SUBMIT_WAIT_S = 3.0
+
+#: ``error_type`` of rows a stop left unstarted, and of rows it left running at fal.
+NOT_STARTED = "not_started_interrupted"
+IN_FLIGHT = "in_flight_interrupted"
+
+
+class RowInterrupted(FalError):
+    """A row a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
+
+
+def not_started(what: str = "nothing was submitted for it") -> RowInterrupted:
+    """The error of a row (or a row's next request) a stop kept from starting."""
+    return RowInterrupted(f"not started (interrupted): {what}", error_type=NOT_STARTED)
+
+
+class SettledRow:
+    """A row future finished by the engine itself: never started."""
+
+    def __init__(self, error: RowInterrupted) -> None:
+        self.state: State[Any] = Failed(data=error, message=error.message)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+
+class StartedRow:
+    """A started row's future, which a stop can settle before its task run finishes."""
+
+    def __init__(self, row: PromptRow, future: PrefectFuture[Any]) -> None:
+        self.row, self._future = row, future
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._settled: State[Any] | None = None
+        self.done = threading.Event()
+        future.add_done_callback(lambda _f: self._finish(None))
+
+    def _finish(self, state: State[Any] | None) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self._settled = state
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def abandon(self) -> None:
+        """Report the row as in flight at fal and stop waiting for it (its task runs on)."""
+        error = RowInterrupted(
+            "in flight (interrupted): submitted to fal and left running there, not cancelled; "
+            "a re-run resumes it from the cache without paying again",
+            error_type=IN_FLIGHT,
+        )
+        self._finish(Failed(data=error, message=error.message))
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
+
+    @property
+    def state(self) -> State[Any]:
+        if self._settled is not None:
+            return self._settled
+        self._future.wait()  # done already: this only lets the future read its final state
+        return self._future.state
+
+
+def _mid_submit(row: PromptRow) -> bool:
+    """Whether this row's submit was sent and its answer is not recorded yet."""
+    try:
+        intent = read_intent(row.request, row.variant)
+    except Exception:  # an unreadable store: assume the worst, within the wait's bound
+        return True
+    return intent is not None and intent.state == "submitting"
+
+
+class StartedRows:
+    """The rows of one run started and not finished, and the thread that settles them on a stop.
+
+    Used as a context manager around the run: the watcher runs inside it and ends with it.
+    """
+
+    def __init__(self, stop: Stop) -> None:
+        self.stop = stop
+        self._rows: dict[int, StartedRow] = {}
+        self._lock = threading.Lock()
+        self._over = threading.Event()
+        self._watcher = threading.Thread(
+            target=self._watch, name="gptimage-stop-watcher", daemon=True
+        )
+
+    def add(self, handle: StartedRow) -> StartedRow:
+        with self._lock:
+            self._rows[id(handle)] = handle
+        handle.add_done_callback(self._forget)
+        return handle
+
+    def _forget(self, handle: StartedRow) -> None:
+        with self._lock:
+            self._rows.pop(id(handle), None)
+
+    def _pending(self) -> list[StartedRow]:
+        with self._lock:
+            return [r for r in self._rows.values() if not r.done.is_set()]
+
+    def _watch(self) -> None:
+        """On a stop: give started rows their grace, then settle the rest as in flight."""
+        while not self.stop.wait(0.2):
+            if self._over.is_set():
+                return
+        deadline = time.monotonic() + self.stop.grace
+        while time.monotonic() < deadline and not self._over.is_set():
+            if not self._pending():
+                return
+            time.sleep(0.1)
+        deadline = time.monotonic() + STOP_SUBMIT_WAIT_S
+        while not self._over.is_set():
+            pending = self._pending()
+            if not pending:
+                return
+            if time.monotonic() >= deadline or not any(_mid_submit(r.row) for r in pending):
+                for r in pending:
+                    r.abandon()
+                return
+            time.sleep(0.1)
+
+    def __enter__(self) -> StartedRows:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._over.set()
