@@ -381,7 +381,7 @@ def ocr_gated_batch(
     generation = options.generation(str(engine.out))
     budget = Budget(max_cost, spent=plan.cost)  # the regenerations spend what is left
     variants = attempt_variants(rows, max_attempts)
-    plans = {id(row): plan for row, plan in zip(rows, variants, strict=True)}
+    plans = {id(row): tries for row, tries in zip(rows, variants, strict=True)}
     gated: list[OcrGateRow] = []
 
     def parameters(row: PromptRow) -> dict[str, Any]:
