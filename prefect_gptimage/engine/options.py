@@ -48,9 +48,11 @@ class RunOptions(BaseModel):
     )
     cluster: str | None = Field(default=None, description="A Dask scheduler address.")
 
-    def generation(self, output_dir: str) -> GenerationOptions:
-        """The options of each row's request (its ``variant`` is set per row)."""
+    def generation(self, output_dir: str, stop: Any = None) -> GenerationOptions:
+        """The options of each row's request (its ``variant`` is set per row); ``stop``: the
+        run's :class:`~prefect_gptimage.engine.stop.Stop`, checked before each submit."""
         return GenerationOptions(
+            stop=stop,
             credentials=self.credentials,
             output_dir=output_dir,
             timeout=self.timeout,

@@ -6,8 +6,10 @@ already started get :attr:`Stop.grace` seconds to finish; those still waiting on
 reported "in flight (interrupted)" (:data:`IN_FLIGHT`) once their submit has been recorded
 (never in the middle of one: that waits up to :data:`STOP_SUBMIT_WAIT_S` more), and left
 running at fal: nothing is cancelled, and a re-run resumes them from the cache without paying
-again. :class:`StartedRow` is the future the engine waits on, which :func:`watch_for_stop` can
-settle before the row's task run ends.
+again. A started row whose submit was never sent (it waited for a fal slot) is reported "not
+started": its generate path checks the stop before submitting (``GenerationOptions.stop``),
+so it never will. :class:`StartedRow` is the future the engine waits on, which
+:class:`StartedRows` (the run's watcher) can settle before the row's task run ends.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from prefect.futures import PrefectFuture
 from prefect.states import Failed
 
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.errors import FalError
 from prefect_gptimage.prompts import PromptRow
+from prefect_gptimage.tasks.generate import IN_FLIGHT, NOT_STARTED, RowInterrupted, not_started
 from prefect_gptimage.tasks.intents import read_intent
 
 __all__ = [
@@ -39,19 +41,6 @@ __all__ = [
 
 #: A row in the middle of its submit when the grace ends is waited for this long (seconds).
 STOP_SUBMIT_WAIT_S = 3.0
-
-#: ``error_type`` of rows a stop left unstarted, and of rows it left running at fal.
-NOT_STARTED = "not_started_interrupted"
-IN_FLIGHT = "in_flight_interrupted"
-
-
-class RowInterrupted(FalError):
-    """A row a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
-
-
-def not_started(what: str = "nothing was submitted for it") -> RowInterrupted:
-    """The error of a row (or a row's next request) a stop kept from starting."""
-    return RowInterrupted(f"not started (interrupted): {what}", error_type=NOT_STARTED)
 
 
 class SettledRow:
@@ -88,12 +77,18 @@ class StartedRow:
         for fn in callbacks:
             fn(self)
 
-    def abandon(self) -> None:
-        """Report the row as in flight at fal and stop waiting for it (its task runs on)."""
-        error = RowInterrupted(
-            "in flight (interrupted): submitted to fal and left running there, not cancelled; "
-            "a re-run resumes it from the cache without paying again",
-            error_type=IN_FLIGHT,
+    def abandon(self, submitted: bool = True) -> None:
+        """Stop waiting for the row (its task runs on): reported as in flight at fal, or, when
+        its submit was never sent (it waited for a fal slot), as not started: it will not be
+        (its generate path checks the stop before submitting)."""
+        error = (
+            RowInterrupted(
+                "in flight (interrupted): submitted to fal and left running there, not "
+                "cancelled; a re-run resumes it from the cache without paying again",
+                error_type=IN_FLIGHT,
+            )
+            if submitted
+            else not_started("it waited for a fal slot; nothing was submitted for it")
         )
         self._finish(Failed(data=error, message=error.message))
 
@@ -115,13 +110,16 @@ class StartedRow:
         return self._future.state
 
 
-def _mid_submit(row: PromptRow) -> bool:
-    """Whether this row's submit was sent and its answer is not recorded yet."""
+def _submit_state(row: PromptRow) -> str | None:
+    """The state of this row's (first) submit: None when never sent, ``submitting`` while its
+    answer is not recorded, else ``submitted`` (or ``unknown``)."""
     try:
         intent = read_intent(row.request, row.variant)
     except Exception:  # an unreadable store: assume the worst, within the wait's bound
-        return True
-    return intent is not None and intent.state == "submitting"
+        return "submitting"
+    if intent is None or intent.state == "not_submitted":
+        return None
+    return intent.state
 
 
 class StartedRows:
@@ -168,9 +166,10 @@ class StartedRows:
             pending = self._pending()
             if not pending:
                 return
-            if time.monotonic() >= deadline or not any(_mid_submit(r.row) for r in pending):
-                for r in pending:
-                    r.abandon()
+            states = [_submit_state(r.row) for r in pending]
+            if time.monotonic() >= deadline or "submitting" not in states:
+                for r, state in zip(pending, states, strict=True):
+                    r.abandon(submitted=state is not None)
                 return
             time.sleep(0.1)
 

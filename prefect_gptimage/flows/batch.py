@@ -158,7 +158,7 @@ def batch_to_s3(
         check_cluster(cluster, log)  # reachable, with a server the workers share: before paying
     if target is not None:
         probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
-    generation = options.generation(str(engine.out))
+    generation = options.generation(str(engine.out), engine.stop)
     result = engine.run(
         rows, generate_and_stage, partial(_row_parameters, target, generation, options)
     )

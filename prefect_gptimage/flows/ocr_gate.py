@@ -205,13 +205,12 @@ def ocr_gated_row(
     options: GenerationOptions,
     min_score: float = DEFAULT_MIN_SCORE,
     budget: Budget | None = None,
-    stop: Stop | None = None,
 ) -> OcrGateRow:
     """Generate, check and regenerate one row until its images pass or ``variants`` run out.
 
     One task run: every request in it is a plain call (each cached as a request is). Before
-    each regeneration it asks ``stop`` (none after a stop) and ``budget`` (none that would
-    exceed ``max_cost``; a cached one is free).
+    each regeneration it asks ``options.stop`` (none after a stop) and ``budget`` (none that
+    would exceed ``max_cost``; a cached one is free).
     """
     log = get_run_logger()
     expected = quoted_text(request.prompt)
@@ -219,7 +218,7 @@ def ocr_gated_row(
         line=line, prompt=request.prompt, expected=expected, wanted=request.num_images, passed=False
     )
     for number, variant in enumerate(variants):
-        if number and not _may_regenerate(row, request, variant, options, budget, stop):
+        if number and not _may_regenerate(row, request, variant, options, budget):
             break
         try:
             result = generate(request, options.model_copy(update={"variant": variant}))
@@ -272,10 +271,9 @@ def _may_regenerate(
     variant: int,
     options: GenerationOptions,
     budget: Budget | None,
-    stop: Stop | None,
 ) -> bool:
     """Whether the row may try ``variant`` next; if not, the row's error says why."""
-    if stop is not None and stop.requested:
+    if options.stop is not None and options.stop.requested:
         error = not_started(f"regeneration {variant} not submitted")
         row.error, row.error_type = error.message, error.error_type
         return False
@@ -378,7 +376,7 @@ def ocr_gated_batch(
     refused = refuse_over_budget(run_key, plan, len(rows), max_cost, summary)
     if refused is not None:
         raise BatchIncomplete(summary, refused.message)
-    generation = options.generation(str(engine.out))
+    generation = options.generation(str(engine.out), engine.stop)
     budget = Budget(max_cost, spent=plan.cost)  # the regenerations spend what is left
     variants = attempt_variants(rows, max_attempts)
     plans = {id(row): tries for row, tries in zip(rows, variants, strict=True)}
@@ -393,7 +391,6 @@ def ocr_gated_batch(
             "options": generation,
             "min_score": min_score,
             "budget": budget,
-            "stop": engine.stop,
         }
 
     def finish() -> str:

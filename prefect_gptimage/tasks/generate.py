@@ -26,7 +26,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import PermanentFalError
+from prefect_gptimage.errors import FalError, PermanentFalError
 from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import (
@@ -45,12 +45,30 @@ from prefect_gptimage.tasks.intents import NEEDS_SLOT, submit_fate
 from prefect_gptimage.tasks.queue import fetch_recorded, submit_recorded
 
 __all__ = [
+    "IN_FLIGHT",
+    "NOT_STARTED",
     "GenerationOptions",
+    "RowInterrupted",
     "agenerate_images",
     "expired",
     "generate",
     "generate_images",
 ]
+
+
+#: ``error_type`` of a request (a row) a stop kept from being submitted: nothing was paid.
+NOT_STARTED = "not_started_interrupted"
+#: ``error_type`` of a row a stop left running at fal: a re-run resumes it without paying again.
+IN_FLIGHT = "in_flight_interrupted"
+
+
+class RowInterrupted(FalError):
+    """A request a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
+
+
+def not_started(what: str = "nothing was submitted for it") -> RowInterrupted:
+    """The error of a row (or a row's next request) a stop kept from starting."""
+    return RowInterrupted(f"not started (interrupted): {what}", error_type=NOT_STARTED)
 
 
 class GenerationOptions(BaseModel):
@@ -110,6 +128,14 @@ class GenerationOptions(BaseModel):
             "slot (None: PREFECT_GPTIMAGE_LOOKAHEAD). Only when the cap is the account's limit."
         ),
     )
+    stop: Any = Field(
+        default=None,
+        exclude=True,
+        description=(
+            "A stop request (an object with a ``requested`` flag: the engine's Stop): once "
+            "requested, a request not yet submitted is not submitted (fails 'not started')."
+        ),
+    )
     download_tasks: bool = Field(
         default=False,
         description="Download each image as its own task run (default: plain calls, one task "
@@ -147,6 +173,8 @@ def _submit_and_fetch(
         if fate in NEEDS_SLOT:  # cached, or unknown (fails unsent): no slot before the submit
             hold()
         for attempt in range(options.resubmits + 1):
+            if (attempt or fate == "to_pay") and _stopped(options):  # a new submit: not now
+                raise not_started("a stop came before its submit: nothing was paid")
             handle, cached = submit_recorded(
                 request,
                 options.credentials,
@@ -184,6 +212,10 @@ def _submit_and_fetch(
                     hold()
                 refresh = True
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stopped(options: GenerationOptions) -> bool:
+    return bool(options.stop is not None and options.stop.requested)
 
 
 def expired(exc: BaseException) -> bool:
