@@ -14,6 +14,7 @@ so it never will. :class:`StartedRow` is the future the engine waits on, which
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -134,7 +135,11 @@ class StartedRows:
         self._lock = threading.Lock()
         self._over = threading.Event()
         self._watcher = threading.Thread(
-            target=self._watch, name="gptimage-stop-watcher", daemon=True
+            # in the flow's context: its settings say where the submit intents are read
+            target=contextvars.copy_context().run,
+            args=(self._watch,),
+            name="gptimage-stop-watcher",
+            daemon=True,
         )
 
     def add(self, handle: StartedRow) -> StartedRow:
