@@ -6,14 +6,14 @@ plain scripts and tests. They share three needs, gathered here so each is writte
 * log through the Prefect run logger when there is a run (so lines reach the UI), else through a
   plain module logger (:func:`run_logger`);
 * know whether there is a run at all: artifacts may only be created inside one (:func:`in_run`);
-* call Prefect's ``async_dispatch`` artifact functions synchronously, even from an async flow
-  (:func:`call_sync`).
+* call Prefect's async artifact functions (``acreate_table_artifact``, ...) synchronously, even
+  from an async flow (:func:`call_sync`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 __all__ = ["call_sync", "in_run", "run_logger"]
@@ -42,9 +42,13 @@ def in_run() -> bool:
     return True
 
 
-def call_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a Prefect ``async_dispatch`` artifact function synchronously, even from an async flow.
+def call_sync(afn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:
+    """Run Prefect's async twin ``afn`` (e.g. ``acreate_table_artifact``) to completion, here.
 
-    Without ``_sync=True`` these functions return a coroutine when the current flow is async.
+    Prefect's sync artifact functions hand back a coroutine when the current flow is async;
+    their public async twins, run by Prefect's public ``run_coro_as_sync``, behave the same in
+    sync and async flows, and in plain code.
     """
-    return fn(*args, _sync=True, **kwargs)
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    return run_coro_as_sync(afn(*args, **kwargs))

@@ -371,8 +371,10 @@ def _give_up(state: tenacity.RetryCallState) -> Any:
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: True only when the failure is a transient one."""
-    # _sync: in an async flow or task, result() would otherwise hand back a coroutine
-    exc = state.result(raise_on_failure=False, _sync=True)
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    # the async form, run here: in an async flow result() would hand back a coroutine
+    exc = run_coro_as_sync(state.aresult(raise_on_failure=False))
     return isinstance(exc, BaseException) and is_transient(exc)
 
 

@@ -244,11 +244,42 @@ class GptImageOutput(BaseModel):
     images: list[ImageFile]
 
 
+#: What a fal request id looks like: a UUID in its canonical 8-4-4-4-12 hex form, as fal documents
+#: (``80e732af-660e-45cd-bd63-580e4f2a94cc``) and returns. The id becomes a part of queue URLs,
+#: cache keys and file names, so nothing else (``/``, ``..``, an absolute path) is ever accepted.
+REQUEST_ID_PATTERN = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
+)
+
+
+def check_request_id(value: object) -> str:
+    """``value`` if it is a fal request id (a UUID), else ValueError with one clear message.
+
+    The one check of every request id fal answers with: :class:`RequestHandle` runs it on
+    construction (a submit's answer) and on validation (a cached record read back), and the
+    client layer before it adopts an id named by an error answer.
+
+    Example:
+        >>> check_request_id("80e732af-660e-45cd-bd63-580e4f2a94cc")
+        '80e732af-660e-45cd-bd63-580e4f2a94cc'
+        >>> check_request_id("../80e732af-660e-45cd-bd63-580e4f2a94cc")
+        Traceback (most recent call last):
+        ...
+        ValueError: '../80e732af-660e-45cd-bd63-580e4f2a94cc' is not a fal request id (a UUID)
+    """
+    if isinstance(value, str) and REQUEST_ID_PATTERN.fullmatch(value):
+        return value
+    text = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:77])
+    raise ValueError(f"{text} is not a fal request id (a UUID)")
+
+
 class RequestHandle(BaseModel):
     """A submitted fal request: small, serializable, safe to persist (no client, no key).
 
     Carries the URLs fal returned on submit, which are the ones to use for status, result and
-    cancel (fal-protocol §1.2).
+    cancel (fal-protocol §1.2) once the client layer has checked that they stay on the
+    configured queue host and name this very request. ``request_id`` is always a fal request id
+    (:func:`check_request_id`): it can be used in a key, a file name or a URL path.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -262,6 +293,11 @@ class RequestHandle(BaseModel):
     profile: str | None = Field(
         default=None, description="quality/size/n of the request, to learn its typical latency."
     )
+
+    @field_validator("request_id", mode="before")
+    @classmethod
+    def _request_id(cls, value: object) -> str:
+        return check_request_id(value)
 
 
 class DownloadedImage(BaseModel):

@@ -15,6 +15,7 @@ from prefect_gptimage.errors import (
     ConfigurationError,
     FalRequestFailed,
     FalRequestTimeout,
+    InvalidRequestError,
     SubmitOutcomeUnknown,
     TransientFalError,
 )
@@ -245,3 +246,14 @@ def test_async_client_does_not_retry_an_ambiguous_submit(
     with pytest.raises(SubmitOutcomeUnknown):
         asyncio.run(main())
     assert fal_emulator.stats["submit"] == before + 1
+
+
+def test_start_timeout_is_checked_before_anything_is_sent(
+    client: FalQueueClient, fal_emulator: FalEmulator, unique: str
+) -> None:
+    before = fal_emulator.stats["submit"]
+    with pytest.raises(InvalidRequestError, match="start_timeout"):
+        client.submit(req(unique), start_timeout=0.5)
+    assert fal_emulator.stats["submit"] == before  # nothing sent, so nothing possibly billed
+    handle = client.submit(req(unique), start_timeout=30.0)  # sent as X-Fal-Request-Timeout
+    assert fal_emulator.request(handle.request_id) is not None

@@ -18,6 +18,8 @@ MODULES = [
     "prefect_gptimage._lazy",
     "prefect_gptimage.fal._classify",
     "prefect_gptimage.fal._transport",
+    "prefect_gptimage.fal._ops",
+    "prefect_gptimage.fal.hosts",
     "prefect_gptimage.fal.polling",
     "prefect_gptimage.tasks.cache",
     "prefect_gptimage.s3",

@@ -693,6 +693,38 @@ def test_error_after_accept_names_the_accepted_request(
     assert emu.stats.accepted == 1
 
 
+@pytest.mark.parametrize(
+    ("kind", "form", "lands_on"),
+    [
+        ("id_slash", "{own}/x", None),
+        ("id_dotdot", "{own}/../{other}", "other"),
+        ("id_absolute", "/tmp/{own}", None),
+        ("id_other", "{other}", "other"),
+    ],
+)
+def test_forged_request_ids(
+    emu: FalEmulator, http: httpx.Client, kind: str, form: str, lands_on: str | None
+) -> None:
+    """Issue 18: a submit accepted, then answered with an id that is not its own."""
+    other = http.post(f"/{T2I}", json={"prompt": "the first one"}).json()["request_id"]
+    emu.inject(Fault.parse(f"submit:{kind}:1"))
+    r = http.post(f"/{T2I}", json={"prompt": "the second one"})
+    assert r.status_code == 200 and emu.stats.accepted == 2  # it is paid for
+    own = emu.requests()[1].request_id
+    forged = r.json()["request_id"]
+    assert forged == form.format(own=own, other=other) != own
+    assert r.headers["x-fal-request-id"] == forged
+    assert r.json()["status_url"].endswith(f"/requests/{forged}/status")
+    # a client that follows the answer (httpx resolves the dots) never reaches its own request:
+    # another request's record, or a path the emulator counts as stray
+    strays = emu.stray_calls
+    answer = http.get(r.json()["status_url"])
+    if lands_on == "other":
+        assert answer.json()["request_id"] == other
+    else:
+        assert answer.status_code in (404, 405) and emu.stray_calls == strays + 1
+
+
 def test_fail_fault_500_and_422(emu: FalEmulator, http: httpx.Client, fal: FalWorker) -> None:
     emu.inject(Fault("submit", "fail", match="row-7"))
     emu.inject(Fault("submit", "fail", status_code=422, match="row-8"))
@@ -771,7 +803,14 @@ def test_fault_parsing_and_validation() -> None:
     assert Fault.parse("media:slow:*").count is None
     assert Fault.parse("submit:fail:1:422").http_status == 422
     assert Fault("submit", "slow").delay == 1.0
-    for bad in ("status", "status:teapot", "nowhere:429", "status:fail", "submit:truncate"):
+    for bad in (
+        "status",
+        "status:teapot",
+        "nowhere:429",
+        "status:fail",
+        "submit:truncate",
+        "status:id_dotdot",
+    ):
         with pytest.raises(ValueError):
             Fault.parse(bad)
     with pytest.raises(ValueError):

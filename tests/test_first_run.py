@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -319,7 +320,7 @@ def test_dry_run_reads_the_local_cache_without_an_api(tmp_path: Path) -> None:
     row = load_prompt_file(sample)[0]
     storage = tmp_path / "results"
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(storage)))
-    handle = RequestHandle(endpoint=row.request.endpoint, request_id="req-dry")
+    handle = RequestHandle(endpoint=row.request.endpoint, request_id=str(uuid.uuid4()))
     store.write(obj=handle, key=submit_cache_key(row.request, row.variant))
     env = _keyless_env(tmp_path)  # PREFECT_LOCAL_STORAGE_PATH=tmp/results, no API
 

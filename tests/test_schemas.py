@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import uuid
 from typing import Any
 
 import pytest
@@ -151,7 +152,7 @@ def test_generation_result_round_trip_keeps_the_request_class(
 ) -> None:
     """Prefect persists results as JSON: the request must come back as the same model."""
     result = GenerationResult(
-        handle=RequestHandle(endpoint=request_.endpoint, request_id="rid"),
+        handle=RequestHandle(endpoint=request_.endpoint, request_id=str(uuid.uuid4())),
         request=request_,
         output=GptImageOutput(images=[]),
         images=[],

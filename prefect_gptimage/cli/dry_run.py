@@ -168,8 +168,9 @@ def _plan_cost(rows: list[PromptRow], resubmit_unknown: bool) -> tuple[float, in
 
 def _validate_run_options(bucket: str | None, prefix: str | None, max_cost: float | None) -> None:
     """The checks the flow makes before a dry run's estimate (imported only when they apply)."""
-    custom_host = os.environ.get("FAL_QUEUE_RUN_HOST", "").strip()
-    if max_cost is None and not bucket and not custom_host:
+    from prefect_gptimage.fal.hosts import custom_queue_host
+
+    if max_cost is None and not bucket and custom_queue_host() is None:
         return
     from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 

@@ -1,12 +1,17 @@
 """One implementation of fal's queue protocol, driven by a sync or an async shell.
 
 The logic of submit (and adopting a request fal enqueued despite an error answer), status, wait,
-result and cancel is written once, as generators that *yield* the I/O they need (an :class:`Op`)
-and receive its outcome. :class:`FalQueueClient` and :class:`AsyncFalQueueClient` are shells that
-perform each op with fal_client's sync or async client (:class:`Io`) and feed the outcome back.
+result and cancel is written once, as generators that *yield* the I/O they need (an
+:class:`~prefect_gptimage.fal._ops.Op`) and receive its outcome. :class:`FalQueueClient` and
+:class:`AsyncFalQueueClient` are shells that perform each op on their httpx client and fal_client's
+public request handles (:mod:`prefect_gptimage.fal._connect`) and feed the outcome back.
 
 Retries live here, once: :func:`retried` drives a tenacity policy (backoff with jitter within a
 time budget) without sleeping itself: it yields :class:`Sleep`, which the shell performs.
+
+fal's answers are checked before use: a submit's request id must be a fal request id
+(:func:`~prefect_gptimage.schemas.check_request_id`, run by :class:`RequestHandle`), else the
+request counts as paid with its outcome unknown, and the id is used nowhere.
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
 
 import httpx
 import tenacity
@@ -24,161 +28,33 @@ import tenacity
 from prefect_gptimage.errors import (
     FalError,
     GptImageError,
+    InvalidRequestError,
     PermanentFalError,
     SubmitOutcomeUnknown,
     TransientFalError,
 )
 from prefect_gptimage.fal._classify import classify
+from prefect_gptimage.fal._ops import Cancel, Op, Outcome, Result, Sleep, Status, Submit
 from prefect_gptimage.fal._transport import BodyLimits
 from prefect_gptimage.fal._wait import WaitTracker, request_failed
 from prefect_gptimage.fal.polling import RequestStatus
-from prefect_gptimage.retry import RetryPolicy
-from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+from prefect_gptimage.retry import RetryPolicy, submit_outcome_unknown
+from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle, check_request_id
 
 logger = logging.getLogger("prefect_gptimage.client")
 
 T = TypeVar("T")
 #: A piece of client logic: yields ops, receives their outcomes, returns a T.
-Steps = Generator["Op", Any, T]
+Steps = Generator[Op, Any, T]
 
-POLL_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
-
-
-@dataclass(frozen=True)
-class Io:
-    """What a shell lends the core: fal_client's client, its httpx client, handles, sleep."""
-
-    fal: Any
-    http: Any
-    handle_class: Any
-    sleep: Callable[[float], Any]
-    queue_host: str = ""
-
-    def handle(self, handle: RequestHandle) -> Any:
-        """fal_client's handle for ``handle``: the URLs fal returned, else built from the id.
-
-        Returned URLs are followed only on the queue host (``FAL_QUEUE_RUN_HOST``): every call
-        carries the key, which must never go to a host a reply merely named.
-        """
-        urls = (handle.status_url, handle.response_url, handle.cancel_url)
-        if all(urls) and all(_on_host(u, self.queue_host) for u in urls):
-            return self.handle_class(
-                request_id=handle.request_id,
-                response_url=handle.response_url,
-                status_url=handle.status_url,
-                cancel_url=handle.cancel_url,
-                client=self.http,
-            )
-        return self.handle_class.from_request_id(self.http, handle.endpoint, handle.request_id)
-
-
-def _on_host(url: str | None, host: str) -> bool:
-    if not url:
-        return False
-    try:
-        return not host or httpx.URL(url).host == host
-    except httpx.InvalidURL:
-        return False
-
-
-@dataclass(frozen=True)
-class Op:
-    """One exchange with fal. ``run`` returns its value (sync shell) or an awaitable (async)."""
-
-    name: str = field(init=False, default="")
-
-    def run(self, io: Io) -> Any:  # pragma: no cover - every op overrides it
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Submit(Op):
-    request: AnyRequest
-    start_timeout: float | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    name: str = field(init=False, default="submit")
-
-    def run(self, io: Io) -> Any:
-        return io.fal.submit(
-            self.request.endpoint,
-            self.request.to_arguments(),
-            headers=dict(self.headers),
-            start_timeout=self.start_timeout,
-        )
-
-
-@dataclass(frozen=True)
-class Status(Op):
-    handle: RequestHandle
-    with_logs: bool = False
-    name: str = field(init=False, default="status")
-
-    def run(self, io: Io) -> Any:
-        return io.handle(self.handle).status(with_logs=self.with_logs)
-
-
-@dataclass(frozen=True)
-class Result(Op):
-    handle: RequestHandle
-    name: str = field(init=False, default="result")
-
-    def run(self, io: Io) -> Any:
-        return io.http.get(io.handle(self.handle).response_url, timeout=POLL_TIMEOUT)
-
-
-@dataclass(frozen=True)
-class Cancel(Op):
-    handle: RequestHandle
-    name: str = field(init=False, default="cancel")
-
-    def run(self, io: Io) -> Any:
-        return io.handle(self.handle).cancel()
-
-
-@dataclass(frozen=True)
-class Sleep(Op):
-    seconds: float
-    name: str = field(init=False, default="sleep")
-
-    def run(self, io: Io) -> Any:
-        return io.sleep(self.seconds)
-
-
-@dataclass
-class Outcome:
-    """What performing an op gave: a value, or the exception it raised."""
-
-    value: Any = None
-    error: Exception | None = None
-
-
-def outcome(fn: Callable[[], Any]) -> Outcome:
-    """Perform a sync op."""
-    try:
-        return Outcome(fn())
-    except Exception as exc:
-        return Outcome(error=exc)
-
-
-async def aoutcome(awaitable: Awaitable[Any]) -> Outcome:
-    """Perform an async op."""
-    try:
-        return Outcome(await awaitable)
-    except Exception as exc:
-        return Outcome(error=exc)
-
-
-def queue_host() -> str:
-    """The host of fal's queue as fal_client was configured at import (``FAL_QUEUE_RUN_HOST``)."""
-    import fal_client.client  # deferred: it reads its hosts from the environment at import
-
-    return httpx.URL(fal_client.client.QUEUE_URL_FORMAT).host
+#: fal_client's and fal-js's floor for a start timeout (``X-Fal-Request-Timeout``), in seconds.
+MIN_START_TIMEOUT = 1.0
 
 
 class Shell:
-    """What both clients share: fal_client's client for one key, the retry policy, the bounds."""
-
-    fal_class: ClassVar[Callable[..., Any]]
+    """What both clients share: the key (None: fal_client's credential chain), the retry policy
+    and the body limits. Each shell builds its httpx client on first use
+    (:mod:`prefect_gptimage.fal._connect`)."""
 
     def __init__(
         self,
@@ -187,8 +63,9 @@ class Shell:
         retry: RetryPolicy | None = None,
         limits: BodyLimits | None = None,
     ) -> None:
-        self._fal = self.fal_class(key=key, limits=limits or BodyLimits())
+        self._key = key
         self.retry = retry or RetryPolicy()
+        self.limits = limits or BodyLimits()
 
 
 class Driver(Generic[T]):
@@ -261,24 +138,57 @@ def submit(
     headers: dict[str, str] | None = None,
 ) -> Steps[RequestHandle]:
     """Submit (billable), resending only what provably never reached fal's queue."""
-    op = Submit(request, start_timeout, tuple((headers or {}).items()))
+    op = Submit(request, submit_headers(start_timeout, headers))
 
     def attempt() -> Steps[RequestHandle]:
         try:
-            fal_handle = yield op
+            answer: httpx.Response = yield op
         except FalError as error:
             return (yield from _adopt(request, error))
-        return RequestHandle(
-            endpoint=request.endpoint,
-            request_id=fal_handle.request_id,
-            status_url=fal_handle.status_url,
-            response_url=fal_handle.response_url,
-            cancel_url=fal_handle.cancel_url,
-            submitted_at=time.time(),
-            profile=request.profile,
-        )
+        return accepted(request, answer)
 
     return (yield from retried(policy, attempt))
+
+
+def submit_headers(
+    start_timeout: float | None, headers: dict[str, str] | None
+) -> tuple[tuple[str, str], ...]:
+    """A submit's headers: the caller's, and ``X-Fal-Request-Timeout`` for ``start_timeout``
+    (seconds fal may take to start it, over 1 s, as fal_client requires)."""
+    out = dict(headers or {})
+    if start_timeout is not None:
+        if not start_timeout > MIN_START_TIMEOUT:
+            raise InvalidRequestError(
+                "start_timeout", f"must be over {MIN_START_TIMEOUT:.0f} s, got {start_timeout!r}"
+            )
+        out["X-Fal-Request-Timeout"] = str(float(start_timeout))
+    return tuple(out.items())
+
+
+def accepted(request: AnyRequest, answer: httpx.Response) -> RequestHandle:
+    """The handle of a request fal accepted (a 2xx answer to its submit).
+
+    An answer without a usable request id leaves a request fal has most likely enqueued, and will
+    bill, with no safe way to follow it: :class:`SubmitOutcomeUnknown`, never resent.
+    """
+    try:
+        data = answer.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or "request_id" not in data:
+        raise submit_outcome_unknown(request.endpoint, "a success answer without a request id")
+    try:
+        request_id = check_request_id(data["request_id"])
+    except ValueError as exc:
+        raise submit_outcome_unknown(request.endpoint, f"a malformed request id: {exc}") from None
+    urls = {k: data.get(k) for k in ("status_url", "response_url", "cancel_url")}
+    return RequestHandle(
+        endpoint=request.endpoint,
+        request_id=request_id,
+        **{k: v if isinstance(v, str) else None for k, v in urls.items()},
+        submitted_at=time.time(),
+        profile=request.profile,
+    )
 
 
 def _adopt(request: AnyRequest, error: FalError) -> Steps[RequestHandle]:
@@ -289,9 +199,14 @@ def _adopt(request: AnyRequest, error: FalError) -> Steps[RequestHandle]:
     """
     if not (error.request_id and (error.status_code or 0) >= 500):
         raise error
+    try:
+        request_id = check_request_id(error.request_id)
+    except ValueError as exc:
+        what = f"HTTP {error.status_code} naming a malformed request id: {exc}"
+        raise submit_outcome_unknown(request.endpoint, what) from None
     candidate = RequestHandle(
         endpoint=request.endpoint,
-        request_id=error.request_id,
+        request_id=request_id,
         profile=request.profile,
         submitted_at=time.time(),
     )

@@ -1,10 +1,12 @@
-"""The transport under fal_client's httpx clients: every failure becomes a package error, at once.
+"""The transport under the client layer's httpx clients: every failure becomes a package error.
 
 fal_client 1.0.3 retries every request itself (10 attempts), submit included, on transport errors,
-408/409/429 and ingress 502/503/504 (fal-protocol §2.4). This transport sits outermost and turns
-each failed exchange into an exception of this package, which is not an ``httpx.HTTPError``, so
-fal_client's retry loop lets it through untouched: the one layer that retries is the client core
-(:mod:`prefect_gptimage.fal._core`), under the :class:`~prefect_gptimage.retry.RetryPolicy`.
+408/409/429 and ingress 502/503/504 (fal-protocol §2.4), also in the methods of its request
+handles, which the client layer drives for status and cancel. This transport sits outermost
+(:mod:`prefect_gptimage.fal._connect`) and turns each failed exchange into an exception of this
+package, which is not an ``httpx.HTTPError``, so fal_client's retry loop lets it through
+untouched: the one layer that retries is the client core (:mod:`prefect_gptimage.fal._core`),
+under the :class:`~prefect_gptimage.retry.RetryPolicy`.
 
 The verdicts come from :mod:`prefect_gptimage.retry`. For a submit (the only billable call) a
 failure after the request may have reached fal's queue (a read error or dropped connection after

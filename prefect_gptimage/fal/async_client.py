@@ -1,7 +1,8 @@
 """``AsyncFalQueueClient``: :class:`~prefect_gptimage.fal.client.FalQueueClient` for asyncio.
 
 The same core (:mod:`prefect_gptimage.fal._core`), retry policy and submit guard; only the I/O is
-performed with fal_client's ``AsyncClient``. Method for method the same API, awaited.
+performed on an ``httpx.AsyncClient`` and fal_client's ``AsyncRequestHandle``. Method for method
+the same API, awaited.
 
 Example (it talks to fal, so it is not run as a doctest)::
 
@@ -14,18 +15,19 @@ Example (it talks to fal, so it is not run as a doctest)::
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import fal_client
 import httpx
-from asyncstdlib import cached_property as async_cached_property
-from fal_client.client import USER_AGENT, AsyncBackupDomainTransport
 
 from prefect_gptimage.fal import _core
-from prefect_gptimage.fal._transport import BodyLimits, FalTransport
+from prefect_gptimage.fal._connect import async_http
+from prefect_gptimage.fal._ops import Io, aoutcome
+from prefect_gptimage.fal._transport import BodyLimits
 from prefect_gptimage.fal.client import Log
+from prefect_gptimage.fal.hosts import queue_base
 from prefect_gptimage.fal.polling import RequestStatus
+from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 
 __all__ = ["AsyncFalQueueClient"]
@@ -33,39 +35,40 @@ __all__ = ["AsyncFalQueueClient"]
 T = TypeVar("T")
 
 
-@dataclass(unsafe_hash=True)
-class _FalAsync(fal_client.AsyncClient):
-    """fal_client's AsyncClient over :class:`FalTransport`."""
-
-    limits: BodyLimits = field(default_factory=BodyLimits)
-
-    @async_cached_property(asyncio.Lock)
-    async def _client(self) -> httpx.AsyncClient:
-        auth = await self._auth
-        return httpx.AsyncClient(
-            transport=FalTransport(AsyncBackupDomainTransport(), self.limits),
-            headers={"Authorization": auth.header_value, "User-Agent": USER_AGENT},
-            timeout=self.default_timeout,
-            follow_redirects=True,
-        )
-
-
 class AsyncFalQueueClient(_core.Shell):
-    """Asynchronous client for fal's queue; see :class:`FalQueueClient` for each method."""
+    """Asynchronous client for fal's queue; see :class:`FalQueueClient` for each method.
 
-    fal_class = _FalAsync
+    Its connection pool belongs to the event loop that first used it: use one instance per loop.
+    """
+
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        limits: BodyLimits | None = None,
+    ) -> None:
+        super().__init__(key, retry=retry, limits=limits)
+        self._http: httpx.AsyncClient | None = None
+        self._http_lock: asyncio.Lock | None = None
+
+    async def _connect(self) -> httpx.AsyncClient:
+        if self._http_lock is None:
+            self._http_lock = asyncio.Lock()
+        async with self._http_lock:
+            if self._http is None:
+                self._http = await async_http(self._key, self.limits)
+            return self._http
 
     async def _run(self, steps: _core.Steps[T]) -> T:
         try:
-            http = await self._fal._client
+            http = await self._connect()
         except Exception as exc:
             raise _core.setup_error(exc) from None
-        io = _core.Io(
-            self._fal, http, fal_client.AsyncRequestHandle, asyncio.sleep, _core.queue_host()
-        )
+        io = Io(http, fal_client.AsyncRequestHandle, asyncio.sleep, queue_base())
         driver = _core.Driver(steps)
         while driver.pending:
-            driver.feed(await _core.aoutcome(driver.op.run(io)))
+            driver.feed(await aoutcome(driver.op.run(io)))
         return driver.result  # type: ignore[return-value]
 
     async def submit(

@@ -4,7 +4,7 @@ fal_client, synchronously. The logic is :mod:`prefect_gptimage.fal._core`, share
 
 Retries, in one place: every call retries its transient failures under one
 :class:`~prefect_gptimage.retry.RetryPolicy` (backoff with jitter, ``budget`` seconds in all);
-fal_client's own retry loop never fires (see :mod:`prefect_gptimage.fal._transport`). A submit is
+fal_client's own retry loop never fires (see :mod:`prefect_gptimage.fal._connect`). A submit is
 resent only when it provably never reached fal's queue; an ambiguous one raises
 :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown`.
 
@@ -22,16 +22,16 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, TypeVar
 
 import fal_client
 import httpx
-from fal_client.client import USER_AGENT, BackupDomainTransport
 
 from prefect_gptimage.fal import _core
-from prefect_gptimage.fal._transport import BodyLimits, FalTransport
+from prefect_gptimage.fal._connect import sync_http
+from prefect_gptimage.fal._ops import Io, outcome
+from prefect_gptimage.fal._transport import BodyLimits
+from prefect_gptimage.fal.hosts import queue_base
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
@@ -40,22 +40,6 @@ __all__ = ["BodyLimits", "FalQueueClient", "RetryPolicy"]
 
 T = TypeVar("T")
 Log = logging.Logger | logging.LoggerAdapter[Any]
-
-
-@dataclass(frozen=True)
-class _FalSync(fal_client.SyncClient):
-    """fal_client's SyncClient over :class:`FalTransport`."""
-
-    limits: BodyLimits = field(default_factory=BodyLimits)
-
-    @cached_property
-    def _client(self) -> httpx.Client:
-        return httpx.Client(
-            transport=FalTransport(BackupDomainTransport(), self.limits),
-            headers={"Authorization": self._auth.header_value, "User-Agent": USER_AGENT},
-            timeout=self.default_timeout,
-            follow_redirects=True,
-        )
 
 
 def key_id(key: str | None) -> str:
@@ -73,8 +57,6 @@ class FalQueueClient(_core.Shell):
     _instances: dict[tuple[str, RetryPolicy, BodyLimits], FalQueueClient] = {}
     _lock = threading.Lock()
 
-    fal_class = _FalSync
-
     @classmethod
     def shared(
         cls,
@@ -90,15 +72,32 @@ class FalQueueClient(_core.Shell):
                 cls._instances[ident] = cls(key, retry=policy, limits=bounds)
             return cls._instances[ident]
 
+    def __init__(
+        self,
+        key: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        limits: BodyLimits | None = None,
+    ) -> None:
+        super().__init__(key, retry=retry, limits=limits)
+        self._http: httpx.Client | None = None
+        self._http_lock = threading.Lock()
+
+    def _connect(self) -> httpx.Client:
+        with self._http_lock:
+            if self._http is None:
+                self._http = sync_http(self._key, self.limits)
+            return self._http
+
     def _run(self, steps: _core.Steps[T]) -> T:
         try:
-            http = self._fal._client
+            http = self._connect()
         except Exception as exc:
             raise _core.setup_error(exc) from None
-        io = _core.Io(self._fal, http, fal_client.SyncRequestHandle, time.sleep, _core.queue_host())
+        io = Io(http, fal_client.SyncRequestHandle, time.sleep, queue_base())
         driver = _core.Driver(steps)
         while driver.pending:
-            driver.feed(_core.outcome(lambda: driver.op.run(io)))
+            driver.feed(outcome(lambda: driver.op.run(io)))
         return driver.result  # type: ignore[return-value]
 
     def submit(

@@ -17,14 +17,12 @@ Each failure raises one error (``InvalidRequestError``, ``ConfigurationError`` o
 from __future__ import annotations
 
 import math
-import os
-import re
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import ValidationError
 
 from prefect_gptimage.errors import ConfigurationError, InvalidRequestError
+from prefect_gptimage.fal.hosts import DEFAULT_QUEUE_HOST, custom_queue_host
 from prefect_gptimage.fal.media import host_allowed
 from prefect_gptimage.s3.clients import bucket_target
 from prefect_gptimage.s3.models import S3Target
@@ -37,9 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["FAL_DEFAULT_QUEUE_HOST", "check_budget", "check_fal_media_host", "preflight_bucket"]
 
 #: fal_client's default queue host (its media come from ``*.fal.media``, not from here).
-FAL_DEFAULT_QUEUE_HOST = "queue.fal.run"
-
-_HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")  # a name, an IPv4 or a bracketed IPv6 address
+FAL_DEFAULT_QUEUE_HOST = DEFAULT_QUEUE_HOST
 
 
 def check_budget(max_cost: Any) -> float | None:
@@ -58,21 +54,17 @@ def check_budget(max_cost: Any) -> float | None:
 
 def check_fal_media_host() -> None:
     """ConfigurationError when a custom ``FAL_QUEUE_RUN_HOST`` is not an allowed media host."""
-    value = os.environ.get("FAL_QUEUE_RUN_HOST", "").strip()
-    if not value or value.lower().rstrip(".") == FAL_DEFAULT_QUEUE_HOST:
+    setting = custom_queue_host()
+    if setting is None:
         return
-    try:
-        host = httpx.URL(f"https://{value}").host
-        if not _HOST.match(host):
-            raise ValueError(host)
-    except (httpx.InvalidURL, ValueError):
+    if setting.host is None:
         raise ConfigurationError(
-            f"FAL_QUEUE_RUN_HOST={value!r} is not a host name (host or host:port)"
-        ) from None
+            f"FAL_QUEUE_RUN_HOST={setting.value!r} is not a host name (host or host:port)"
+        )
     allowed = media_policy().allowed_hosts
-    if not host or not host_allowed(host, allowed):
+    if not host_allowed(setting.host, allowed):
         raise ConfigurationError(
-            f"FAL_QUEUE_RUN_HOST names {host or value!r}, which is not an allowed media host "
+            f"FAL_QUEUE_RUN_HOST names {setting.host!r}, which is not an allowed media host "
             f"({', '.join(allowed)}): its images would be paid for and then refused at download. "
             "Add it to PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS; nothing submitted"
         )

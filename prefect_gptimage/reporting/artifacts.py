@@ -207,9 +207,9 @@ def publish_results(
         ...     publish_results(staged, key_prefix="nightly", requests={rid: req})
     """
     from prefect.artifacts import (
-        create_link_artifact,
-        create_markdown_artifact,
-        create_table_artifact,
+        acreate_link_artifact,
+        acreate_markdown_artifact,
+        acreate_table_artifact,
     )
 
     if not in_run():
@@ -241,9 +241,9 @@ def publish_results(
         else ". Request ids, s3:// URIs, bytes and checksums: the run manifest"
     )
     until = links_valid_until(staged[:max_gallery])
-    table_id = call_sync(create_table_artifact, table=rows, key=table_key, description=table_desc)
+    table_id = call_sync(acreate_table_artifact, table=rows, key=table_key, description=table_desc)
     gallery_id = call_sync(
-        create_markdown_artifact,
+        acreate_markdown_artifact,
         markdown=gallery_markdown(
             staged,
             failures,
@@ -264,7 +264,7 @@ def publish_results(
         prompt, _ = lookup_request(image.request_id, prompts, requests)
         link_ids.append(
             call_sync(
-                create_link_artifact,
+                acreate_link_artifact,
                 link=image.url,
                 link_text=(
                     f"{image.index:02d} {escape_text(prompt, 60, in_table=False)} "

@@ -136,7 +136,7 @@ class BatchProgress:
         Outside a flow or task run no artifact is made (that is deprecated in Prefect 3); counts
         and :meth:`eta` still work.
         """
-        from prefect.artifacts import create_progress_artifact
+        from prefect.artifacts import acreate_progress_artifact
 
         with self._lock:
             self._total = max(0, int(total))
@@ -151,7 +151,7 @@ class BatchProgress:
             return self
         try:
             self.artifact_id = call_sync(
-                create_progress_artifact,
+                acreate_progress_artifact,
                 progress=0.0,
                 key=self.key,
                 description=description or f"{self._total} items",
@@ -206,9 +206,9 @@ class BatchProgress:
             now = self._clock()
             if not (self._due(pct, now) or (force and pct != self._sent_pct)):
                 return
-            from prefect.artifacts import update_progress_artifact
+            from prefect.artifacts import aupdate_progress_artifact
 
-            call_sync(update_progress_artifact, artifact_id=self.artifact_id, progress=pct)
+            call_sync(aupdate_progress_artifact, artifact_id=self.artifact_id, progress=pct)
             self._sent_pct, self._sent_at = pct, now
             self.updates += 1
         except Exception as exc:

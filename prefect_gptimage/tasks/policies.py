@@ -7,11 +7,8 @@ The decisions themselves live below (:mod:`prefect_gptimage.retry`,
 
 from __future__ import annotations
 
-import os
-
-import httpx
-
 from prefect_gptimage.fal._transport import BodyLimits
+from prefect_gptimage.fal.hosts import FAL_HOST_VARIABLES, configured_hosts
 from prefect_gptimage.fal.media import MediaPolicy
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.settings import get_settings
@@ -23,10 +20,6 @@ __all__ = [
     "media_policy",
     "retry_policy",
 ]
-
-#: fal_client's own variables naming the host it talks to (``host`` or ``host:port``, always
-#: https): images served by that host are trusted like fal's CDN.
-FAL_HOST_VARIABLES = ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST")
 
 
 def retry_policy() -> RetryPolicy:
@@ -43,28 +36,13 @@ def body_limits() -> BodyLimits:
 
 
 def configured_fal_hosts() -> tuple[str, ...]:
-    """The bare host names (no port) that ``FAL_QUEUE_RUN_HOST`` / ``FAL_RUN_HOST`` name.
+    """The bare host names (no port) that ``FAL_QUEUE_RUN_HOST`` / ``FAL_RUN_HOST`` name
+    (parsed in :mod:`prefect_gptimage.fal.hosts`).
 
     Only variables that are set count: fal's defaults (``queue.fal.run``, ``fal.run``) serve no
     media, which comes from ``*.fal.media``.
-
-    Example:
-        >>> os.environ["FAL_QUEUE_RUN_HOST"] = "localhost:8443"
-        >>> configured_fal_hosts()
-        ('localhost',)
     """
-    hosts: list[str] = []
-    for name in FAL_HOST_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if not value:
-            continue
-        try:
-            host = httpx.URL(f"https://{value}").host.lower().rstrip(".")
-        except (httpx.InvalidURL, ValueError):
-            continue  # fal_client cannot use it either
-        if host and not set(host) & set("*?[]") and host not in hosts:  # a host, not a pattern
-            hosts.append(host)
-    return tuple(hosts)
+    return configured_hosts()
 
 
 def media_policy() -> MediaPolicy:

@@ -27,7 +27,13 @@ from prefect_gptimage.testing._handler_base import (
     Dropped,
     HandlerBase,
 )
-from prefect_gptimage.testing.faults import STUCK_KINDS, Fault, error_type_for
+from prefect_gptimage.testing.faults import (
+    FORGED_ID_KINDS,
+    STUCK_KINDS,
+    Fault,
+    error_type_for,
+    forged_id,
+)
 from prefect_gptimage.testing.records import COMPLETED, EmulatedRequest, Failure
 
 APP = "fal-ai/gpt-image-1.5"
@@ -37,7 +43,11 @@ _MODELS: dict[str, type[BaseModel]] = {
 }
 _KEEPALIVE_EVERY = 15.0
 _TRUTHY = ("1", "true", "yes", "on")
-_AFTER_ACCEPT = frozenset({"drop_after_accept", "error_after_accept", "foreign_urls"})
+_AFTER_ACCEPT = frozenset({"drop_after_accept", "error_after_accept", "foreign_urls"}) | (
+    FORGED_ID_KINDS
+)
+#: ``model.calls`` key of queue calls that name no request the emulator knows.
+STRAY = "stray"
 
 
 class QueueAnswers(HandlerBase):
@@ -57,12 +67,14 @@ class QueueAnswers(HandlerBase):
             }
             op = routes.get((method, len(rest), *rest[1:])) if rest else None
             if op is None:
+                self.core.count(STRAY)
                 self._json(405 if rest else 404, {"detail": "Not Found"})
                 return
             rid = rest[0]
         elif method == "POST":
             op, app_segs = "submit", segs
         else:
+            self.core.count(STRAY)
             self._json(404, {"detail": "Not Found"})
             return
         self.core.count(op)
@@ -70,6 +82,7 @@ class QueueAnswers(HandlerBase):
             return
         app_ok = app_segs[:2] == APP.split("/") and app_segs[2:] in ([], ["edit"])
         if not app_ok:
+            self.core.count(STRAY)
             name = "/".join(app_segs)
             self._json(404, {"detail": f"Application '{name}' not found"})
             return
@@ -79,6 +92,7 @@ class QueueAnswers(HandlerBase):
         self._fal_id = rid
         req = self.core.model.requests.get(rid)
         if req is None:
+            self.core.count(STRAY)
             self._json(404, {"status": "NOT_FOUND"} if op == "cancel" else {"detail": "Not Found"})
             return
         fault = self._pre_faults(op, req.endpoint, req.prompt, frozenset())
@@ -195,6 +209,10 @@ class QueueAnswers(HandlerBase):
         normalized = json.dumps({"endpoint": endpoint, **arguments}, sort_keys=True)
         with model.cond:
             position = model.submit_locked(req, normalized, now)
+            if after_fault is not None and after_fault.kind in FORGED_ID_KINDS:
+                other = next((r for r in reversed(model.requests) if r != rid), rid)
+                rid = forged_id(after_fault.kind, rid, other)
+                self._fal_id = rid
         if self._slow_after:
             time.sleep(self._slow_after)
         if after_fault is not None and after_fault.kind == "drop_after_accept":

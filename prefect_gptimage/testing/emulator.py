@@ -25,6 +25,7 @@ import time
 import types
 from typing import Any
 
+from prefect_gptimage.testing._queue_answers import STRAY
 from prefect_gptimage.testing.certs import shared_tls
 from prefect_gptimage.testing.core import EmulatorCore, check_rate
 from prefect_gptimage.testing.faults import Fault
@@ -243,6 +244,15 @@ class FalEmulator:
     def stats(self) -> EmulatorStats:
         """A snapshot of the counters (see :class:`EmulatorStats`)."""
         return self._core.stats()
+
+    @property
+    def stray_calls(self) -> int:
+        """Queue calls that named no request the emulator knows: a path it does not serve, an
+        unknown application or an unknown request id (a client that built a URL from a forged
+        request id, for one)."""
+        model = self._core.model
+        with model.cond:
+            return model.calls[STRAY]
 
     def request(self, request_id: str) -> RequestInfo | None:
         """A snapshot of one request's state, or None if the id is unknown."""

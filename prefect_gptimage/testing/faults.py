@@ -12,6 +12,8 @@ Example:
     ('status', '503_json', 3)
     >>> Fault("submit", "fail", status_code=422, match="row-7").error_type_for_failure()
     'content_policy_violation'
+    >>> forged_id("id_dotdot", "a", "b")
+    'a/../b'
 """
 
 from __future__ import annotations
@@ -49,13 +51,24 @@ FaultKind = Literal[
     "huge",
     "echo_key",
     "foreign_urls",
+    "id_slash",
+    "id_dotdot",
+    "id_absolute",
+    "id_other",
 ]
 
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
+#: Kinds that accept a submit, then answer it with a request id that is not its own (a hostile or
+#: broken fal, issue 18): ``<id>/x`` (a ``/``), ``<id>/../<other id>`` (which resolves to another
+#: request's path), ``/tmp/<id>`` (an absolute path), or the id of the request accepted before it
+#: (a well-formed id, but another request's). The URLs in the answer are built on the same id.
+FORGED_ID_KINDS = frozenset({"id_slash", "id_dotdot", "id_absolute", "id_other"})
 #: Kinds that only make sense when a request is being submitted.
-SUBMIT_ONLY_KINDS = frozenset({"drop_after_accept", "error_after_accept", "fail", "foreign_urls"})
+SUBMIT_ONLY_KINDS = (
+    frozenset({"drop_after_accept", "error_after_accept", "fail", "foreign_urls"}) | FORGED_ID_KINDS
+)
 #: Kinds that only make sense when an image file is downloaded.
 MEDIA_ONLY_KINDS = frozenset({"truncate", "wrong_format"})
 #: Kinds for a request that never gets anywhere: status and result answer 202 ``IN_QUEUE``.
@@ -240,6 +253,20 @@ class Fault:
             else:
                 kwargs["status_code"] = int(parts[3])
         return cls(**kwargs)
+
+
+def forged_id(kind: str, own: str, other: str) -> str:
+    """The request id a :data:`FORGED_ID_KINDS` rule answers a submit with.
+
+    ``own`` is the id the emulator gave the request, ``other`` the id of another request.
+    """
+    forms = {
+        "id_slash": f"{own}/x",
+        "id_dotdot": f"{own}/../{other}",
+        "id_absolute": f"/tmp/{own}",
+        "id_other": other,
+    }
+    return forms[kind]
 
 
 class FaultBook:
