@@ -191,3 +191,88 @@ def test_dry_run_and_spend_guard_submit_nothing(
     # cached rows are free: the same file now fits any budget
     summary, state = run(prompt_file=str(path), max_cost=0.0, output_dir=str(tmp_path / "o"))
     assert state == "COMPLETED" and summary.submitted == 0
+
+
+def test_each_row_is_one_task_run_named_after_it(
+    fal_emulator: FalEmulator, s3_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    """12 rows: 12 row task runs (plus at most 2 others), each named ``row N: <prompt>``, so
+    the rows can be told apart in the UI; submit, wait, fetch and upload open none of their own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    rows = [{"prompt": f"kite {i} over a beach {unique}", "quality": "low"} for i in range(12)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    state = batch_to_s3(
+        prompt_file=str(path),
+        bucket=s3_bucket,
+        output_dir=str(tmp_path / "o"),
+        concurrency=4,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    row_runs = [r for r in runs if r.name.startswith("row ")]
+    print(f"\n12-row batch: {len(runs)} task runs ({len(row_runs)} rows)")
+    assert len(row_runs) == 12 and len(runs) <= 12 + 2, sorted(r.name for r in runs)
+    names = {r.name for r in row_runs}
+    assert len(names) == 12  # distinct: each names its line and its prompt
+    assert f"row 1: kite 0 over a beach {unique}"[:46] in {n[:46] for n in names}
+    assert all(r.state is not None and r.state.is_completed() for r in row_runs)
+
+
+def test_a_stop_starts_no_new_row_and_leaves_rows_in_flight_to_a_re_run(
+    fal_emulator: FalEmulator, s3_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    """The Stop passed in: rows not started are "not started", rows at fal "in flight" after
+    the grace (the flow returns without waiting for fal); a re-run resumes them unpaid."""
+    import threading
+    import time
+
+    from prefect_gptimage.engine.settle import IN_FLIGHT, NOT_STARTED
+    from prefect_gptimage.engine.stop import Stop
+
+    rows = [{"prompt": f"slow kite {i} {unique}", "quality": "low"} for i in range(6)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    kw: dict[str, object] = {
+        "prompt_file": str(path),
+        "bucket": s3_bucket,
+        "output_dir": str(tmp_path / "o"),
+        "concurrency": 1,
+        "lookahead": 0,
+    }
+    before = fal_emulator.stats
+    stop = Stop(grace=0.5)
+
+    def stop_after_first_accept() -> None:
+        deadline = time.monotonic() + 120
+        while fal_emulator.stats["accepted"] == before["accepted"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.request("test")
+
+    fal_emulator.set_latency(15.0)
+    stopper = threading.Thread(target=stop_after_first_accept, daemon=True)
+    stopper.start()
+    try:
+        summary, state = run(**kw, stop=stop)
+    finally:
+        fal_emulator.set_latency(0.0)
+    stopper.join()
+    ours = [r for r in fal_emulator.requests() if unique in str(r.arguments["prompt"])]
+    assert ours and all(r.completed_at is None for r in ours)  # returned before fal finished
+    assert state == "FAILED" and stop.summary is summary
+    kinds = [f.error_type for f in summary.failures]
+    assert len(kinds) == 6 and set(kinds) <= {IN_FLIGHT, NOT_STARTED}, kinds
+    assert kinds.count(IN_FLIGHT) == len(ours) >= 1  # each row at fal, reported in flight
+    assert summary.submitted == 0 and summary.images == []
+
+    again, state = run(**kw)  # resumes what is at fal, pays for the rest once
+    assert state == "COMPLETED" and len(again.images) == 6
+    after = fal_emulator.stats
+    assert after["accepted"] - before["accepted"] == 6  # nothing paid twice
+    assert after["duplicate_submits"] == before["duplicate_submits"]

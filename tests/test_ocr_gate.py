@@ -394,3 +394,36 @@ def _latest_artifact(key: str) -> Any:
     found = read_artifacts(ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     assert found, f"no artifact {key!r}"
     return found[0]  # newest first
+
+
+def test_gate_budget_refuses_the_run_or_stops_the_regenerations(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    """max_cost covers the first attempts before anything is paid, then each regeneration."""
+    from prefect_gptimage.errors import BatchIncomplete
+    from prefect_gptimage.flows.ocr_gate import ocr_gated_batch
+    from prefect_gptimage.pricing import price_per_image
+
+    price = price_per_image("low", "1024x1024")
+    prompts = tmp_path / "sign.csv"
+    prompts.write_text(
+        "prompt,quality,image_size\n"
+        f'"a door sign {unique} that says ""Staff Only""",low,1024x1024\n'
+    )
+    accepted = fal_emulator.stats["accepted"]
+    with pytest.raises(BatchIncomplete, match="exceeds max_cost"):
+        ocr_gated_batch(str(prompts), max_cost=price / 2, output_dir=str(tmp_path / "out"))
+    assert fal_emulator.stats["accepted"] == accepted  # refused: nothing submitted
+
+    fal_emulator.set_misspell_rate(1.0)
+    try:
+        summary = ocr_gated_batch(
+            str(prompts), max_attempts=3, max_cost=price * 1.5, output_dir=str(tmp_path / "out")
+        )
+    finally:
+        fal_emulator.set_misspell_rate(0.0)
+    (row,) = summary.results
+    assert not row.passed and len(row.attempts) == 1  # the first regeneration would exceed it
+    assert row.error_type == "over_budget" and "max_cost" in (row.error or "")
+    assert fal_emulator.stats["accepted"] == accepted + 1
+    assert summary.failed == 1 and summary.failures[0].error_type == "over_budget"

@@ -53,5 +53,15 @@ class Stop:
         """Block until a stop is requested or ``timeout`` passes; True if requested."""
         return self._event.wait(timeout)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a flow parameter travels with the flow run's context (e.g. to Dask workers): there a
+        # stop is only what was requested so far; the event and the live summary stay here
+        return {"grace": self.grace, "reason": self.reason}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["grace"])  # type: ignore[misc]
+        if state["reason"] is not None:
+            self.request(state["reason"])
+
     def __repr__(self) -> str:  # flows log their parameters: keep it short
         return f"Stop(requested={self.requested})"

@@ -31,6 +31,14 @@ summary and the manifest list them (``batch.completed`` says ``"ok": false``).
 Before anything is paid for, the file is validated, the bucket must take a write, and the
 ``ocr`` extra must be installed when any row quotes text (else one ``ConfigurationError``).
 
+It runs on the row engine (:mod:`prefect_gptimage.engine`) as a batch does: each row one task run
+(``row 3: a street sign that says "GRAND OPENING"``), a bounded window of ``concurrency`` rows at
+fal, rows identical to an earlier one dropped (``unique_rows``), ``max_cost`` checked against the
+rows' first attempts before anything is paid and, during the run, against every regeneration (a
+row whose next attempt would exceed it stops: ``error_type`` ``over_budget``), and ``stop=``: a
+stop starts no new row and no new regeneration (see :mod:`prefect_gptimage.engine.settle`); the
+run then ends Failed with a ``BatchIncomplete`` carrying the summary.
+
 Example::
 
     summary = ocr_gated_batch("signs.jsonl", bucket="my-images", max_attempts=3)
@@ -41,34 +49,40 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_aws import S3Bucket
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import FalError
-from prefect_gptimage.flows._preflight import preflight_bucket
+from prefect_gptimage.engine.budget import OVER_BUDGET, Budget, refuse_over_budget
+from prefect_gptimage.engine.options import RunOptions
+from prefect_gptimage.engine.plan import plan_row, plan_rows
+from prefect_gptimage.engine.run import RowEngine
+from prefect_gptimage.engine.settle import RowInterrupted, not_started
+from prefect_gptimage.engine.stop import Stop
+from prefect_gptimage.errors import BatchIncomplete, FalError
+from prefect_gptimage.flows._fanout import row_runner
+from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
+from prefect_gptimage.ledger import RequestIdLedger
 from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.prompts import PromptRow, load_prompt_file
+from prefect_gptimage.prompts import PromptRow, load_prompt_file, unique_rows
 from prefect_gptimage.quality.gate import OcrVerdict, ocr_check
 from prefect_gptimage.quality.ocr import require_ocr
 from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, TextVerdict, quoted_text
 from prefect_gptimage.reporting.manifest import OcrVerdictRecord
 from prefect_gptimage.reporting.run_report import RunReport
-from prefect_gptimage.reporting.summary import Failure
+from prefect_gptimage.reporting.summary import Failure, RunSummary
 from prefect_gptimage.s3 import S3Target, StagedImage, slugify, stage_image
-from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
-from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import request_fingerprint
 from prefect_gptimage.tasks.generate import GenerationOptions, generate
-from prefect_gptimage.tasks.rows import RowOutcome
+from prefect_gptimage.tasks.rows import RowOutcome, row_run_name
 
 __all__ = [
     "OcrAttempt",
@@ -79,7 +93,8 @@ __all__ = [
     "ocr_gated_batch",
 ]
 
-#: Rows worked on at once. OCR itself runs one image at a time (it uses every core).
+#: Requests at fal at once, by default (the engine keeps twice that many rows in flight). OCR
+#: itself runs one image at a time (it uses every core).
 ROW_CONCURRENCY = 4
 
 #: ``error_type`` of a row whose images did not all pass OCR within its attempts.
@@ -136,24 +151,27 @@ class OcrGateRow(BaseModel):
         return round(sum(a.cost for a in self.attempts[1:]), 6)
 
 
-class OcrGateSummary(BaseModel):
-    """What ``ocr_gated_batch`` did: totals, then every row in file order."""
+class OcrGateSummary(RunSummary):
+    """What ``ocr_gated_batch`` did: a batch's :class:`RunSummary` (images, failures, what this
+    run paid, manifest, gallery), plus the gate's totals, then every row in file order."""
 
-    run_key: str
-    rows: int
-    passed: int
-    failed: int
-    staged: int = Field(description="Images staged to S3 (0 without a bucket).")
-    regenerations: int = Field(description="Attempts beyond each row's first.")
-    cost: float = Field(description="Estimated USD of every attempt, cached ones included.")
-    regeneration_cost: float = Field(description="The part of cost spent on regenerations.")
-    cost_this_run: float = Field(description="Estimated USD of the attempts this run submitted.")
-    ocr_seconds: float = Field(description="Time spent reading images.")
-    manifest_uri: str | None = Field(
-        default=None, description="The run manifest: s3:// with a bucket, else its local path."
+    run_key: str = ""
+    rows: int = 0
+    passed: int = 0
+    failed: int = 0
+    staged: int = Field(default=0, description="Images staged to S3 (0 without a bucket).")
+    regenerations: int = Field(default=0, description="Attempts beyond each row's first.")
+    cost: float = Field(
+        default=0.0, description="Estimated USD of every attempt, cached ones included."
     )
-    gallery: str | None = Field(default=None, description="Path of the run's index.html.")
-    results: list[OcrGateRow]
+    regeneration_cost: float = Field(
+        default=0.0, description="The part of cost spent on regenerations."
+    )
+    cost_this_run: float = Field(
+        default=0.0, description="Estimated USD of the attempts this run submitted."
+    )
+    ocr_seconds: float = Field(default=0.0, description="Time spent reading images.")
+    results: list[OcrGateRow] = Field(default_factory=list)
 
 
 def attempt_variants(rows: list[PromptRow], max_attempts: int) -> list[list[int]]:
@@ -178,7 +196,7 @@ def attempt_variants(rows: list[PromptRow], max_attempts: int) -> list[list[int]
     return plans
 
 
-@task(name="gptimage-ocr-gated-row", task_run_name="ocr-gated row {line}", cache_policy=NO_CACHE)
+@task(name="gptimage-ocr-gated-row", task_run_name=row_run_name, cache_policy=NO_CACHE)
 def ocr_gated_row(
     line: int,
     request: AnyRequest,
@@ -186,14 +204,22 @@ def ocr_gated_row(
     target: S3Target | None,
     options: GenerationOptions,
     min_score: float = DEFAULT_MIN_SCORE,
+    budget: Budget | None = None,
 ) -> OcrGateRow:
-    """Generate, check and regenerate one row until its images pass or ``variants`` run out."""
+    """Generate, check and regenerate one row until its images pass or ``variants`` run out.
+
+    One task run: every request in it is a plain call (each cached as a request is). Before
+    each regeneration it asks ``options.stop`` (none after a stop) and ``budget`` (none that
+    would exceed ``max_cost``; a cached one is free).
+    """
     log = get_run_logger()
     expected = quoted_text(request.prompt)
     row = OcrGateRow(
         line=line, prompt=request.prompt, expected=expected, wanted=request.num_images, passed=False
     )
-    for variant in variants:
+    for number, variant in enumerate(variants):
+        if number and not _may_regenerate(row, request, variant, options, budget):
+            break
         try:
             result = generate(request, options.model_copy(update={"variant": variant}))
         except Exception as exc:
@@ -239,6 +265,33 @@ def ocr_gated_row(
     return row
 
 
+def _may_regenerate(
+    row: OcrGateRow,
+    request: AnyRequest,
+    variant: int,
+    options: GenerationOptions,
+    budget: Budget | None,
+) -> bool:
+    """Whether the row may try ``variant`` next; if not, the row's error says why."""
+    if options.stop is not None and options.stop.requested:
+        error = not_started(f"regeneration {variant} not submitted")
+        row.error, row.error_type = error.message, error.error_type
+        return False
+    planned = plan_row(
+        PromptRow(line=row.line, request=request, variant=variant),
+        resubmit_unknown=options.resubmit_unknown,
+        refresh=options.refresh_cache,
+    )
+    if budget is not None and not budget.allow(planned.cost):
+        row.error = (
+            f"regeneration not submitted: ${planned.cost:.3f} more would exceed max_cost "
+            f"${budget.limit:.3f} (${budget.spent:.3f} planned or spent)"
+        )
+        row.error_type = OVER_BUDGET
+        return False
+    return True
+
+
 def _mismatch(row: OcrGateRow, min_score: float) -> str:
     """Why a row failed OCR: the expected text and what was read in its last rejected image
     first (the results table shows a reason's first 80 characters), then the count."""
@@ -259,11 +312,7 @@ def _run_key(prompt_file: Path, max_attempts: int, min_score: float) -> str:
     return f"ocr-gate-{slugify(prompt_file.stem, 40)}-{digest.hexdigest()[:10]}"
 
 
-@flow(
-    name="gptimage-ocr-gated-batch",
-    log_prints=False,
-    task_runner=ThreadPoolTaskRunner[Any](max_workers=ROW_CONCURRENCY),  # type: ignore[arg-type]
-)
+@flow(name="gptimage-ocr-gated-batch", log_prints=False)
 def ocr_gated_batch(
     prompt_file: str,
     bucket: str | S3Bucket | None = None,
@@ -275,6 +324,12 @@ def ocr_gated_batch(
     credentials: FalCredentials | None = None,
     timeout: float | None = None,
     presign_expires: int = 86400,
+    concurrency: int = ROW_CONCURRENCY,
+    max_cost: float | None = None,
+    refresh: bool = False,
+    resubmit_unknown: bool = False,
+    lookahead: int | None = None,
+    stop: Stop | None = None,
 ) -> OcrGateSummary:
     """Generate every row of ``prompt_file``, regenerate images whose text OCR misreads, and stage
     the images that pass to ``bucket`` (if given).
@@ -284,35 +339,71 @@ def ocr_gated_batch(
     the summary with their last verdicts (``passed=False``) and in the manifest as failure lines;
     the flow itself completes. The manifest, gallery, artifacts, events and assets are a batch's
     (see the module docs); ``manifest_uri`` and ``gallery`` in the summary say where they are.
+
+    ``concurrency``, ``max_cost``, ``refresh``, ``resubmit_unknown``, ``lookahead`` and ``stop``
+    are the batch's (see :func:`~prefect_gptimage.flows.batch.batch_to_s3`); ``max_cost`` also
+    bounds the regenerations. A run refused by ``max_cost`` (nothing submitted) or cut short by
+    a stop ends Failed with a ``BatchIncomplete`` carrying the summary (a plain call raises it).
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
     log = get_run_logger()
+    max_cost = check_budget(max_cost)
     path = Path(prompt_file)
-    rows = load_prompt_file(path, defaults)
+    rows = unique_rows(load_prompt_file(path, defaults))
     if any(quoted_text(row.request.prompt) for row in rows):
         require_ocr()  # a missing ocr extra fails here, before anything is paid for
     run_key = _run_key(path, max_attempts, min_score)
-    out = Path(output_dir or get_settings().output_dir) / run_key
     target, s3_client = preflight_bucket(bucket, prefix, presign_expires=presign_expires)
-    options = GenerationOptions(
-        credentials=credentials, output_dir=str(out), timeout=timeout, download_tasks=False
+    options = RunOptions(
+        bucket=bucket,
+        prefix=prefix,
+        output_dir=output_dir,
+        credentials=credentials,
+        timeout=timeout,
+        refresh=refresh,
+        presign_expires=presign_expires,
+        resubmit_unknown=resubmit_unknown,
+        concurrency=concurrency,
+        lookahead=lookahead,
+        max_cost=max_cost,
     )
-    plans = attempt_variants(rows, max_attempts)
-    with use_s3_client(s3_client), RunReport(out, run_key, target) as report:
-        futures = [
-            ocr_gated_row.submit(row.line, row.request, plan, target, options, min_score)
-            for row, plan in zip(rows, plans, strict=True)
-        ]
-        results: list[OcrGateRow] = []
-        for row, future in zip(rows, futures, strict=True):
-            results.append(future.result())  # in file order: so is the manifest
-            _report_row(report, results[-1], row.request, max_attempts)
-        summary = _summarize(run_key, results)
-        # the report's own state (Failed when a row failed) is not the flow's: the gate's rows
-        # failing is an answer, listed in the summary and the manifest, not a crash
-        report.close(note=_note(summary))
-    summary.manifest_uri, summary.gallery = report.summary.manifest_uri, report.summary.gallery
+    plan = plan_rows(rows, resubmit_unknown=resubmit_unknown, refresh=refresh)  # first attempts
+    summary = OcrGateSummary(run_key=run_key, estimated_cost_usd=plan.cost)
+    engine = RowEngine(
+        options, run_key, target, s3_client, summary, partial(row_runner, None), stop
+    )
+    refused = refuse_over_budget(run_key, plan, len(rows), max_cost, summary)
+    if refused is not None:
+        raise BatchIncomplete(summary, refused.message)
+    generation = options.generation(str(engine.out), engine.stop)
+    budget = Budget(max_cost, spent=plan.cost)  # the regenerations spend what is left
+    variants = attempt_variants(rows, max_attempts)
+    plans = {id(row): tries for row, tries in zip(rows, variants, strict=True)}
+    gated: list[OcrGateRow] = []
+
+    def parameters(row: PromptRow) -> dict[str, Any]:
+        return {
+            "line": row.line,
+            "request": row.request,
+            "variants": plans[id(row)],
+            "target": target,
+            "options": generation,
+            "min_score": min_score,
+            "budget": budget,
+        }
+
+    def finish() -> str:
+        _summarize(summary, gated)
+        return _note(summary)
+
+    result = engine.run(
+        rows,
+        ocr_gated_row,
+        parameters,
+        partial(_report_row, gated, max_attempts),
+        finish=finish,
+    )
     log.info(
         "OCR gate: %s/%s rows passed, %s regeneration(s) costing $%.3f of $%.3f in all; "
         "manifest %s",
@@ -323,6 +414,10 @@ def ocr_gated_batch(
         summary.cost,
         summary.manifest_uri,
     )
+    if result.interrupted:
+        raise BatchIncomplete(summary, f"interrupted: {result.state.message}")
+    # the report's own state (Failed when a row failed) is not the flow's: the gate's rows
+    # failing is an answer, listed in the summary and the manifest, not a crash
     return summary
 
 
@@ -332,9 +427,33 @@ def _record(verdict: OcrVerdict, attempt: int, max_attempts: int, variant: int) 
     return OcrVerdictRecord(**fields, attempt=attempt, max_attempts=max_attempts, variant=variant)
 
 
-def _report_row(report: RunReport, row: OcrGateRow, request: AnyRequest, max_attempts: int) -> None:
+def _report_row(
+    gated: list[OcrGateRow],
+    max_attempts: int,
+    report: RunReport,
+    ledger: RequestIdLedger,
+    prompt_row: PromptRow,
+    result: Any,
+) -> list[str]:
     """One row into the run report: each attempt as a request (its cost counted), with only the
-    images kept from it (staged: manifest lines, events, assets), then a failure if it failed."""
+    images kept from it (staged: manifest lines, events, assets), then a failure if it failed.
+    A row whose task failed (or a stop settled) is a failed row with no attempt."""
+    request = prompt_row.request
+    if isinstance(result, OcrGateRow):
+        row = result
+    else:
+        error = result if isinstance(result, BaseException) else RuntimeError(str(result))
+        failure = Failure.from_exception(error, request, prompt_row.line)
+        row = OcrGateRow(
+            line=prompt_row.line,
+            prompt=request.prompt,
+            expected=quoted_text(request.prompt),
+            wanted=request.num_images,
+            passed=False,
+            error=failure.reason,
+            error_type=failure.error_type,
+        )
+    gated.append(row)
     done = 0  # row.images (and row.staged) hold each attempt's kept images, attempt by attempt
     for number, attempt in enumerate(row.attempts, start=1):
         images = row.images[done : done + len(attempt.kept)]
@@ -352,7 +471,25 @@ def _report_row(report: RunReport, row: OcrGateRow, request: AnyRequest, max_att
             for k in attempt.kept
         ]
         report.add(outcome, request.prompt, ocr=verdicts)
-    if row.passed:
+    if not row.passed:
+        _report_failure(report, row, request, max_attempts, interrupted=_interrupted(result))
+    return [a.request_id for a in row.attempts if a.kept]
+
+
+def _interrupted(result: Any) -> RowInterrupted | None:
+    return result if isinstance(result, RowInterrupted) else None
+
+
+def _report_failure(
+    report: RunReport,
+    row: OcrGateRow,
+    request: AnyRequest,
+    max_attempts: int,
+    interrupted: RowInterrupted | None = None,
+) -> None:
+    """A failed row's failure line, with its last rejected verdict when OCR rejected it."""
+    if interrupted is not None:  # settled by a stop: reported as the batch reports it
+        report.fail(interrupted, request, row.line)
         return
     last = row.attempts[-1] if row.attempts else None
     ocr = None
@@ -366,24 +503,20 @@ def _report_row(report: RunReport, row: OcrGateRow, request: AnyRequest, max_att
     report.fail(error, request, row.line, ocr=ocr)
 
 
-def _summarize(run_key: str, results: list[OcrGateRow]) -> OcrGateSummary:
-    """The gate's totals over its rows (the manifest and gallery are filled in after)."""
-    return OcrGateSummary(
-        run_key=run_key,
-        rows=len(results),
-        passed=sum(r.passed for r in results),
-        failed=sum(not r.passed for r in results),
-        staged=sum(len(r.staged) for r in results),
-        regenerations=sum(r.regenerations for r in results),
-        cost=round(sum(r.cost for r in results), 6),
-        regeneration_cost=round(sum(r.regeneration_cost for r in results), 6),
-        cost_this_run=round(
-            sum(a.cost for r in results for a in r.attempts if not a.from_cache), 6
-        ),
-        ocr_seconds=round(
-            sum(v.seconds for r in results for a in r.attempts for v in a.verdicts), 3
-        ),
-        results=results,
+def _summarize(summary: OcrGateSummary, results: list[OcrGateRow]) -> None:
+    """The gate's totals over its rows, into ``summary`` (the report fills in the rest)."""
+    summary.results = results
+    summary.rows = len(results)
+    summary.passed = sum(r.passed for r in results)
+    summary.failed = sum(not r.passed for r in results)
+    summary.regenerations = sum(r.regenerations for r in results)
+    summary.cost = round(sum(r.cost for r in results), 6)
+    summary.regeneration_cost = round(sum(r.regeneration_cost for r in results), 6)
+    summary.cost_this_run = round(
+        sum(a.cost for r in results for a in r.attempts if not a.from_cache), 6
+    )
+    summary.ocr_seconds = round(
+        sum(v.seconds for r in results for a in r.attempts for v in a.verdicts), 3
     )
 
 

@@ -87,9 +87,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger("prefect_gptimage.tasks.concurrency")
 
-#: What :func:`fal_request_slot` yields for a request that completed at fal before its task ran.
-COMPLETED = "completed"
-
 #: How long the answer "does the global limit exist?" is trusted.
 LOOKUP_TTL = 60.0
 
@@ -156,92 +153,11 @@ def forget_lookups() -> None:
         _lookups.clear()
 
 
-#: A reservation whose request completed at fal: its task needs no slot to fetch the result.
-_DONE = threading.BoundedSemaphore(1)
-_reserved: dict[str, threading.BoundedSemaphore] = {}
-#: Callbacks of whatever submits requests ahead of their tasks (the CLI's head start).
-_handover: list[Callable[[], None]] = []
-_handover_lock = threading.Lock()
-
-
 def local_cap(local_limit: int | None = None, lookahead: int | None = None) -> tuple[int, int]:
     """(cap, look-ahead) of the local semaphore for a caller's ``local_limit``/``lookahead``."""
     settings = get_settings()
     size = max(1, min(settings.local_concurrency, local_limit or settings.local_concurrency))
     return size, settings.lookahead if lookahead is None else lookahead
-
-
-def reserve_slot(key: str, local_limit: int | None = None, lookahead: int | None = None) -> bool:
-    """Take a local slot now, for the request ``key`` submitted ahead of its task (the CLI's
-    head start); the task's :func:`fal_request_slot` with the same ``reserved`` key takes it
-    over. False (nothing taken) when no local slot is free."""
-    size, extra = local_cap(local_limit, lookahead)
-    semaphore = _local_semaphore(size + extra)
-    if not semaphore.acquire(blocking=False):
-        return False
-    with _lock:
-        previous = _reserved.pop(key, None)
-        _reserved[key] = semaphore
-    if previous is not None and previous is not _DONE:
-        previous.release()
-    return True
-
-
-def completed_at_fal(key: str) -> bool:
-    """The request reserved under ``key`` completed at fal: its slot is free for another now.
-
-    Its task then takes the reservation over without holding a slot (fetching a finished
-    request's result runs nothing at fal). False when the reservation was already taken over.
-    """
-    with _lock:
-        semaphore = _reserved.get(key)
-        if semaphore is None or semaphore is _DONE:
-            return False
-        _reserved[key] = _DONE
-    semaphore.release()
-    return True
-
-
-def on_hand_over(callback: Callable[[], None]) -> None:
-    """Register ``callback`` to run once, before the first task looks at its request.
-
-    Whatever submits requests ahead of their tasks (the CLI's head start) stops there: the
-    callback returns once its last submit is recorded, so no task can find a submit mid-way.
-    """
-    with _handover_lock:
-        _handover.append(callback)
-
-
-def hand_over() -> None:
-    """Run the :func:`on_hand_over` callbacks (once; later calls return at once)."""
-    if not _handover:  # emptied only after the callbacks returned
-        return
-    with _handover_lock:
-        while _handover:
-            callback = _handover[0]
-            try:
-                callback()
-            except Exception as exc:  # it can only have made the run start sooner
-                logger.debug("hand-over callback failed: %s", exc)
-            del _handover[0]
-
-
-def release_reserved() -> int:
-    """Give back the slots reserved and never taken over (e.g. rows a stop left unstarted)."""
-    with _lock:
-        left = list(_reserved.values())
-        _reserved.clear()
-    for semaphore in left:
-        if semaphore is not _DONE:
-            semaphore.release()
-    return len(left)
-
-
-def _take_reserved(key: str | None) -> threading.BoundedSemaphore | None:
-    if key is None:
-        return None
-    with _lock:
-        return _reserved.pop(key, None)
 
 
 def _local_semaphore(size: int) -> threading.BoundedSemaphore:
@@ -256,30 +172,16 @@ def fal_request_slot(
     name: str | None = None,
     local_limit: int | None = None,
     lookahead: int | None = None,
-    reserved: str | None = None,
 ) -> Iterator[str]:
     """Hold one fal request slot; yields ``"global:<name>"`` or ``"local:<size>"``.
 
     ``local_limit`` (e.g. a batch's ``concurrency``) lowers the local cap for this caller; it
     never raises it above ``PREFECT_GPTIMAGE_LOCAL_CONCURRENCY``. ``lookahead`` (None:
     ``PREFECT_GPTIMAGE_LOOKAHEAD``) adds that many slots to a local cap, for requests that wait
-    in fal's queue (see the module docs); ``"local:16+2"`` names such a cap. ``reserved``: the
-    key a slot was reserved under (:func:`reserve_slot`); that slot is taken over, not acquired,
-    and none is held at all (label ``"completed"``) when the request completed at fal meanwhile
-    (:func:`completed_at_fal`).
+    in fal's queue (see the module docs); ``"local:16+2"`` names such a cap.
     """
     name = name or get_settings().concurrency_limit_name
-    held = _take_reserved(reserved)
-    if held is _DONE:
-        token = _early_release.set(_nothing_held)
-        try:
-            yield COMPLETED
-        finally:
-            _early_release.reset(token)
-        return
     if global_limit_exists(name):
-        if held is not None:
-            held.release()
         token = _early_release.set(None)
         try:
             with global_slot(name):
@@ -289,9 +191,8 @@ def fal_request_slot(
         return
     size, extra = local_cap(local_limit, lookahead)
     label = f"local:{size}+{extra}" if extra else f"local:{size}"
-    if held is None:
-        held = _local_semaphore(size + extra)
-        held.acquire()
+    held = _local_semaphore(size + extra)
+    held.acquire()
     token = _early_release.set(_once(held.release))
     try:
         yield label
@@ -316,10 +217,6 @@ def _once(release: Callable[[], None]) -> Callable[[], None]:
             release()
 
     return release_once
-
-
-def _nothing_held() -> None:
-    """The "release" of a request that completed at fal before its task held any slot."""
 
 
 def fal_completed() -> bool:

@@ -1,9 +1,10 @@
 """The whole path for one request: submit → wait → fetch → download, as one task or one call.
 
-:func:`generate` is the composition: each paid step is a cached Prefect task (see
-:mod:`prefect_gptimage.tasks.queue`), committed to storage the moment it completes, and a cache
-hit is read straight from the result store without running any task. :func:`generate_images` is
-the Prefect task around it and :func:`agenerate_images` its async twin. How a request is
+:func:`generate` is the composition, in plain calls: each paid step writes the same cache record
+as its task (:func:`~prefect_gptimage.tasks.queue.submit_recorded`,
+:func:`~prefect_gptimage.tasks.queue.fetch_recorded`), committed the moment it returns, and a
+cache hit is read straight from the result store. :func:`generate_images` is the Prefect task
+around it (one task run per request) and :func:`agenerate_images` its async twin. How a request is
 generated (where files go, deadline, cache behaviour) is one frozen :class:`GenerationOptions`.
 
 Example:
@@ -15,18 +16,17 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from prefect.transactions import CommitMode, Transaction, transaction
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import PermanentFalError
+from prefect_gptimage.errors import FalError, PermanentFalError
 from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import (
@@ -35,24 +35,40 @@ from prefect_gptimage.schemas import (
     GptImageOutput,
     RequestHandle,
     check_image_count,
-    request_fingerprint,
 )
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks._twin import async_twin
-from prefect_gptimage.tasks.cache import cached_generation, is_submit_cached
-from prefect_gptimage.tasks.concurrency import fal_completed, fal_request_slot, hand_over
+from prefect_gptimage.tasks.cache import cached_generation
+from prefect_gptimage.tasks.concurrency import fal_completed, fal_request_slot
 from prefect_gptimage.tasks.download import download, download_image
-from prefect_gptimage.tasks.intents import unresolved_intent
-from prefect_gptimage.tasks.queue import fetch_result, submit_request
+from prefect_gptimage.tasks.intents import NEEDS_SLOT, submit_fate
+from prefect_gptimage.tasks.queue import fetch_recorded, submit_recorded
 
 __all__ = [
+    "IN_FLIGHT",
+    "NOT_STARTED",
     "GenerationOptions",
+    "RowInterrupted",
     "agenerate_images",
-    "durable",
     "expired",
     "generate",
     "generate_images",
 ]
+
+
+#: ``error_type`` of a request (a row) a stop kept from being submitted: nothing was paid.
+NOT_STARTED = "not_started_interrupted"
+#: ``error_type`` of a row a stop left running at fal: a re-run resumes it without paying again.
+IN_FLIGHT = "in_flight_interrupted"
+
+
+class RowInterrupted(FalError):
+    """A request a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
+
+
+def not_started(what: str = "nothing was submitted for it") -> RowInterrupted:
+    """The error of a row (or a row's next request) a stop kept from starting."""
+    return RowInterrupted(f"not started (interrupted): {what}", error_type=NOT_STARTED)
 
 
 class GenerationOptions(BaseModel):
@@ -112,69 +128,64 @@ class GenerationOptions(BaseModel):
             "slot (None: PREFECT_GPTIMAGE_LOOKAHEAD). Only when the cap is the account's limit."
         ),
     )
-    download_tasks: bool = Field(
-        default=True,
-        description="Download each image as its own task run (False: plain calls, fewer runs).",
+    stop: Any = Field(
+        default=None,
+        exclude=True,
+        description=(
+            "A stop request (an object with a ``requested`` flag: the engine's Stop): once "
+            "requested, a request not yet submitted is not submitted (fails 'not started')."
+        ),
     )
-
-
-def durable() -> AbstractContextManager[Transaction]:
-    """A transaction that commits its tasks' cache records the moment they complete.
-
-    Prefect commits a nested task's records only when the outermost transaction commits (when the
-    whole row is done). A paid submit must be on disk at once, so that a process killed with
-    ``kill -9`` half way resumes the request on the next run instead of paying for it again.
-    """
-    return transaction(commit_mode=CommitMode.EAGER)
+    download_tasks: bool = Field(
+        default=False,
+        description="Download each image as its own task run (default: plain calls, one task "
+        "run per request).",
+    )
 
 
 def _submit_and_fetch(
     request: AnyRequest, options: GenerationOptions
 ) -> tuple[RequestHandle, GptImageOutput, bool]:
-    """The paid steps as cached tasks under a fal request slot: (handle, output, was cached)."""
+    """The paid steps as recorded plain calls under a fal request slot: (handle, output, was
+    cached). Each step's record is committed the moment it returns (see
+    :func:`~prefect_gptimage.tasks.queue.submit_recorded`)."""
     log = get_run_logger()
     refresh = options.refresh_cache
     timeout = options.timeout or get_settings().request_timeout  # every wait has a deadline
-    hand_over()  # a request submitted ahead of this task (the CLI's head start) is recorded now
     with ExitStack() as slot:
         held = False
 
-        def hold(reserved: str | None = request_fingerprint(request, options.variant)) -> None:
+        def hold() -> None:
             """A fal slot, from submit to fetched result."""
             nonlocal held
             if not held:
                 slot.enter_context(
-                    fal_request_slot(
-                        local_limit=options.max_in_flight,
-                        lookahead=options.lookahead,
-                        reserved=reserved,
-                    )
+                    fal_request_slot(local_limit=options.max_in_flight, lookahead=options.lookahead)
                 )
                 held = True
 
-        if refresh or (
-            not is_submit_cached(request, options.variant)
-            # a submit whose outcome is unknown fails unsent: it needs no slot
-            and (options.resubmit_unknown or unresolved_intent(request, options.variant) is None)
-        ):
+        fate = submit_fate(
+            request,
+            options.variant,
+            resubmit_unknown=options.resubmit_unknown,
+            refresh=refresh,
+        )
+        if fate in NEEDS_SLOT:  # cached, or unknown (fails unsent): no slot before the submit
             hold()
         for attempt in range(options.resubmits + 1):
-            submit = submit_request.with_options(refresh_cache=refresh)
-            with durable():
-                state = submit(
-                    request,
-                    options.credentials,
-                    options.variant,
-                    resubmit_unknown=options.resubmit_unknown,
-                    return_state=True,
-                )
-            # _sync: under agenerate_images this runs in a worker thread of an async task
-            handle: RequestHandle = state.result(_sync=True)  # type: ignore[call-overload]
+            if (attempt or fate == "to_pay") and _stopped(options):  # a new submit: not now
+                raise not_started("a stop came before its submit: nothing was paid")
+            handle, cached = submit_recorded(
+                request,
+                options.credentials,
+                options.variant,
+                resubmit_unknown=options.resubmit_unknown,
+                refresh=refresh,
+            )
             hold()
             try:
-                with durable():
-                    output = fetch_result(handle, options.credentials, timeout=timeout)
-                return handle, output, state.name == "Cached"
+                output, _ = fetch_recorded(handle, options.credentials, timeout=timeout)
+                return handle, output, cached
             except Exception as exc:
                 reason = resubmit_reason(exc)
                 if reason is not None and expired(exc) and not _resubmit_expired(options):
@@ -198,9 +209,13 @@ def _submit_and_fetch(
                 # completed the request, or is now (a failed request runs nothing at fal either)
                 if fal_completed():
                     held = False
-                    hold(reserved=None)
+                    hold()
                 refresh = True
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stopped(options: GenerationOptions) -> bool:
+    return bool(options.stop is not None and options.stop.requested)
 
 
 def expired(exc: BaseException) -> bool:
@@ -220,8 +235,9 @@ def _resubmit_expired(options: GenerationOptions) -> bool:
 def generate(request: AnyRequest, options: GenerationOptions | None = None) -> GenerationResult:
     """Submit, wait, fetch and download one request (call inside a flow or task).
 
-    With ``download_tasks=False`` images are downloaded by plain calls, which keeps task runs per
-    request to the paid steps. ``max_in_flight`` lowers the local cap on fal requests (see
+    Every step is a plain call (the paid ones recorded in the cache as their tasks are), so a
+    task calling this is one task run; ``download_tasks=True`` downloads each image as its own
+    task run. ``max_in_flight`` lowers the local cap on fal requests (see
     :mod:`prefect_gptimage.tasks.concurrency`).
     """
     options = options or GenerationOptions()
@@ -255,8 +271,9 @@ def generate_images(
 ) -> GenerationResult:
     """The whole path for one request: submit → wait → fetch result → download each image.
 
-    Each step is its own task (the paid ones cached). A request that fails at fal with a
-    server-side error (not billed) is submitted anew up to ``options.resubmits`` times. So is one
+    One task run: its steps are plain calls, the paid ones cached under their tasks' keys. A
+    request that fails at fal with a server-side error (not billed) is submitted anew up to
+    ``options.resubmits`` times. So is one
     whose result fal expired (404), which pays for it twice: logged as "paid twice: fal expired
     the result", and off with ``resubmit_expired=False``. A submit whose outcome is unknown
     (possibly billed) fails without paying again unless ``resubmit_unknown``. Any other failure

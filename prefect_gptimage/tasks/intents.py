@@ -25,6 +25,10 @@ On the next submit of the same request (its cache record missing):
   to resubmit (``resubmit_unknown=True``, CLI ``--resubmit-unknown``, or ``refresh_cache=True``);
 * ``not_submitted`` or no intent: submitted.
 
+:func:`submit_fate` is the one answer to "what happens to this request if it runs now" (cached,
+resumed at fal, outcome unknown and not sent, or paid): the batch's plan, the dry run and the
+generate path's "does it take a fal slot" all ask it (see :mod:`prefect_gptimage.engine.plan`).
+
 Example:
     >>> from prefect_gptimage.schemas import GptImageRequest
     >>> intent_key(GptImageRequest(prompt="a kite")).startswith("gptimage-intent-")
@@ -49,12 +53,15 @@ from prefect_gptimage.schemas import AnyRequest, RequestHandle
 from prefect_gptimage.tasks import cache
 
 __all__ = [
+    "NEEDS_SLOT",
     "OUTCOME_UNKNOWN",
+    "Fate",
     "SubmitIntent",
     "guarded_submit",
     "intent_key",
     "outcome_unknown",
     "read_intent",
+    "submit_fate",
     "unresolved_intent",
     "write_intent",
 ]
@@ -154,6 +161,41 @@ def write_intent(
         expiration=cast(Any, datetime.now(timezone.utc) + cache.CACHE_EXPIRATION),
     )
     return intent
+
+
+#: What running a request now does: ``cached`` (free, nothing sent), ``at_fal`` (its submit is
+#: recorded, not cached: resumed, nothing paid again), ``unknown`` (an earlier submit's outcome is
+#: unknown: not sent, fails "possibly billed"), ``to_pay`` (submitted now: paid).
+Fate = Literal["cached", "at_fal", "unknown", "to_pay"]
+#: The fates whose request runs at fal during this run, so holds a fal slot.
+NEEDS_SLOT: frozenset[str] = frozenset({"at_fal", "to_pay"})
+
+
+def submit_fate(
+    request: AnyRequest,
+    variant: int = 0,
+    *,
+    resubmit_unknown: bool = False,
+    refresh: bool = False,
+) -> Fate:
+    """What running ``request`` now does (see :data:`Fate`), read from the cache and the intent.
+
+    ``refresh`` submits anew whatever is recorded; ``resubmit_unknown`` submits a request whose
+    earlier submit's outcome is unknown. The same rules as :func:`guarded_submit` and the cached
+    submit: this only predicts them.
+    """
+    if refresh:
+        return "to_pay"
+    if cache.is_submit_cached(request, variant):
+        return "cached"
+    intent = read_intent(request, variant)
+    if intent is None:
+        return "to_pay"
+    if intent.state == "submitted" and intent.handle is not None:
+        return "at_fal"
+    if intent.unresolved and not resubmit_unknown:
+        return "unknown"
+    return "to_pay"
 
 
 def outcome_unknown(intent: SubmitIntent) -> SubmitOutcomeUnknown:

@@ -12,6 +12,14 @@ complete. ``refresh_cache=True`` submits anew; ``variant`` asks for a fresh imag
 request. Each submit is written down before it is sent (:mod:`prefect_gptimage.tasks.intents`), so
 one whose outcome is unknown (possibly billed) is not paid again by a re-run.
 
+:func:`submit_recorded` and :func:`fetch_recorded` are the same paid steps as plain calls, for a
+task that must not open a task run per step (a batch row is one task run): each runs in a Prefect
+transaction on the task's own cache key (:func:`~prefect_gptimage.tasks.cache.submit_cache_key`,
+:func:`~prefect_gptimage.tasks.cache.result_cache_key`) committed the moment the step returns, so
+the tasks and the plain calls find each other's records, and a process killed right after fal
+accepted a submit is resumed by the next run. The submit's transaction takes the same lock as the
+submit task (``PREFECT_GPTIMAGE_LOCK_URL``: :data:`~prefect_gptimage.tasks.cache.SUBMIT_CACHE`).
+
 Example:
     >>> from prefect import flow
     >>> from prefect_gptimage import GptImageRequest, submit_request, fetch_result
@@ -23,20 +31,31 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar, cast
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
+from prefect.results import ResultStore
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
+from prefect.transactions import CommitMode, IsolationLevel, transaction
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+from prefect_gptimage.tasks import cache
 from prefect_gptimage.tasks._twin import async_twin
-from prefect_gptimage.tasks.cache import CACHE_EXPIRATION, RESULT_CACHE, SUBMIT_CACHE
+from prefect_gptimage.tasks.cache import (
+    CACHE_EXPIRATION,
+    RESULT_CACHE,
+    SUBMIT_CACHE,
+    result_cache_key,
+    submit_cache_key,
+)
 from prefect_gptimage.tasks.concurrency import fal_completed
 from prefect_gptimage.tasks.intents import guarded_submit
 from prefect_gptimage.tasks.policies import body_limits, retry_policy
@@ -46,7 +65,9 @@ __all__ = [
     "afetch_result",
     "asubmit_request",
     "cancel_request",
+    "fetch_recorded",
     "fetch_result",
+    "submit_recorded",
     "submit_request",
     "wait_for_request",
 ]
@@ -121,13 +142,25 @@ def submit_request(
         >>> handle = submit_request(GptImageRequest(prompt="a koi pond", quality="low"))
         >>> handle.request_id
     """
+    return _submit(request, credentials, variant, start_timeout, resubmit_unknown, _refreshing())
+
+
+def _submit(
+    request: AnyRequest,
+    credentials: FalCredentials | None,
+    variant: int,
+    start_timeout: float | None,
+    resubmit_unknown: bool,
+    refresh: bool,
+) -> RequestHandle:
+    """The submit itself, under the intent protocol (the task's body and the plain call's)."""
     client = sync_client(credentials)
     handle = guarded_submit(
         request,
         variant,
         lambda: client.submit(request, start_timeout=start_timeout),
         resubmit_unknown=resubmit_unknown,
-        refresh=_refreshing(),
+        refresh=refresh,
     )
     return _submitted(handle, request)
 
@@ -166,6 +199,13 @@ def fetch_result(
         >>> output = fetch_result(handle)
         >>> [img.url for img in output.images]
     """
+    return _fetch(handle, credentials, wait, timeout)
+
+
+def _fetch(
+    handle: RequestHandle, credentials: FalCredentials | None, wait: bool, timeout: float | None
+) -> GptImageOutput:
+    """Wait for and read a request's output (the task's body and the plain call's)."""
     client = sync_client(credentials)
     if wait:
         client.wait(handle, timeout=timeout, log=get_run_logger())
@@ -181,6 +221,76 @@ def cancel_request(handle: RequestHandle, credentials: FalCredentials | None = N
         >>> cancel_request(handle)
     """
     return sync_client(credentials).cancel(handle)
+
+
+T = TypeVar("T")
+
+
+def _recorded(
+    key: str, compute: Callable[[], T], *, refresh: bool = False, locked: bool = False
+) -> tuple[T, bool]:
+    """``compute()`` in a transaction on the cache record ``key``, committed as soon as it
+    returns; (value, True) without calling it when the record exists (and not ``refresh``).
+
+    ``locked``: serialize across processes as the submit task does (the lock manager and
+    isolation level of :data:`SUBMIT_CACHE`: ``PREFECT_GPTIMAGE_LOCK_URL``).
+    """
+    store: ResultStore = cache._store()  # the cached tasks' store (default result storage)
+    isolation = SUBMIT_CACHE.isolation_level if locked else None
+    if isolation is not None:
+        store = store.model_copy(update={"lock_manager": SUBMIT_CACHE.lock_manager})
+    with transaction(
+        key=key,
+        store=store,
+        commit_mode=CommitMode.EAGER,
+        # explicit: never inherit a caller's SERIALIZABLE without this store's lock manager
+        isolation_level=IsolationLevel(isolation) if isolation else IsolationLevel.READ_COMMITTED,
+        overwrite=refresh,
+    ) as txn:
+        if txn.is_committed():
+            record = txn.read()
+            if record is not None:
+                return cast(T, record.result), True
+        value = compute()
+        expiration = cast(Any, datetime.now(timezone.utc) + CACHE_EXPIRATION)
+        txn.stage(store.create_result_record(value, key=key, expiration=expiration))
+    return value, False
+
+
+def submit_recorded(
+    request: AnyRequest,
+    credentials: FalCredentials | None = None,
+    variant: int = 0,
+    *,
+    resubmit_unknown: bool = False,
+    refresh: bool = False,
+    start_timeout: float | None = None,
+) -> tuple[RequestHandle, bool]:
+    """:func:`submit_request` as a plain call: (handle, served from the cache).
+
+    Its record is the task's (same key, same store, same lock) and is committed the moment fal
+    accepts, so a ``kill -9`` right after is resumed by the next run, not paid again.
+    """
+    return _recorded(
+        submit_cache_key(request, variant),
+        lambda: _submit(request, credentials, variant, start_timeout, resubmit_unknown, refresh),
+        refresh=refresh,
+        locked=True,
+    )
+
+
+def fetch_recorded(
+    handle: RequestHandle,
+    credentials: FalCredentials | None = None,
+    *,
+    timeout: float | None = None,
+) -> tuple[GptImageOutput, bool]:
+    """:func:`fetch_result` (waiting first) as a plain call: (output, served from the cache).
+
+    Its record is the task's, committed the moment the output arrives (fal keeps results only
+    for a while).
+    """
+    return _recorded(result_cache_key(handle), lambda: _fetch(handle, credentials, True, timeout))
 
 
 asubmit_request = task(**SUBMIT_OPTIONS)(async_twin(submit_request.fn))

@@ -1,19 +1,56 @@
-"""The per-request unit every pipeline fans out: generate, then stage each image to S3."""
+"""The per-request unit every pipeline fans out: generate, then stage each image to S3.
+
+One task run per row: submit, wait, fetch, download and upload are plain calls inside it (the
+paid ones recorded in the cache as their tasks are), and the run is named after its row
+(:func:`row_run_name`: ``row 7: a kite above a beach``), so rows can be told apart in the UI.
+"""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import TaskRunNameCallbackWithParameters
 from pydantic import BaseModel, Field
 
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.s3.clients import client_from_block, use_s3_client
-from prefect_gptimage.schemas import AnyRequest, DownloadedImage
+from prefect_gptimage.schemas import AnyRequest, DownloadedImage, shorten
 from prefect_gptimage.tasks.generate import GenerationOptions, generate
+
+__all__ = ["ROW_NAME_CHARS", "RowOutcome", "generate_and_stage", "row_label", "row_run_name"]
+
+#: A row's task run name shows at most this many characters of its prompt.
+ROW_NAME_CHARS = 40
+
+
+def row_label(line: int | None, prompt: str) -> str:
+    """How a row is named in the UI: ``row 7: a kite above a beach`` (``line`` is 1-based).
+
+    Example:
+        >>> row_label(7, "a kite above a beach")
+        'row 7: a kite above a beach'
+        >>> row_label(None, "a lighthouse on a rocky coast at dawn, in thick fog, oil on canvas")
+        'request: a lighthouse on a rocky coast at dawn, in...'
+    """
+    where = f"row {line}" if line is not None else "request"
+    return f"{where}: {shorten(' '.join(prompt.split()), ROW_NAME_CHARS)}"
+
+
+def _row_run_name(parameters: dict[str, Any]) -> str:
+    request = parameters.get("request")
+    prompt = getattr(request, "prompt", "") or ""
+    return row_label(parameters.get("line"), prompt)
+
+
+#: The ``task_run_name`` of a row task: Prefect calls it with the run's ``parameters`` (a
+#: callable taking ``parameters``); the name is the row's ``line`` and its ``request``'s prompt,
+#: see :func:`row_label`. (Typed as Prefect's protocol, whose extra classmethod is Prefect's own
+#: test for such callables, which a plain function cannot declare.)
+row_run_name = cast(TaskRunNameCallbackWithParameters, _row_run_name)
 
 
 class RowOutcome(BaseModel):
@@ -42,7 +79,7 @@ class RowOutcome(BaseModel):
 
 @task(
     name="gptimage-generate-and-stage",
-    task_run_name="row: {request.endpoint}",
+    task_run_name=row_run_name,
     cache_policy=NO_CACHE,
 )
 def generate_and_stage(
@@ -50,12 +87,15 @@ def generate_and_stage(
     target: S3Target | None = None,
     options: GenerationOptions | None = None,
     bucket_block: Any = None,
+    line: int | None = None,
 ) -> RowOutcome:
-    """Generate one request's images and stage them to ``target`` if given.
+    """Generate one request's images and stage them to ``target`` if given: one task run.
 
-    Only the paid steps (submit, fetch) run as their own cached tasks; downloads and uploads are
-    plain calls, each retrying its own transient failures. A re-run finds the paid steps cached,
-    the files on disk and the objects already in S3, so it redoes only what failed.
+    Every step is a plain call, each retrying its own transient failures; the paid steps
+    (submit, fetch) write their cache records the moment they return, under the keys of the
+    cached tasks. A re-run finds the paid steps cached, the files on disk and the objects
+    already in S3, so it redoes only what failed. ``line``: the row's line in its prompt file,
+    for the run's name.
 
     ``bucket_block`` (a prefect-aws ``S3Bucket``) signs the uploads with its credentials. A row
     running in the flow's own process does not need it (the flow's client reaches its tasks);

@@ -1,0 +1,186 @@
+"""Rows on a stop: the ones not started are settled at once, the ones in flight after a grace.
+
+After :meth:`Stop.request <prefect_gptimage.engine.stop.Stop.request>` the engine starts no new
+row; each is reported "not started (interrupted)" (:data:`NOT_STARTED`, nothing paid). Rows
+already started get :attr:`Stop.grace` seconds to finish; those still waiting on fal then are
+reported "in flight (interrupted)" (:data:`IN_FLIGHT`) once their submit has been recorded
+(never in the middle of one: that waits up to :data:`STOP_SUBMIT_WAIT_S` more), and left
+running at fal: nothing is cancelled, and a re-run resumes them from the cache without paying
+again. A started row whose submit was never sent (it waited for a fal slot) is reported "not
+started": its generate path checks the stop before submitting (``GenerationOptions.stop``),
+so it never will. :class:`StartedRow` is the future the engine waits on, which
+:class:`StartedRows` (the run's watcher) can settle before the row's task run ends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture
+from prefect.states import Failed
+
+from prefect_gptimage.engine.stop import Stop
+from prefect_gptimage.prompts import PromptRow
+from prefect_gptimage.tasks.generate import IN_FLIGHT, NOT_STARTED, RowInterrupted, not_started
+from prefect_gptimage.tasks.intents import read_intent
+
+__all__ = [
+    "IN_FLIGHT",
+    "NOT_STARTED",
+    "STOP_SUBMIT_WAIT_S",
+    "RowInterrupted",
+    "SettledRow",
+    "StartedRow",
+    "StartedRows",
+    "not_started",
+]
+
+#: A row in the middle of its submit when the grace ends is waited for this long (seconds).
+STOP_SUBMIT_WAIT_S = 3.0
+
+
+class SettledRow:
+    """A row future finished by the engine itself: never started."""
+
+    def __init__(self, error: RowInterrupted) -> None:
+        self.state: State[Any] = Failed(data=error, message=error.message)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+
+class StartedRow:
+    """A started row's future, which a stop can settle before its task run finishes."""
+
+    def __init__(self, row: PromptRow, future: PrefectFuture[Any]) -> None:
+        self.row, self._future = row, future
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._settled: State[Any] | None = None
+        self.done = threading.Event()
+        future.add_done_callback(lambda _f: self._finish(None))
+
+    def _finish(self, state: State[Any] | None) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self._settled = state
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def abandon(self, submitted: bool = True) -> None:
+        """Stop waiting for the row (its task runs on): reported as in flight at fal, or, when
+        its submit was never sent (it waited for a fal slot), as not started: it will not be
+        (its generate path checks the stop before submitting)."""
+        error = (
+            RowInterrupted(
+                "in flight (interrupted): submitted to fal and left running there, not "
+                "cancelled; a re-run resumes it from the cache without paying again",
+                error_type=IN_FLIGHT,
+            )
+            if submitted
+            else not_started("it waited for a fal slot; nothing was submitted for it")
+        )
+        self._finish(Failed(data=error, message=error.message))
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
+
+    @property
+    def state(self) -> State[Any]:
+        if self._settled is not None:
+            return self._settled
+        self._future.wait()  # done already: this only lets the future read its final state
+        return self._future.state
+
+
+def _submit_state(row: PromptRow) -> str | None:
+    """The state of this row's (first) submit: None when never sent, ``submitting`` while its
+    answer is not recorded, else ``submitted`` (or ``unknown``)."""
+    try:
+        intent = read_intent(row.request, row.variant)
+    except Exception:  # an unreadable store: assume the worst, within the wait's bound
+        return "submitting"
+    if intent is None or intent.state == "not_submitted":
+        return None
+    return intent.state
+
+
+class StartedRows:
+    """The rows of one run started and not finished, and the thread that settles them on a stop.
+
+    Used as a context manager around the run: the watcher runs inside it and ends with it.
+    """
+
+    def __init__(self, stop: Stop) -> None:
+        self.stop = stop
+        self._rows: dict[int, StartedRow] = {}
+        self._lock = threading.Lock()
+        self._over = threading.Event()
+        self._watcher = threading.Thread(
+            # in the flow's context: its settings say where the submit intents are read
+            target=contextvars.copy_context().run,
+            args=(self._watch,),
+            name="gptimage-stop-watcher",
+            daemon=True,
+        )
+
+    def add(self, handle: StartedRow) -> StartedRow:
+        with self._lock:
+            self._rows[id(handle)] = handle
+        handle.add_done_callback(self._forget)
+        return handle
+
+    def _forget(self, handle: StartedRow) -> None:
+        with self._lock:
+            self._rows.pop(id(handle), None)
+
+    def _pending(self) -> list[StartedRow]:
+        with self._lock:
+            return [r for r in self._rows.values() if not r.done.is_set()]
+
+    def _watch(self) -> None:
+        """On a stop: give started rows their grace, then settle the rest as in flight."""
+        while not self.stop.wait(0.2):
+            if self._over.is_set():
+                return
+        deadline = time.monotonic() + self.stop.grace
+        while time.monotonic() < deadline and not self._over.is_set():
+            if not self._pending():
+                return
+            time.sleep(0.1)
+        deadline = time.monotonic() + STOP_SUBMIT_WAIT_S
+        while not self._over.is_set():
+            pending = self._pending()
+            if not pending:
+                return
+            states = [_submit_state(r.row) for r in pending]
+            if time.monotonic() >= deadline or "submitting" not in states:
+                for r, state in zip(pending, states, strict=True):
+                    r.abandon(submitted=state is not None)
+                return
+            time.sleep(0.1)
+
+    def __enter__(self) -> StartedRows:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._over.set()
