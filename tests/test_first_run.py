@@ -2,7 +2,11 @@
 
 * the host fal_client is configured for (``FAL_QUEUE_RUN_HOST`` / ``FAL_RUN_HOST``) serves images
   that are downloaded with no other setting; anything else is still refused, hop by hop;
-* the temporary Prefect API the CLI starts prints nothing and leaves nothing in the temp folder;
+* the temporary Prefect API (Prefect's own) prints nothing, leaves nothing in the temp folder,
+  is stopped with a CLI killed by ``kill -9``, and a slow one is one line;
+* nothing is printed at INFO unless ``--verbose``; a path is printed only for a file written;
+* an invalid bucket name is one line, before Prefect is imported;
+* fal unreachable: one line, within two minutes (the retry budget spent once);
 * a missing fal key is one line, before Prefect, with nothing written;
 * help is plain text;
 * the demo says what to install when moto is missing, and shows the cache on a second run.
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli_process
+from conftest import run_cli_process, start_cli_process
 
 from prefect_gptimage.errors import PermanentDownloadError
 from prefect_gptimage.fal.client import FalQueueClient, RetryPolicy
@@ -35,6 +39,8 @@ from prefect_gptimage.tasks.policies import media_policy
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.certs import shared_tls
 
+#: Prefect's temporary server takes up to a minute to answer on a loaded machine (20 s default)
+SLOW_OK = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240"}
 FAST = RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.02)
 KEY_VARIABLES = ("FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET")
 
@@ -192,7 +198,7 @@ def test_a_run_on_the_temporary_api_prints_nothing_about_it_and_leaves_no_files(
     private_tmp = tmp_path / "tmp"  # the CLI's temporary folder, watched
     private_tmp.mkdir()
     env = _user_env(tmp_path)  # no PREFECT_API_URL, telemetry setting left at Prefect's default
-    env.update({"PREFECT_HOME": str(tmp_path / "home"), "TMPDIR": str(private_tmp)})
+    env.update({"PREFECT_HOME": str(tmp_path / "home"), "TMPDIR": str(private_tmp), **SLOW_OK})
 
     done = run_cli_process(["generate", f"a gull {unique}", "--quality", "low", "--json"], env)
 
@@ -202,15 +208,157 @@ def test_a_run_on_the_temporary_api_prints_nothing_about_it_and_leaves_no_files(
     assert list(private_tmp.iterdir()) == []  # the server's log is gone too
 
 
-def test_a_users_own_server_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prefect_gptimage.cli._early_api import EarlyApi
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid``: their command lines."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == pid and stat[0] != "Z":
+                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_text().replace("\0", " ")
+        except (OSError, IndexError):
+            continue
+    return found
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    assert EarlyApi.start() is None  # nothing started, nothing of the user's changed
-    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
-# -- 2b. a missing fal key --------------------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_run_leaves_no_server_and_the_next_run_resumes(
+    fal_emulator: FalEmulator, unique: str, tmp_path: Path
+) -> None:
+    fal_emulator.set_latency(6.0)  # still at fal when the run is killed
+    env = {**_user_env(tmp_path), "PREFECT_HOME": str(tmp_path / "home"), **SLOW_OK}
+    args = ["generate", f"a killed run {unique}", "--quality", "low", "--json"]
+    accepted, polls = fal_emulator.stats["accepted"], fal_emulator.stats["status"]
+    first = start_cli_process(args, env)
+    try:
+        deadline = time.monotonic() + 240
+        # a status poll comes after the submit's handle is recorded: a re-run resumes it
+        while fal_emulator.stats["status"] == polls and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        servers = [p for p, cmd in _children(first.pid).items() if "uvicorn" in cmd]
+        assert len(servers) == 1, _children(first.pid)  # Prefect's own temporary server
+        first.kill()  # SIGKILL: no atexit, no handler
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while _alive(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(servers[0]), "the killed run's temporary server is still running"
+
+    again = run_cli_process(args, env)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(json.loads(again.stdout.strip().splitlines()[-1])["images"]) == 1
+    assert fal_emulator.stats["accepted"] == accepted + 1  # resumed, not paid twice
+
+
+def test_a_slow_temporary_server_is_one_line(fal_emulator: FalEmulator, tmp_path: Path) -> None:
+    env = _user_env(tmp_path)  # no PREFECT_API_URL: Prefect's temporary server
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "home"),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1",
+        }
+    )
+    submits = fal_emulator.stats["submit"]
+
+    done = run_cli_process(["generate", "a server too slow", "--quality", "low"], env)
+
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "temporary API server did not start" in lines[0]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in lines[0]
+    assert done.stdout == ""
+    assert fal_emulator.stats["submit"] == submits
+
+
+# -- 2b. what a run prints ---------------------------------------------------------------------
+
+
+def test_generate_prints_no_info_and_no_path_it_did_not_fill(
+    fal_emulator: FalEmulator, prefect_harness: dict[str, Any], unique: str, tmp_path: Path
+) -> None:
+    env = _user_env(tmp_path, prefect_harness)
+    args = ["generate", f"a quiet heron {unique}", "--quality", "low"]
+
+    done = run_cli_process([*args, "--json"], env)  # no bucket: images stay on disk
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""  # no INFO line, no "resuming", no server line
+    *lines, last = done.stdout.strip().splitlines()
+    summary = json.loads(last)
+    assert lines == [summary["images"][0]["path"]]  # the image, and no manifest path
+    manifest = summary["manifest_uri"]
+    assert manifest is None or Path(manifest).stat().st_size > 0
+
+    verbose = run_cli_process([*args, "--verbose"], env)  # the same request, from the cache
+
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "INFO" in verbose.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_an_invalid_bucket_is_one_line_before_prefect_is_imported(
+    fal_emulator: FalEmulator, tmp_path: Path, command: str
+) -> None:
+    shadow = tmp_path / "no-prefect" / "prefect"  # importing Prefect would fail loudly
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the CLI imported prefect')\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a bucket too bad", "quality": "low"}) + "\n")
+    env = {**_user_env(tmp_path), "FAL_KEY": "bucket-key-id:bucket-key-secret"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow.parent), env.get("PYTHONPATH")]))
+    args = {
+        "generate": ["generate", "a bucket too bad", "--bucket", "My_Bucket!"],
+        "batch": ["batch", str(rows), "--bucket", "My_Bucket!"],
+    }[command]
+    submits = fal_emulator.stats["submit"]
+
+    done = run_cli_process(args, env)
+
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "bucket" in lines[0] and "My_Bucket!" in lines[0]
+    assert done.stdout == ""
+    assert not (tmp_path / "images").exists()
+    assert fal_emulator.stats["submit"] == submits
+
+
+def test_fal_unreachable_is_one_line_within_two_minutes(
+    fal_emulator: FalEmulator, prefect_harness: dict[str, Any], tmp_path: Path
+) -> None:
+    with FalEmulator() as gone:  # a fal host that refuses every connection once stopped
+        host = gone.host
+    env = _user_env(tmp_path, prefect_harness)  # the session emulator's CA bundle
+    env["FAL_QUEUE_RUN_HOST"] = env["FAL_RUN_HOST"] = host
+    env.pop("PREFECT_GPTIMAGE_RETRY_MAX_DELAY", None)  # a user's backoff and retry budget
+    started = time.monotonic()
+
+    done = run_cli_process(["generate", "a lighthouse out of reach", "--quality", "low"], env)
+
+    elapsed = time.monotonic() - started
+    print(f"fal unreachable ({host}): exit {done.returncode} after {elapsed:.1f}s")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("FAILED:")
+    assert elapsed < 120, f"{elapsed:.1f}s: the retry budget was spent more than once"
+
+
+# -- 2c. a missing fal key --------------------------------------------------------------------
 
 
 def _keyless_env(tmp_path: Path) -> dict[str, str]:
@@ -383,7 +531,7 @@ def test_a_fal_auth_login_token_counts_as_a_key(
     assert "401" in done.stderr or "authoriz" in done.stderr.lower(), done.stderr[-2000:]
 
 
-# -- 2c. help is plain text -------------------------------------------------------------------
+# -- 2d. help is plain text -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["batch"], ["demo"], ["emulator"]])
@@ -396,7 +544,7 @@ def test_help_is_plain_text(command: list[str], tmp_path: Path) -> None:
     assert ":func:" not in done.stdout and ":class:" not in done.stdout
 
 
-# -- 2d, 2e. the demo -------------------------------------------------------------------------
+# -- 2e, 2f. the demo -------------------------------------------------------------------------
 
 
 def test_demo_without_moto_says_what_to_install(tmp_path: Path) -> None:
@@ -431,7 +579,7 @@ def test_demo_twice_pays_once_and_each_run_folder_holds_that_runs_images(tmp_pat
     run_folder = out / run_key_for(sample_prompt_file(), None)
     run_folder.mkdir(parents=True)  # images an older demo left behind
     (run_folder / "0b10b925-old-request-0.png").write_bytes(b"stale")
-    env = _user_env(tmp_path)
+    env = {**_user_env(tmp_path), **SLOW_OK}
     for name in ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
         env.pop(name, None)  # the demo brings its own fal host
     args = ["demo", "--output-dir", str(out), "--latency", "0.05"]

@@ -1,20 +1,23 @@
 """SIGTERM and SIGINT during ``generate`` and ``batch``: stop submitting, cancel nothing, exit soon.
 
-Prefect workers and Kubernetes stop a run with SIGTERM; a user with Ctrl+C. On the first signal:
+Prefect workers and Kubernetes stop a run with SIGTERM; a user with Ctrl+C. Each command holds
+one :class:`~prefect_gptimage.engine.stop.Stop` (:attr:`Interrupts.stop`) and hands it to its
+flow. On the first signal:
 
-* before the flow starts (imports, validation), the command stops at once: nothing was
-  submitted, or what the head start submitted is recorded (a re-run resumes it);
-* during a batch, no new row is started (:func:`prefect_gptimage.flows.batch.request_stop`): rows
-  not started are reported "not started (interrupted)", rows already at fal get a few seconds to
-  finish, then are reported "in flight (interrupted)" once their submit is recorded. Nothing is
-  cancelled at fal: every submit's intent and handle are on disk, so a re-run resumes those
-  requests and pays for nothing twice. The command prints its summary (what was staged) as usual;
-* during ``generate``, the request gets the same few seconds, then is left running at fal (a
-  re-run resumes it).
+* before the flow starts (imports, validation, the temporary API server), the command stops at
+  once: nothing was submitted;
+* during a batch, the handler calls ``stop.request("SIGTERM")`` (or ``"SIGINT"``), nothing
+  more: the engine starts no new row (rows not started are reported "not started
+  (interrupted)"), gives rows already at fal ``stop.grace`` seconds, then reports those still
+  running "in flight (interrupted)" once their submit is recorded. Nothing is cancelled at fal:
+  every submit's intent and handle are on disk, so a re-run resumes those requests and pays for
+  nothing twice. The command prints its summary (what was staged) as usual;
+* during ``generate``, the request gets the same ``stop.grace`` seconds, then is left running at
+  fal once its submit is recorded (a re-run resumes it).
 
-The exit status is 130 after SIGINT and 143 after SIGTERM. Whatever happens, the process is gone
-within :data:`HARD_EXIT_S` seconds of the first signal (printing what was staged so far), and at
-once on a second signal.
+One watchdog thread bounds it all: the process is gone within :data:`HARD_EXIT_S` seconds of the
+first signal (printing ``stop.summary``, what the engine staged so far), and at once on a second
+signal. The exit status is 130 after SIGINT and 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -28,30 +31,44 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.errors import StopBeforeStart
 
-__all__ = ["HARD_EXIT_S", "Interrupts"]
+__all__ = ["HARD_EXIT_S", "Interrupts", "submit_in_progress"]
 
-#: The process is gone this many seconds after the first signal at the latest.
-HARD_EXIT_S = 9.0
-#: ``generate``: seconds the request may take to finish after a signal before it is left at fal.
-GENERATE_GRACE_S = 4.0
+#: How long (seconds) after the grace a submit in progress may take to be recorded.
+SUBMIT_RECORD_S = 3.0
+#: The process is gone this many seconds after the first signal at the latest (the grace, a
+#: submit's recording, and the summary's writing).
+HARD_EXIT_S = Stop().grace + SUBMIT_RECORD_S + 2.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupts:
-    """The signal handlers of one command (see the module docstring)."""
+def submit_in_progress(request: Any, variant: int = 0) -> bool:
+    """Whether this request's submit was sent and fal's answer is not recorded yet.
 
-    def __init__(self) -> None:
+    The one answer is :func:`prefect_gptimage.tasks.intents.submit_state` (an unreadable store
+    counts as "in progress"), imported here only when asked: the CLI loads this module before
+    Prefect.
+    """
+    from prefect_gptimage.tasks.intents import submit_state
+
+    return submit_state(request, variant) == "submitting"
+
+
+class Interrupts:
+    """The signal handlers of one command, and the :class:`Stop` its flow is handed."""
+
+    def __init__(self, stop: Stop | None = None) -> None:
+        self.stop = stop or Stop()
         self.signum: int | None = None
         self.running = False  # the flow was called: stop it instead of unwinding
-        self.submitted_ahead = False  # the head start sent requests before the flow started
         self.returned = False  # the flow returned: the command prints its own summary
-        #: what to print when the process must go before the flow returns (a batch's summary)
-        self.last_words: Callable[[], None] | None = None
-        #: ``generate``: the request whose submit must not be cut in the middle
+        #: ``generate``: the request whose submit must not be cut in the middle (a batch's rows
+        #: are the engine's to settle)
         self.request: Any = None
-        self.cleanups: list[Callable[[], None]] = []
+        #: prints the run's summary; called with ``stop.summary`` on a hard exit
+        self.print_summary: Callable[[Any], object] | None = None
         self._previous: dict[int, Any] = {}
 
     @property
@@ -93,62 +110,50 @@ class Interrupts:
             self.leave()
         self.signum = signum
         name = signal.Signals(signum).name
-        if not self.running and self.submitted_ahead:
-            raise StopBeforeStart(
-                f"{name}: stopped during start-up; requests already submitted are recorded and "
-                "a re-run resumes them without paying again"
-            )
         if not self.running:
             raise StopBeforeStart(f"{name}: stopped before anything was submitted")
         self._say(
             f"{name}: stopping: no new request is submitted; requests already at fal are left "
             "running there (not cancelled) and a re-run resumes them without paying again"
         )
-        batch = sys.modules.get("prefect_gptimage.flows.batch")
-        if batch is not None:
-            batch.request_stop()
+        self.stop.request(name)
         threading.Thread(target=self._watchdog, name="prefect-gptimage-stop", daemon=True).start()
 
     def _watchdog(self) -> None:
+        """The one bound on a stop: leave when the flow has not returned in time.
+
+        ``generate`` leaves after the grace, as soon as its request's submit is not in progress;
+        a batch waits for its flow (which settles its own rows after the same grace) until
+        :data:`HARD_EXIT_S`.
+        """
         started = time.monotonic()
+        grace_over = started + self.stop.grace
         hard = started + HARD_EXIT_S
-        if self.request is not None:  # generate: a grace, then leave once no submit is mid-way
-            while time.monotonic() < started + GENERATE_GRACE_S and not self.returned:
-                time.sleep(0.1)
-            while time.monotonic() < hard and not self.returned and self._mid_submit():
-                time.sleep(0.1)
-            if not self.returned:
-                self._say(
-                    "interrupted: 0 image(s) staged; the request is in flight at fal, not "
-                    "cancelled: run the same command again to resume it (nothing is paid twice)"
-                )
-                self.leave()
-            return
-        while time.monotonic() < hard:
-            if self.returned:
-                return
+        while not self.returned and time.monotonic() < hard:
+            if (
+                self.request is not None
+                and time.monotonic() >= grace_over
+                and not submit_in_progress(self.request)
+            ):
+                break
             time.sleep(0.1)
-        if not self.returned:
+        if self.returned:
+            return
+        if self.request is not None:
+            self._say(
+                "interrupted: 0 image(s) staged; a request already submitted is left in flight at "
+                "fal, not cancelled: run the same command again to resume it (nothing is paid "
+                "twice)"
+            )
+        else:
             self._say("interrupted: exiting before the run finished its summary")
-            if self.last_words is not None:
+            if self.print_summary is not None and self.stop.summary is not None:
                 with contextlib.suppress(Exception):
-                    self.last_words()
-            self.leave()
-
-    def _mid_submit(self) -> bool:
-        try:
-            from prefect_gptimage.tasks.intents import read_intent
-
-            intent = read_intent(self.request, 0)
-        except Exception:
-            return False
-        return intent is not None and intent.state == "submitting"
+                    self.print_summary(self.stop.summary)
+        self.leave()
 
     def leave(self) -> None:
         """Exit now with this signal's status, without waiting for worker threads."""
-        for cleanup in self.cleanups:
-            with contextlib.suppress(Exception):
-                cleanup()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

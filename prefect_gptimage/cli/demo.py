@@ -105,7 +105,7 @@ def run_demo(
         print(f"prefect-gptimage: {missing}: {INSTALL_HINT}", file=sys.stderr)
         return 2
 
-    from prefect_gptimage.cli._early_api import EarlyApi
+    from prefect_gptimage.cli._server import ApiUnavailable, start_api
     from prefect_gptimage.errors import BatchIncomplete
     from prefect_gptimage.testing.emulator import FalEmulator
     from prefect_gptimage.testing.s3 import LocalS3Server
@@ -124,7 +124,6 @@ def run_demo(
                 "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
             }
         )
-        early = EarlyApi.start()  # Prefect's temporary API boots while we import Prefect
         s3.create_bucket(DEMO_BUCKET)
         print(f"fal emulator: {emulator.base_url}  S3: {s3.endpoint_url}  bucket: {DEMO_BUCKET}")
 
@@ -140,8 +139,11 @@ def run_demo(
             return 2
         run_folder = out / run_key
         from_cache = _prepare_run_folder(home, run_folder, run_key)
-        if early is not None:
-            early.adopt()
+        try:
+            start_api()  # Prefect's temporary API, stopped even if the demo is killed
+        except ApiUnavailable as exc:
+            print(f"demo: Prefect's temporary API server did not start: {exc}", file=sys.stderr)
+            return 1
 
         state = batch_to_s3(
             source,

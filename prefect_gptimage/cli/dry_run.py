@@ -161,9 +161,12 @@ def _read_cache(rows: list[PromptRow], resubmit_unknown: bool) -> tuple[float, i
 
 
 def _plan_cost(rows: list[PromptRow], resubmit_unknown: bool) -> tuple[float, int]:
-    from prefect_gptimage.flows.batch import plan_cost
+    """What the batch's own plan says (the one answer to "cached, resumable, to be paid")."""
+    # moves to prefect_gptimage.engine.plan (same signature, same Plan fields)
+    from prefect_gptimage.flows.batch import plan_rows
 
-    return plan_cost(rows, resubmit_unknown=resubmit_unknown)
+    plan = plan_rows(rows, resubmit_unknown=resubmit_unknown)
+    return plan.cost, plan.cached
 
 
 def _validate_run_options(bucket: str | None, prefix: str | None, max_cost: float | None) -> None:

@@ -19,15 +19,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect_gptimage.cli._early_api import EarlyApi
-from prefect_gptimage.cli._head_start import head_start, stop_head_start
+from prefect_gptimage.cli._server import ApiUnavailable
 from prefect_gptimage.cli._signals import Interrupts
 from prefect_gptimage.errors import (
     BatchIncomplete,
@@ -211,7 +209,23 @@ def _fail_usage(message: str) -> int:
     return EXIT_USAGE
 
 
+def _manifest_written(uri: str | None) -> bool:
+    """Whether ``uri`` names a manifest with something in it (an S3 object is staged only
+    after its lines are written; a local one is empty when the run staged nothing, e.g.
+    ``generate`` without a bucket)."""
+    if not uri:
+        return False
+    if uri.startswith("s3://"):
+        return True
+    try:
+        return Path(uri).stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
+    if not _manifest_written(summary.manifest_uri):  # no path for a file we did not fill
+        summary.manifest_uri = None
     for img in summary.images:
         print(img.get("s3_uri") or img.get("path"))
         if img.get("url") and img.get("s3_uri"):
@@ -225,47 +239,58 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
     return EXIT_OK if ok and summary.ok else EXIT_FAILED
 
 
-def _without_traceback(record: logging.LogRecord) -> bool:
-    """Keep a log record, without its traceback (the CLI's own line names the failure)."""
-    record.exc_info, record.exc_text = None, None
-    return True
+def check_input(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command's input, found without Prefect (imports included), or
+    None. Nothing is started, submitted or written before these pass."""
+    try:
+        if args.command == "generate":
+            from prefect_gptimage.schemas import parse_request
+
+            parse_request(request_fields(args))
+        else:
+            if args.concurrency < 1:
+                return "--concurrency: must be at least 1"
+            if args.lookahead is not None and args.lookahead < 0:
+                return "--lookahead: must be 0 or more"
+            from prefect_gptimage.prompts import load_prompt_file
+
+            load_prompt_file(args.file)
+            if not args.bucket:
+                return "--bucket: required (where the images and the manifest go)"
+    except InvalidRequestError as exc:
+        return str(exc)
+    return _bucket_problem(args.bucket)
 
 
-def _prefect_api(early: EarlyApi | None, verbose: bool, *, progress: bool = False) -> None:
-    """Before the first flow call: quiet Prefect's run logs, and use the API server started at
-    launch, if Prefect would.
-
-    The command prints its own summary and one line per failure; Prefect's per-task lines and
-    tracebacks would repeat each failure (with a traceback) and bury it. ``--verbose`` keeps them;
-    ``progress`` keeps the flow's own lines (a batch logs its progress and ETA).
-    """
-    if not verbose:
-        logging.getLogger("prefect.task_runs").setLevel(logging.CRITICAL)
-        # "Running hook 'reclaim' ...": the CLI's own signal hook, nothing for the user
-        logging.getLogger("prefect.engine").setLevel(logging.WARNING)
-        if not progress:
-            logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
-        # the command prints the failure in one line: Prefect's copy keeps no traceback
-        logging.getLogger("prefect.flow_runs").addFilter(_without_traceback)
-    if early is not None:
-        early.adopt()
-
-
-def cmd_generate(
-    args: argparse.Namespace, early: EarlyApi | None = None, interrupts: Interrupts | None = None
-) -> int:
-    from prefect_gptimage.schemas import parse_request
+def _bucket_problem(bucket: str | None) -> str | None:
+    """What is wrong with ``--bucket``'s name (S3's naming rules, checked locally), or None."""
+    if not bucket:
+        return None
+    from prefect_gptimage.s3.preflight import validate_bucket_name
 
     try:
-        request = parse_request(request_fields(args))
+        validate_bucket_name(bucket)
     except InvalidRequestError as exc:
-        return _fail_usage(str(exc))
-    from prefect_gptimage.flows.generate import generate_to_s3
+        return str(exc)
+    return None
 
-    interrupts = interrupts or Interrupts()
-    if early is not None:  # fal generates while the temporary API boots
-        interrupts.submitted_ahead = head_start(args, request) > 0
-    _prefect_api(early, args.verbose)
+
+def _emit_or_fail(result: Any, as_json: bool, ok: bool = True) -> int:
+    """A flow's result: its summary, or the one error a check raised before paying (invalid
+    input or configuration: exit 2; anything else, e.g. a bucket that cannot take the images: 1)."""
+    if isinstance(result, InvalidRequestError | ConfigurationError):
+        return _fail_usage(str(result))
+    if isinstance(result, BaseException):
+        print(f"prefect-gptimage: error: {result}", file=sys.stderr)
+        return EXIT_FAILED
+    return _emit(result, as_json, ok=ok)
+
+
+def cmd_generate(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    from prefect_gptimage.flows.generate import generate_to_s3
+    from prefect_gptimage.schemas import parse_request
+
+    request = parse_request(request_fields(args))  # checked already (check_input)
     interrupts.request = request
     interrupts.running = True  # a signal from here on lets the request be recorded first
     state = generate_to_s3.with_options(on_running=[interrupts.reclaim])(  # type: ignore[list-item]
@@ -282,50 +307,10 @@ def cmd_generate(
     return _emit_or_fail(state.result(raise_on_failure=False), args.json)
 
 
-def _emit_or_fail(result: Any, as_json: bool, ok: bool = True) -> int:
-    """A flow's result: its summary, or the one error a check raised before paying (invalid
-    input or configuration: exit 2; anything else, e.g. a bucket that cannot take the images: 1)."""
-    if isinstance(result, InvalidRequestError | ConfigurationError):
-        return _fail_usage(str(result))
-    if isinstance(result, BaseException):
-        print(f"prefect-gptimage: error: {result}", file=sys.stderr)
-        return EXIT_FAILED
-    return _emit(result, as_json, ok=ok)
-
-
-def cmd_batch(
-    args: argparse.Namespace, early: EarlyApi | None = None, interrupts: Interrupts | None = None
-) -> int:
-    from prefect_gptimage.prompts import load_prompt_file
-
-    if args.concurrency < 1:
-        return _fail_usage("--concurrency: must be at least 1")
-    if args.lookahead is not None and args.lookahead < 0:
-        return _fail_usage("--lookahead: must be 0 or more")
-    try:
-        load_prompt_file(args.file)
-    except InvalidRequestError as exc:
-        return _fail_usage(str(exc))
-    if not args.bucket and not args.dry_run:
-        return _fail_usage("--bucket: required (where the images and the manifest go)")
-    if args.cluster and early is not None:  # the workers could not reach a temporary API
-        return _fail_usage(
-            "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
-        )
-    from prefect_gptimage.flows import batch as batch_flow
+def cmd_batch(args: argparse.Namespace, interrupts: Interrupts) -> int:
     from prefect_gptimage.flows.batch import batch_to_s3
 
-    interrupts = interrupts or Interrupts()
-    if early is not None:  # fal generates while the temporary API boots
-        interrupts.submitted_ahead = head_start(args) > 0
-    _prefect_api(early, args.verbose, progress=True)
-
-    def last_words() -> None:  # the process must go before the flow returned: what was staged
-        summary = batch_flow.live_summary()
-        if summary is not None:
-            _emit(summary, args.json, ok=False)
-
-    interrupts.last_words = last_words
+    interrupts.print_summary = lambda summary: _emit(summary, args.json, ok=False)
     interrupts.running = True  # a signal from here on stops the batch instead of unwinding
     state = batch_to_s3.with_options(on_running=[interrupts.reclaim])(  # type: ignore[list-item]
         args.file,
@@ -334,12 +319,12 @@ def cmd_batch(
         concurrency=args.concurrency,
         output_dir=args.output_dir,
         max_cost=args.max_cost,
-        dry_run=args.dry_run,
         timeout=args.timeout,
         refresh=args.refresh,
         resubmit_unknown=args.resubmit_unknown,
         lookahead=args.lookahead,
         cluster=args.cluster,
+        stop=interrupts.stop,
         return_state=True,
     )
     interrupts.returned = True
@@ -348,7 +333,7 @@ def cmd_batch(
         summary = summary.summary
     if isinstance(summary, BaseException):
         return _emit_or_fail(summary, args.json)
-    if args.dry_run or not state.is_completed():
+    if not state.is_completed():
         print(state.message, file=sys.stderr)
     return _emit(summary, args.json, ok=state.is_completed())
 
@@ -360,6 +345,9 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         return _fail_usage("--concurrency: must be at least 1")
+    problem = _bucket_problem(args.bucket)  # before the cache is read: as fast as a real run's
+    if problem:
+        return _fail_usage(problem)
     try:
         plan = plan_dry_run(
             args.file,
@@ -372,6 +360,24 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
         return _fail_usage(str(exc))
     print_plan(plan, args.json)
     return EXIT_OK
+
+
+def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    """Quiet the console, start Prefect's temporary API if it is used, run the command."""
+    from prefect_gptimage.cli._console import quiet_console
+    from prefect_gptimage.cli._server import start_api
+
+    quiet_console(args.verbose)
+    if getattr(args, "cluster", None):
+        from prefect.settings import get_current_settings
+
+        if not get_current_settings().api.url:  # workers cannot reach a temporary API
+            return _fail_usage(
+                "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
+            )
+    start_api(args.verbose)
+    commands = {"generate": cmd_generate, "batch": cmd_batch}
+    return commands[args.command](args, interrupts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -387,33 +393,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
     if getattr(args, "dry_run", False):  # no key, no flow, no server: an answer in a second
         return cmd_dry_run(args)
-    commands = {"generate": cmd_generate, "batch": cmd_batch}
     if not fal_key_available():
         return _fail_usage(MISSING_KEY)  # before any server, import or file: one line
-    interrupts = Interrupts().install()  # first: a signal during start-up stops it cleanly
+    interrupts = Interrupts().install()  # a signal during start-up stops it cleanly
     try:
-        early = EarlyApi.start()  # boots on the other core while we import Prefect and validate
-        if early is not None:  # on a hard exit: stop it without waiting (it dies with us anyway)
-            interrupts.cleanups.append(early.terminate)
-        try:
-            code = commands[args.command](args, early, interrupts)
-        finally:  # before exiting: a submit the head start has in progress is recorded first
-            stop_head_start()
+        problem = check_input(args)  # before Prefect is even imported: one line, exit 2
+        code = _fail_usage(problem) if problem else _run(args, interrupts)
     except StopBeforeStart as exc:
         print(f"prefect-gptimage: {exc}", file=sys.stderr)
         code = interrupts.exit_code
     except KeyboardInterrupt:
         code = 130
-    except RuntimeError as exc:  # Prefect's own temporary server never answered: one line
-        if "ephemeral Prefect API server" not in str(exc):
-            raise
+    except ApiUnavailable as exc:
         print(
-            f"prefect-gptimage: {exc} Nothing was submitted by this run. Start a server "
-            "(`prefect server start`, then PREFECT_API_URL) or raise "
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.",
+            f"prefect-gptimage: error: Prefect's temporary API server did not start ({exc}); "
+            "nothing was submitted. Start a server (`prefect server start`, then set "
+            "PREFECT_API_URL) or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.",
             file=sys.stderr,
         )
-        code = 1
+        code = EXIT_FAILED
     return interrupts.finish(code)
 
 

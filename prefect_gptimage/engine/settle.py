@@ -27,7 +27,7 @@ from prefect.states import Failed
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.prompts import PromptRow
 from prefect_gptimage.tasks.generate import IN_FLIGHT, NOT_STARTED, RowInterrupted, not_started
-from prefect_gptimage.tasks.intents import read_intent
+from prefect_gptimage.tasks.intents import submit_state
 
 __all__ = [
     "IN_FLIGHT",
@@ -111,18 +111,6 @@ class StartedRow:
         return self._future.state
 
 
-def _submit_state(row: PromptRow) -> str | None:
-    """The state of this row's (first) submit: None when never sent, ``submitting`` while its
-    answer is not recorded, else ``submitted`` (or ``unknown``)."""
-    try:
-        intent = read_intent(row.request, row.variant)
-    except Exception:  # an unreadable store: assume the worst, within the wait's bound
-        return "submitting"
-    if intent is None or intent.state == "not_submitted":
-        return None
-    return intent.state
-
-
 class StartedRows:
     """The rows of one run started and not finished, and the thread that settles them on a stop.
 
@@ -171,7 +159,7 @@ class StartedRows:
             pending = self._pending()
             if not pending:
                 return
-            states = [_submit_state(r.row) for r in pending]
+            states = [submit_state(r.row.request, r.row.variant) for r in pending]
             if time.monotonic() >= deadline or "submitting" not in states:
                 for r, state in zip(pending, states, strict=True):
                     r.abandon(submitted=state is not None)

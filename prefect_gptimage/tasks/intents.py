@@ -171,6 +171,23 @@ Fate = Literal["cached", "at_fal", "unknown", "to_pay"]
 NEEDS_SLOT: frozenset[str] = frozenset({"at_fal", "to_pay"})
 
 
+def submit_state(request: AnyRequest, variant: int = 0) -> str | None:
+    """Where this request's submit stands, as recorded: the one answer to "is a submit midway".
+
+    None when it was never sent (or is known not to have been); ``"submitting"`` while it was sent
+    and fal's answer is not recorded yet, and also when the store cannot be read (assume the
+    worst: a caller waits for it, within its own bound, rather than leave a paid request half
+    recorded); else the intent's state (``"submitted"``, ``"unknown"``).
+    """
+    try:
+        intent = read_intent(request, variant)
+    except Exception:
+        return "submitting"
+    if intent is None or intent.state == "not_submitted":
+        return None
+    return intent.state
+
+
 def submit_fate(
     request: AnyRequest,
     variant: int = 0,
