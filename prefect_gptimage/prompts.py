@@ -1,9 +1,11 @@
 """Prompt files: JSONL or CSV, one request per row, any schema field as a column.
 
 Every row is validated against fal's schema before anything is submitted; all bad rows are
-reported at once, each with its line number and field. A row with ``image_urls`` goes to the
-edit endpoint. Besides the schema fields, a ``variant`` column (integer) asks for a fresh image of
-an otherwise identical request; it is part of the cache key, never sent to fal.
+reported at once, each with its line number and field (a misspelt column with the one it
+probably is: ``qualty: Extra inputs are not permitted; did you mean 'quality'?``). A row with
+``image_urls`` goes to the edit endpoint. Besides the schema fields, a ``variant`` column
+(integer) asks for a fresh image of an otherwise identical request; it is part of the cache key,
+never sent to fal.
 
 CSV cells are text: empty cells mean "fal's default", ``num_images`` and ``sync_mode`` are read
 as numbers and booleans, and ``image_urls`` holds a JSON list or URLs separated by ``|``.
@@ -200,7 +202,10 @@ def row_to_request(
     variant = _variant(fields.pop("variant", 0))
     if "image_urls" in fields:
         fields["image_urls"] = _image_urls(fields["image_urls"])
-    return PromptRow(line=0, request=parse_request(fields), variant=variant)
+    # a misspelt column is named with the column it probably is, ``variant`` included
+    return PromptRow(
+        line=0, request=parse_request(fields, known_names=EXTRA_COLUMNS), variant=variant
+    )
 
 
 def load_prompt_file(

@@ -3,7 +3,8 @@
 The models carry exactly fal's fields, allowed values, ranges and defaults, so that an
 invalid request fails here, before any network call (and before any money is spent).
 Unknown fields are rejected too: a typo such as ``qualty`` would otherwise be silently
-ignored by fal and the default ``high`` quality billed.
+ignored by fal and the default ``high`` quality billed. The error names the field it was
+probably meant to be (``qualty: Extra inputs are not permitted; did you mean 'quality'?``).
 
 Example:
     >>> req = GptImageRequest(prompt="a lighthouse at dawn", quality="low")
@@ -15,12 +16,24 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from prefect_gptimage.errors import (
     ImageCountMismatch,
@@ -100,6 +113,52 @@ def shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Validation context key: more names a caller accepts beside the model's fields (a prompt
+#: file's ``variant`` column), offered as suggestions for a misspelt field.
+KNOWN_NAMES_CONTEXT = "known_names"
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
+    """The known name ``name`` is most likely a typo of, if one is close enough.
+
+    Example:
+        >>> did_you_mean("qualty", ["prompt", "quality", "num_images"])
+        'quality'
+        >>> did_you_mean("colour", ["prompt", "quality"]) is None
+        True
+    """
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _with_suggestions(exc: ValidationError, known: Iterable[str]) -> list[InitErrorDetails] | None:
+    """``exc``'s errors, each unknown field's message ending in ``did you mean 'x'?`` where a
+    known name is close; None when there is nothing to suggest."""
+    names = list(known)
+    details: list[InitErrorDetails] = []
+    suggested = False
+    for error in exc.errors():
+        loc, name = error["loc"], str(error["loc"][-1]) if error["loc"] else ""
+        guess = did_you_mean(name, names) if error["type"] == "extra_forbidden" else None
+        if guess is not None:
+            suggested = True
+            kind: Any = PydanticCustomError(
+                "extra_forbidden",
+                "Extra inputs are not permitted; did you mean '{suggestion}'?",
+                {"suggestion": guess},
+            )
+            details.append(InitErrorDetails(type=kind, loc=loc, input=error["input"]))
+        elif "ctx" in error:
+            details.append(
+                InitErrorDetails(
+                    type=error["type"], loc=loc, input=error["input"], ctx=error["ctx"]
+                )
+            )
+        else:
+            details.append(InitErrorDetails(type=error["type"], loc=loc, input=error["input"]))
+    return details if suggested else None
+
+
 class _RequestBase(BaseModel):
     """Fields shared by both endpoints (fal-protocol §4.1)."""
 
@@ -116,6 +175,21 @@ class _RequestBase(BaseModel):
         default=False,
         description="Return images as data: URIs and keep them out of fal's request history.",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _suggest_fields(
+        cls, data: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """An unknown field's error says which field it probably is (``did you mean``)."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            extra = (info.context or {}).get(KNOWN_NAMES_CONTEXT, ())
+            details = _with_suggestions(exc, [*cls.model_fields, *extra])
+            if details is None:
+                raise
+            raise ValidationError.from_exception_data(exc.title, details) from None
 
     @field_validator("prompt")
     @classmethod
@@ -189,11 +263,12 @@ class GptImageEditRequest(_RequestBase):
 AnyRequest = GptImageRequest | GptImageEditRequest
 
 
-def parse_request(data: dict[str, Any]) -> AnyRequest:
+def parse_request(data: dict[str, Any], known_names: Iterable[str] = ()) -> AnyRequest:
     """Build the right request model from plain fields.
 
     A request with ``image_urls`` goes to the edit endpoint; anything else is text to image.
-    Raises :class:`InvalidRequestError` naming the offending field.
+    Raises :class:`InvalidRequestError` naming the offending field; a misspelt one with the
+    field it probably is (``known_names``: more names to suggest, e.g. a prompt file's columns).
 
     Example:
         >>> parse_request({"prompt": "hi there", "image_urls": ["https://x/y.png"]}).endpoint
@@ -202,7 +277,7 @@ def parse_request(data: dict[str, Any]) -> AnyRequest:
     model: type[AnyRequest] = GptImageEditRequest if data.get("image_urls") else GptImageRequest
     clean = {k: v for k, v in data.items() if v is not None}
     try:
-        return model.model_validate(clean)
+        return model.model_validate(clean, context={KNOWN_NAMES_CONTEXT: tuple(known_names)})
     except ValidationError as exc:
         raise InvalidRequestError.from_validation_error(exc) from None
 

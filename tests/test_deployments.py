@@ -1,7 +1,8 @@
 """The deployments in ``deployments/`` against a real ``prefect server`` started as a subprocess.
 
 * ``prefect.yaml`` parses, its entrypoints load and its parameters are the flows' parameters;
-* ``prefect deploy --prefect-file deployments/prefect.yaml --all`` creates both deployments;
+* ``prefect deploy --prefect-file deployments/prefect.yaml --all`` creates its three deployments
+  and one automation (read-manifest's trigger), as docs/deployments.md says;
 * ``python deployments/serve.py`` serves both; a run of the batch deployment, picked up by the
   served process, generates through the fal emulator and stages images and manifest to S3.
 
@@ -197,7 +198,7 @@ def test_prefect_yaml_entrypoints_load_and_take_its_parameters() -> None:
     assert daily["schedules"] == [{"cron": "0 6 * * *", "timezone": "UTC", "active": True}]
 
 
-def test_prefect_deploy_creates_both_deployments(
+def test_prefect_deploy_creates_three_deployments_and_an_automation(
     prefect_server: str, tmp_path: Path, s3_bucket: str
 ) -> None:
     with (
@@ -237,6 +238,22 @@ def test_prefect_deploy_creates_both_deployments(
     assert batch.entrypoint == "flows/batch_to_s3.py:batch_to_s3"
     assert batch.parameters["prompt_file"] == "prefect_gptimage/data/sample_prompts.jsonl"
     assert daily.entrypoint == "flows/scheduled_content.py:scheduled_content"
+    downstream = read_deployment(prefect_server, "gptimage-read-manifest/read-manifest")
+    assert downstream is not None
+    assert downstream.entrypoint == "flows/downstream.py:read_manifest"
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server}),
+        get_client(sync_client=True) as client,
+    ):
+        automations = client.read_automations()
+    runs = [
+        a
+        for a in automations
+        for action in a.actions
+        if getattr(action, "deployment_id", None) == downstream.id
+    ]
+    assert len(runs) == 1 and len(automations) == 1, automations  # the trigger, and nothing else
+    assert "prefect-gptimage.batch.completed" in runs[0].trigger.model_dump_json()
     [schedule] = daily.schedules
     assert schedule.active
     assert schedule.schedule.model_dump(include={"cron", "timezone"}) == {

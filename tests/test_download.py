@@ -143,3 +143,34 @@ def test_a_killed_runs_parts_are_swept_by_the_next_download(
     _get(_image(fal_emulator, unique), tmp_path)
     assert not stale.exists()  # left by a kill -9: removed
     assert fresh.exists()  # could be another download in progress: kept
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_images_manifest_and_page_get_the_umasks_mode(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    """A downloaded image, the manifest and index.html beside it: one mode, the umask's (like
+    ``open(path, "w")``), not 0600 for the images only."""
+    import base64
+    import io
+    import os
+    import stat
+
+    from prefect_gptimage.reporting.gallery import HtmlGallery
+    from prefect_gptimage.reporting.manifest import ManifestWriter
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024), "teal").save(buf, "PNG")
+    image = ImageFile(url="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    previous = os.umask(umask)
+    try:
+        written = [
+            _get(image, tmp_path),
+            ManifestWriter(tmp_path / "manifest.jsonl").close(),
+            HtmlGallery(tmp_path / "index.html", "modes").close(),
+        ]
+    finally:
+        os.umask(previous)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
+        p.name: oct(mode) for p in written
+    }

@@ -38,7 +38,7 @@ from prefect_gptimage.reporting.artifacts import (
     results_table,
     write_html_gallery,
 )
-from prefect_gptimage.reporting.gallery import HtmlGallery
+from prefect_gptimage.reporting.gallery import HtmlGallery, escape_text
 from prefect_gptimage.reporting.manifest import (
     FailureLine,
     ImageLine,
@@ -336,6 +336,31 @@ def test_artifact_key_truncation_keeps_keys_distinct() -> None:
     assert artifact_key("Nightly Batch", "gallery") == "nightly-batch-gallery"
 
 
+#: A "|" that splits a GFM table row: one after an even number of backslashes.
+_CELL_BAR = re.compile(r"(?<!\\)(?:\\\\)*\|")
+
+
+def cell_bars(line: str) -> int:
+    """How many cell separators a markdown table row has (an escaped ``\\|`` is text)."""
+    return len(_CELL_BAR.findall(line))
+
+
+def test_markdown_specials_are_escaped_to_show_as_themselves() -> None:
+    """Each is drawn as the plain character by both Prefect UIs (benchmarks/ui_escapes.py):
+    a backslash escape, ``&lt; &gt; &amp;`` for HTML, never ``¦`` nor a numeric entity."""
+    assert escape_text("Cats | dogs") == "Cats \\| dogs"
+    assert escape_text("a|b", in_table=False) == escape_text("a|b") == "a\\|b"
+    assert escape_text("a \\| b") == "a \\\\\\| b"  # backslash, then pipe: both escaped
+    assert escape_text("*x* _y_ `z` [l](u) #1 ~s~ $5 !") == (
+        "\\*x\\* \\_y\\_ \\`z\\` \\[l\\]\\(u\\) \\#1 \\~s\\~ \\$5 \\!"
+    )
+    assert escape_text("<b>R&D</b>") == "&lt;b&gt;R&amp;D&lt;/b&gt;"
+    assert escape_text("1. first") == "1\\. first" and escape_text("- dash-ed") == "\\- dash-ed"
+    assert escape_text("well-known 2. x") == "well-known 2. x"  # mid-line: no list, no escape
+    for text in ("a | b | c", "x \\| y", "\\\\|"):
+        assert cell_bars(f"| {escape_text(text)} |") == 2, text
+
+
 def test_gallery_markdown_escapes_prompts(batch: dict[str, Any]) -> None:
     md = gallery_markdown(batch["staged"], batch["failures"], requests=batch["requests"])
     assert "<script" not in md and "&lt;script&gt;" in md
@@ -346,7 +371,7 @@ def test_gallery_markdown_escapes_prompts(batch: dict[str, Any]) -> None:
     assert md.count("<a href=") == 3
     rows = [line for line in md.splitlines() if line.startswith("| <a href=")]
     assert len(rows) == 3
-    assert all(row.count("|") == 4 for row in rows)  # a prompt's "|" cannot add a column
+    assert all(cell_bars(row) == 4 for row in rows)  # a prompt's "|" cannot add a column
     for staged in batch["staged"]:
         assert staged.url.replace("&", "&amp;") in md
 
@@ -365,7 +390,9 @@ def test_results_table_rows(batch: dict[str, Any]) -> None:
     assert all(tuple(r) == TABLE_COLUMNS for r in rows) and len(TABLE_COLUMNS) <= 5
     assert rows[0]["size"] == "32x24 low png" and rows[0]["cost_usd"] == 0.009
     assert rows[2]["size"] == "32x24 high jpeg" and rows[2]["cost_usd"] == 0.199
-    assert rows[0]["image"] == f"[00.png]({batch['staged'][0].url})"  # a link, one short word
+    # a link named by the S3 object: the index and the prompt's slug, as found in the bucket
+    assert rows[0]["image"] == f"[00-a-calm-lake.png]({batch['staged'][0].url})"
+    assert rows[0]["image"].startswith(f"[{batch['staged'][0].key.rsplit('/', 1)[1]}]")
     assert rows[3]["status"] == "failed: content policy &lt;violation&gt;"
     assert all(len(html.unescape(r["prompt"].replace("\\", ""))) <= 60 for r in rows)
     assert results_table(batch["staged"], requests=batch["requests"], max_rows=2) == rows[:2]
@@ -415,7 +442,7 @@ def test_ocr_verdicts_in_manifest_table_and_galleries(
         [first, second], requests=batch["requests"], verdicts=verdicts, note=note
     )
     assert note.replace("$", "\\$") in markdown and markdown.count("OCR 0.96: ") == 1
-    assert "GRAND &lt;OPEN¦NG&gt; &amp; \\*co\\*" in markdown  # the pipe cannot split the row
+    assert "GRAND &lt;OPEN\\|NG&gt; &amp; \\*co\\*" in markdown  # the pipe cannot split the row
     assert not LITERAL_ENTITY.search(markdown)
 
     page = HtmlGallery(tmp_path / "index.html", "gated")
@@ -453,8 +480,8 @@ def test_artifacts_have_no_literal_entities_and_pipes_keep_the_table(
     assert "·" in md  # the separator is the plain character, not &middot;
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 3  # header and two images
-    assert all(line.count("|") == 4 for line in table)  # a prompt's "|" adds no column
-    assert "Cats ¦ dogs" in md
+    assert all(cell_bars(line) == 4 for line in table)  # a prompt's "|" adds no column
+    assert "Cats \\| dogs" in md and "¦" not in md  # drawn as "|" (docs/img/ui-escapes-*.png)
     assert rows[0]["prompt"].startswith("Cats \\| dogs")  # a table artifact cell: escaped pipe
     assert "valid until" in md and "UTC" in md  # when the thumbnails stop working
 

@@ -230,3 +230,24 @@ def test_cli_refuses_a_malformed_file_with_exit_2(tmp_path: Path, fal_emulator: 
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "line 2" in out.stderr and "UTF-8" in out.stderr
     assert fal_emulator.stats["submit"] == before
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_misspelt_column_says_which_it_probably_is(tmp_path: Path, suffix: str) -> None:
+    """`qualty`, `varaint`: each bad row is named with its line, and the column it is closest
+    to (`variant` too, which is the file's, not fal's), before anything is submitted."""
+    path = tmp_path / f"typos{suffix}"
+    if suffix == ".csv":
+        path.write_text("prompt,qualty,varaint\na lighthouse,low,\nanother one,,2\n")
+        lines = (2, 3)
+    else:
+        path.write_text(
+            '{"prompt": "a lighthouse", "qualty": "low"}\n{"prompt": "another", "varaint": 2}\n'
+        )
+        lines = (1, 2)
+    error = refused(
+        path,
+        f"line {lines[0]}: qualty: Extra inputs are not permitted; did you mean 'quality'?",
+        f"line {lines[1]}: varaint: Extra inputs are not permitted; did you mean 'variant'?",
+    )
+    assert isinstance(error, InvalidPromptFile) and "\n" not in str(error)

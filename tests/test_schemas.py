@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from prefect_gptimage.errors import (
     DuplicateRequestId,
@@ -87,6 +88,49 @@ def test_invalid_input_names_the_field(fields: dict[str, Any], field: str) -> No
         parse_request(fields)
     assert info.value.field == field
     assert field in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "typo", "meant"),
+    [
+        ({"prompt": "ok", "qualty": "low"}, "qualty", "quality"),
+        ({"prompt": "ok", "num_image": 2}, "num_image", "num_images"),
+        ({"prompt": "ok", "image_urls": ["https://a/b.png"], "mask": "x"}, "mask", None),
+        (
+            {"prompt": "ok", "image_urls": ["https://a/b.png"], "mask_url": "x"},
+            "mask_url",
+            "mask_image_url",
+        ),
+        ({"prompt": "ok", "colour": "red"}, "colour", None),
+    ],
+)
+def test_a_misspelt_field_says_which_it_probably_is(
+    fields: dict[str, Any], typo: str, meant: str | None
+) -> None:
+    """One line, before anything is paid: the unknown field and the known one it is closest to."""
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(fields)
+    text = str(info.value)
+    assert info.value.field == typo and "\n" not in text
+    if meant is None:
+        assert text == f"{typo}: Extra inputs are not permitted", text
+    else:
+        assert text == f"{typo}: Extra inputs are not permitted; did you mean '{meant}'?", text
+
+
+def test_the_suggestion_rides_along_with_other_errors_and_on_the_models() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request({"prompt": "ok", "num_images": 9, "image_sise": "1024x1024"})
+    assert str(info.value) == (
+        "num_images: Input should be less than or equal to 4; "
+        "image_sise: Extra inputs are not permitted; did you mean 'image_size'?"
+    )
+    with pytest.raises(ValidationError, match="did you mean 'output_format'"):
+        GptImageRequest(prompt="ok", output_fromat="png")  # type: ignore[call-arg]
+    with pytest.raises(InvalidRequestError, match="did you mean 'input_fidelity'"):
+        request_for_endpoint(
+            EDIT_ENDPOINT, {"prompt": "ok", "image_urls": ["https://a/b.png"], "input_fidelty": 1}
+        )
 
 
 def test_limits_are_inclusive() -> None:

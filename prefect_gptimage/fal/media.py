@@ -32,7 +32,6 @@ import functools
 import hashlib
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_gptimage._files import sweep_stale
+from prefect_gptimage._files import create_temp, sweep_stale
 from prefect_gptimage.errors import PermanentDownloadError, TransientDownloadError
 from prefect_gptimage.retry import GONE_STATUS_CODES, RetryPolicy, is_transient_status
 from prefect_gptimage.schemas import CONTENT_TYPES, DownloadedImage, ImageFile, OutputFormat
@@ -148,8 +147,7 @@ def _temp_beside(final: Path) -> Iterator[tuple[Path, object]]:
     final.parent.mkdir(parents=True, exist_ok=True)
     # a killed run's parts: the body timeout bounds a live download far below ten minutes
     sweep_stale(final.parent, ".part-*", older_than=600)
-    fd, name = tempfile.mkstemp(prefix=".part-", dir=final.parent)
-    tmp = Path(name)
+    fd, tmp = create_temp(final.parent, ".part-")  # the umask's mode, as index.html beside it
     try:
         with os.fdopen(fd, "wb") as fh:
             yield tmp, fh

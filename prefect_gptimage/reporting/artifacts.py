@@ -3,9 +3,10 @@
 What the Prefect UI (3.8) renders, and so what this package produces:
 
 * a **table** artifact: one row per image and per failure, five short columns (a link to the
-  image, the prompt cut to 60 characters, size/quality/format, estimated cost, status), so it
-  reads at 1400 px (:func:`results_table`, here); request ids, ``s3://`` URIs, bytes and
-  checksums are in the run manifest. A run through the OCR gate folds each image's verdict into
+  image named by its S3 object, ``00-a-lighthouse-at-dawn.png``, the prompt cut to 60
+  characters, size/quality/format, estimated cost, status), so it reads at 1400 px
+  (:func:`results_table`, here); request ids, ``s3://`` URIs, bytes and checksums are in the run
+  manifest. A run through the OCR gate folds each image's verdict into
   its status (``ok · OCR 1.00: GRAND OPENING (attempt 2/3)``) rather than adding columns;
 * a **markdown gallery**: linked thumbnails with escaped prompts
   (:func:`~prefect_gptimage.gallery.gallery_markdown`);
@@ -61,6 +62,7 @@ from prefect_gptimage.reporting.gallery import (
 )
 from prefect_gptimage.reporting.manifest import ManifestTotals, cost_per_image
 from prefect_gptimage.reporting.progress import BatchProgress, format_duration
+from prefect_gptimage.reporting.wording import counted
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import AnyRequest
 
@@ -72,6 +74,7 @@ __all__ = [
     "artifact_key",
     "format_duration",
     "gallery_markdown",
+    "image_name",
     "publish_results",
     "results_table",
     "write_html_gallery",
@@ -82,6 +85,24 @@ _log = logging.getLogger(__name__)
 
 #: Columns of the results table artifact, in order.
 TABLE_COLUMNS = ("image", "prompt", "size", "cost_usd", "status")
+
+
+def image_name(image: StagedImage) -> str:
+    """What a person calls a staged image: its S3 object's name (the key's last part).
+
+    Staged keys end in ``{index:02d}-{prompt-slug}.{ext}``, so the name reads as the prompt and
+    is found as is in the bucket; the table's prompt column has the prompt itself.
+
+    Example:
+        >>> import datetime as dt
+        >>> image_name(StagedImage(bucket="b", key="gptimage/e/r/00-a-lighthouse.png",
+        ...     s3_uri="s3://b/gptimage/e/r/00-a-lighthouse.png", url="https://x",
+        ...     url_expires_at=dt.datetime(2026, 1, 1), content_type="image/png", format="png",
+        ...     bytes=1, sha256="0", width=1, height=1, request_id="r", endpoint="e", index=0,
+        ...     uploaded=True))
+        '00-a-lighthouse.png'
+    """
+    return image.key.rstrip("/").rsplit("/", 1)[-1] or f"{image.index:02d}.{image.format}"
 
 
 def _md_link(text: str, url: str) -> str:
@@ -103,8 +124,10 @@ def results_table(
 ) -> list[dict[str, Any]]:
     """Rows for the table artifact: images first, then failures (``status`` tells them apart).
 
-    Five short columns (:data:`TABLE_COLUMNS`): ``image`` (a markdown link, ``00.png``, to the
-    presigned URL), ``prompt`` (cut to ``prompt_chars``), ``size`` (``WxH quality format``),
+    Five short columns (:data:`TABLE_COLUMNS`): ``image`` (a markdown link to the presigned URL,
+    named by the S3 object, ``00-a-lighthouse-at-dawn.png``: the image's index and its prompt's
+    slug, see :func:`image_name`), ``prompt`` (cut to ``prompt_chars``), ``size``
+    (``WxH quality format``),
     ``cost_usd`` and ``status`` (``ok`` or ``failed: reason``; with ``verdicts``, a gated image's
     status is ``ok · OCR 1.00: GRAND OPENING (attempt 2/3)``). The Prefect UI renders each cell
     as markdown, so text is escaped (:func:`escape_text`). Everything else about an image is in
@@ -128,7 +151,7 @@ def results_table(
         )
         rows.append(
             {
-                "image": _md_link(f"{image.index:02d}.{image.format}", image.url),
+                "image": _md_link(escape_text(image_name(image), 60), image.url),
                 "prompt": escape_text(prompt, prompt_chars, in_table=False),
                 "size": f"{image.width}x{image.height}{quality} {image.format}",
                 "cost_usd": cost_per_image(request),
@@ -230,7 +253,7 @@ def publish_results(
     )
     n_images = len(staged) if totals is None else totals.images
     total_rows = n_images + len(failures)
-    table_desc = f"{n_images} images, {len(failures)} failures"
+    table_desc = f"{counted(n_images, 'image')}, {counted(len(failures), 'failure')}"
     if total_rows > len(rows):
         table_desc += f"; first {len(rows)} rows shown, the run manifest has all {total_rows}"
     if note:
@@ -256,7 +279,7 @@ def publish_results(
             note=note,
         ),
         key=gallery_key,
-        description=f"Thumbnail gallery of {n_images} images"
+        description=f"Thumbnail gallery of {counted(n_images, 'image')}"
         + (f" (presigned links valid until {until})" if until else ""),
     )
     link_ids: list[UUID] = []
@@ -279,7 +302,10 @@ def publish_results(
     omitted = max(0, n_images - max_links) if max_links > 0 else 0
     if omitted:
         run_logger(_log).info(
-            "%d images have no link artifact (cap %d); see table %r", omitted, max_links, table_key
+            "%s no link artifact (cap %d); see table %r",
+            f"{counted(omitted, 'image')} {'has' if omitted == 1 else 'have'}",
+            max_links,
+            table_key,
         )
     return PublishedArtifacts(
         table_key=table_key,

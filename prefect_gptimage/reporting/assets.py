@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from prefect_gptimage.reporting.events import events_enabled, warn_once
+from prefect_gptimage.reporting.wording import counted
 
 if TYPE_CHECKING:
     from prefect_gptimage.s3 import StagedImage
@@ -155,11 +156,12 @@ def _record(metadata: dict[str, dict[str, Any]]) -> int:
 
 
 def materialize_assets(
-    metadata: dict[str, dict[str, Any]], upstream: list[str] | None = None, label: str = "images"
+    metadata: dict[str, dict[str, Any]], upstream: list[str] | None = None, label: str = "image"
 ) -> bool:
     """Materialize the assets keyed like ``metadata`` in one task run; True if it completed.
 
-    ``upstream`` asset keys become the materializations' upstream (``asset_deps``). Never
+    ``upstream`` asset keys become the materializations' upstream (``asset_deps``). ``label``
+    names one asset in the task run's name (``assets: 1 image``, ``assets: 20 images``). Never
     raises: an invalid key or a Prefect error is a warning (once per process).
     """
     if not metadata:
@@ -172,7 +174,7 @@ def materialize_assets(
             *metadata,
             by=MATERIALIZED_BY,
             name="gptimage-materialize-assets",
-            task_run_name=f"assets: {len(metadata)} {label}",
+            task_run_name=f"assets: {counted(len(metadata), label)}",
             asset_deps=list(upstream or []) or None,
             cache_policy=NO_CACHE,
             persist_result=False,

@@ -17,17 +17,20 @@ until when. After that each thumbnail is drawn as a broken image with its prompt
 its link answers 403; the ``s3://`` URIs in the run manifest stay valid, and re-running the batch
 (served from the cache: nothing is paid again) publishes the gallery again with fresh links.
 
-**Escaping for the Prefect UI.** Its markdown renderer decodes only ``&amp;``, ``&lt;``,
-``&gt;`` and ``&quot;``; any other entity (``&middot;``, ``&#35;``) is shown literally. So text
-is HTML-escaped with those three, markdown specials get a backslash (CommonMark's escape, drawn
-as the plain character), and a ``|`` inside a gallery table row becomes ``¦`` (U+00A6) so it can
-never split a cell. No other entity is ever written.
+**Escaping for the Prefect UI.** Every character of a prompt shows as itself. The V1 UI's
+markdown renderer decodes only ``&amp;``, ``&lt;``, ``&gt;`` and ``&quot;``; any other entity
+(``&#124;``, ``&middot;``) is shown literally (the V2 UI decodes them all). So text is HTML-escaped
+with those three, and every markdown special gets a backslash (CommonMark's escape, drawn as the
+plain character by both UIs), ``|`` included: ``\\|`` never splits a table row's cells (GFM
+tables split on unescaped pipes only) and is drawn as ``|``. A leading ``1.`` or ``-`` is
+escaped too, so a prompt never starts a list. No other entity is ever written.
+``benchmarks/ui_escapes.py`` screenshots all of it in both UIs (``docs/img/ui-escapes-*.png``).
 
 Example:
     >>> escape_text("<b>*hi*</b> | #1 & more")
-    '&lt;b&gt;\\*hi\\*&lt;/b&gt; ¦ \\#1 &amp; more'
-    >>> escape_text("a | b", in_table=False)
-    'a \\| b'
+    '&lt;b&gt;\\*hi\\*&lt;/b&gt; \\| \\#1 &amp; more'
+    >>> escape_text("1. a-b"), escape_text("- a")
+    ('1\\. a-b', '\\- a')
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Protocol
 
 from prefect_gptimage.reporting.manifest import ManifestTotals, OcrVerdictRecord, cost_per_image
+from prefect_gptimage.reporting.wording import counted, plural
 from prefect_gptimage.s3 import StagedImage
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 
@@ -80,10 +84,11 @@ THUMB_WIDTH = 160
 #: The OCR gate's verdict on each image of a gated run, by ``(request_id, index)``.
 Verdicts = Mapping[tuple[str, int], OcrVerdictRecord]
 
-#: CommonMark backslash escapes: drawn as the plain character, never as markup.
+#: CommonMark backslash escapes: drawn as the plain character, never as markup (``\\|`` also
+#: keeps a GFM table row's cells).
 _MD_SPECIAL = {c: "\\" + c for c in "\\`*_{}[]()#+!|~$"}
-#: A pipe inside a gallery table row: looks like one, cannot split the row's cells.
-TABLE_PIPE = "\u00a6"
+#: What starts a list or a rule only at the start of a line (``1.``, ``-``): escaped there only.
+_LINE_START = re.compile(r"^(\d+)\.|^-")
 _ATTR_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+!|~$<>&\"']")
 
 
@@ -96,14 +101,17 @@ def _one_line(value: object, limit: int | None) -> str:
 
 def escape_text(value: str, limit: int | None = 300, *, in_table: bool = True) -> str:
     """Untrusted text for a markdown artifact: one line, cut to ``limit`` characters,
-    HTML-escaped (``&amp; &lt; &gt;`` only) and markdown specials backslash-escaped.
+    HTML-escaped (``&amp; &lt; &gt;`` only) and markdown specials backslash-escaped, so that
+    the Prefect UI draws each character as itself.
 
-    ``in_table`` (the default): ``|`` becomes ``¦``, so the text is safe in a markdown table row.
-    Otherwise ``|`` is backslash-escaped like the other specials (a table artifact's cells).
+    The same text is safe anywhere in the markdown: in a table row (a ``|`` is ``\\|``), a list
+    item, a heading or a paragraph of its own. ``in_table`` is accepted for callers written when
+    a table row needed another pipe; it changes nothing.
     """
+    del in_table
     escaped = html.escape(_one_line(value, limit), quote=False)
     out = "".join(_MD_SPECIAL.get(c, c) for c in escaped)
-    return out.replace("\\|", TABLE_PIPE) if in_table else out
+    return _LINE_START.sub(lambda m: f"{m[1]}\\." if m[1] else "\\-", out)
 
 
 def escape_attr(value: str, limit: int | None = 100) -> str:
@@ -178,7 +186,8 @@ def gallery_markdown(
     out = [
         f"# {escape_text(title, 200)}",
         "",
-        f"**{n_images}** images, **{len(failures)}** failures, estimated cost **${cost:.3f}**.",
+        f"**{n_images}** {plural(n_images, 'image')}, **{len(failures)}** "
+        f"{plural(len(failures), 'failure')}, estimated cost **${cost:.3f}**.",
     ]
     if note:
         out += ["", escape_text(note, 500)]  # "$" escaped: never read as a math delimiter
@@ -320,7 +329,7 @@ class HtmlGallery:
         """Write the page and drop the temporary file. Returns the page's path."""
         with self._lock:
             self._body.close()
-            summary = f"{self.images} images, {len(self._failures)} failures"
+            summary = f"{counted(self.images, 'image')}, {counted(len(self._failures), 'failure')}"
             with self.path.open("w", encoding="utf-8") as fh:
                 fh.write(_HTML_HEAD.format(title=html.escape(self.title), summary=summary))
                 with self._body_path.open(encoding="utf-8") as body:
