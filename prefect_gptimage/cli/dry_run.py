@@ -163,7 +163,7 @@ def _read_cache(rows: list[PromptRow], resubmit_unknown: bool) -> tuple[float, i
 def _plan_cost(rows: list[PromptRow], resubmit_unknown: bool) -> tuple[float, int]:
     """What the batch's own plan says (the one answer to "cached, resumable, to be paid")."""
     # moves to prefect_gptimage.engine.plan (same signature, same Plan fields)
-    from prefect_gptimage.flows.batch import plan_rows
+    from prefect_gptimage.engine.plan import plan_rows
 
     plan = plan_rows(rows, resubmit_unknown=resubmit_unknown)
     return plan.cost, plan.cached

@@ -66,7 +66,7 @@ from prefect_gptimage.engine.plan import plan_row, plan_rows
 from prefect_gptimage.engine.run import RowEngine
 from prefect_gptimage.engine.settle import RowInterrupted, not_started
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.errors import BatchIncomplete, FalError
+from prefect_gptimage.errors import BatchIncomplete, OcrGateFailed
 from prefect_gptimage.flows._fanout import row_runner
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.ledger import RequestIdLedger
@@ -99,14 +99,6 @@ ROW_CONCURRENCY = 4
 
 #: ``error_type`` of a row whose images did not all pass OCR within its attempts.
 OCR_MISMATCH = "ocr_mismatch"
-
-
-class OcrGateFailed(FalError):
-    """A row the gate could not pass: how it is reported (manifest failure line, summary).
-
-    ``error_type`` is :data:`OCR_MISMATCH` when OCR kept rejecting its images, else the error
-    that stopped its request (``request_id``: the row's last request).
-    """
 
 
 class OcrAttempt(BaseModel):

@@ -26,7 +26,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import FalError, PermanentFalError
+from prefect_gptimage.errors import PermanentFalError, RowInterrupted
 from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import (
@@ -60,10 +60,6 @@ __all__ = [
 NOT_STARTED = "not_started_interrupted"
 #: ``error_type`` of a row a stop left running at fal: a re-run resumes it without paying again.
 IN_FLIGHT = "in_flight_interrupted"
-
-
-class RowInterrupted(FalError):
-    """A request a stop left unstarted (nothing paid) or running at fal (a re-run resumes it)."""
 
 
 def not_started(what: str = "nothing was submitted for it") -> RowInterrupted:
