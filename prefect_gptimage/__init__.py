@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prefect_gptimage._compat import warn_if_server_unusable
 from prefect_gptimage._lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -87,9 +86,6 @@ __all__ = [
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-# Prefect 3.6 with fastapi 0.137+ cannot serve its API: said once, here (see _compat)
-warn_if_server_unusable()
 
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ and 3.9.1); what differs is named here, each with the one line a user sees:
   to a server started here (the CLI's temporary one, ``prefect server start``, the test
   harness) answers 500 while ``/api/health`` passes. pip cannot key the fastapi pin on Prefect's
   version, so the ``prefect36`` extra carries it (``pip install 'prefect-gptimage[prefect36]'``)
-  and :func:`warn_if_server_unusable` says so once, at import, when the pair is wrong.
+  and the CLI says so in one line, instead of starting its temporary server, when the pair is
+  wrong (:func:`server_dependency_problem`).
 * No feature of this package needs a newer Prefect than 3.6.24: assets (``materialize``,
   ``add_asset_metadata``), events, global concurrency limits with leases, transactions and
   locks, artifacts, ``serve``/``deploy`` and the flow-run functions all exist in 3.6.29 with the
@@ -26,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
@@ -38,7 +38,6 @@ __all__ = [
     "installed_version",
     "prefect_version",
     "server_dependency_problem",
-    "warn_if_server_unusable",
 ]
 
 #: The oldest Prefect this package supports (``pyproject.toml``'s floor).
@@ -94,14 +93,3 @@ def server_dependency_problem(
             "(422) or fails to start; pip install 'fastapi<0.151'"
         )
     return None
-
-
-def warn_if_server_unusable() -> None:
-    """Warn (Python's ``warnings``, so once per place) when a local Prefect server would fail.
-
-    Only a server started on this machine is concerned; one at ``PREFECT_API_URL`` elsewhere
-    runs its own fastapi. Called once when the package is imported.
-    """
-    problem = server_dependency_problem()
-    if problem is not None:
-        warnings.warn(problem, RuntimeWarning, stacklevel=2)

@@ -72,6 +72,11 @@ def start_api(verbose: bool = False) -> int | None:
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
+    from prefect_gptimage._compat import server_dependency_problem
+
+    problem = server_dependency_problem()  # Prefect 3.6 beside a fastapi its server cannot use
+    if problem is not None:
+        raise ApiUnavailable(problem)
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance prefect.get_client() uses (port None)
