@@ -216,7 +216,10 @@ def test_adaptive_polling_is_frugal(
         assert info is not None and info.completed_at is not None
         lateness.append(time.time() - info.completed_at)
     assert sum(calls[1:]) / 5 <= 2.0, calls  # the first request teaches the model
-    assert sum(lateness[1:]) / 5 < 0.1, lateness  # and it is not paid for with delay
+    # and it is not paid for with delay: here only "not a whole latency late" (a loaded machine
+    # adds its own delay to every wall-clock reading); the schedule's lateness itself, under 5%
+    # of the latency, is test_polling's, on a simulated clock
+    assert sum(lateness[1:]) / 5 < 1.0, lateness
 
 
 def test_async_client_round_trip_with_faults(fal_emulator: FalEmulator, unique: str) -> None:

@@ -75,8 +75,8 @@ class PeakRss:
 
 def test_new_fault_kinds_parse_and_validate() -> None:
     assert Fault.parse("status:stuck:*").count is None
-    assert Fault.parse("result:trickle:1:0.5").delay == 0.5
-    assert Fault.parse("media:trickle").delay == 1.0  # 64 B/s
+    assert Fault.parse("result:trickle:1:0.5").delay == pytest.approx(0.5)
+    assert Fault.parse("media:trickle").delay == pytest.approx(1.0)  # 64 B/s
     assert Fault.parse("result:huge:1:300000000").size == 300_000_000
     assert Fault("result", "huge").size == 1 << 30
     with pytest.raises(ValueError, match="status"):
@@ -108,7 +108,7 @@ def test_request_stuck_in_queue_is_cancelled_at_its_deadline(
     with pytest.raises(FalRequestTimeout, match="it was cancelled"):
         client.wait(handle, timeout=1.5)
     # not before its deadline; the upper bound is only a generous one (a loaded machine is slow)
-    assert 1.5 <= time.monotonic() - started < 60
+    assert 1.5 <= time.monotonic() - started < 120
     info = fal_emulator.request(handle.request_id)
     assert info is not None and info.error_type == "client_cancelled"  # cancelled at fal
     assert fal_emulator.stats["cancelled"] == cancelled + 1
@@ -122,16 +122,19 @@ def one(request: GptImageRequest, output_dir: str) -> GenerationResult:
 def test_generate_uses_the_request_timeout_setting(
     fal_emulator: FalEmulator, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No timeout given: PREFECT_GPTIMAGE_REQUEST_TIMEOUT (600 s by default) ends the wait."""
+    """No timeout given: PREFECT_GPTIMAGE_REQUEST_TIMEOUT (600 s by default) ends the wait.
+    Timed at fal (submitted to cancelled), so a slow flow start does not count: not before the
+    2 s, and far before the default 600 s (a generous deadline for a loaded machine)."""
     monkeypatch.setenv("PREFECT_GPTIMAGE_REQUEST_TIMEOUT", "2")
     fal_emulator.set_latency(30.0)
     fal_emulator.inject(Fault("status", "stuck", count=None, match=unique))
     cancelled = fal_emulator.stats["cancelled"]
-    started = time.monotonic()
     with pytest.raises(FalRequestTimeout):
         one(req(unique), str(tmp_path))
-    assert time.monotonic() - started < 20
     assert fal_emulator.stats["cancelled"] == cancelled + 1
+    [info] = [r for r in fal_emulator.requests() if unique in str(r.arguments.get("prompt"))]
+    assert info.error_type == "client_cancelled" and info.completed_at is not None
+    assert 2 <= info.completed_at - info.submitted_at < 120
 
 
 # --- 8b: a result answered 202 forever -----------------------------------------------------
@@ -150,7 +153,8 @@ def test_result_answered_202_forever_ends_within_the_retry_budget(
         client.result(handle)
     elapsed = time.monotonic() - started
     assert BUDGET.budget <= elapsed < BUDGET.budget + 60  # the budget, then a generous margin
-    assert 2 < fal_emulator.stats["result"] - calls < 40  # backoff, not a hot loop
+    # retried (a loaded machine may fit only two attempts in 2 s), with backoff, not a hot loop
+    assert 2 <= fal_emulator.stats["result"] - calls < 40
 
 
 # --- 8c: bodies trickled at 64 B/s ----------------------------------------------------------
@@ -209,7 +213,7 @@ def test_huge_result_fails_permanently_with_bounded_memory(
     with PeakRss() as mem, pytest.raises(PermanentFalError, match=limit):
         client.result(handle)
     assert fal_emulator.stats["result"] == calls + 1  # permanent: not retried
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 120  # ends soon (the counter shows: one read, stopped)
     # the cap plus the chunks list and TLS buffers: far below the 1 GiB body (and 500 MB)
     print(f"huge result: RSS {mem.base / 2**20:.0f} MiB -> peak {mem.peak / 2**20:.0f} MiB")
     assert mem.growth < 200 * 2**20, f"RSS grew by {mem.growth / 2**20:.0f} MiB"

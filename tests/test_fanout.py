@@ -98,7 +98,7 @@ class Cluster:
             env = {**self.env, "PREFECT_HOME": tempfile.mkdtemp(prefix=f"gptimage-{name}-")}
             env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # can deadlock on 3.11
             self.workers[name] = self._spawn(name, args, env)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # process starts: slow on a loaded machine
         while time.monotonic() < deadline:
             if all("Registered to:" in self.log(n) for n in self.workers):
                 return self
@@ -204,7 +204,7 @@ def start_batch(
 
 def finish(batch: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
     """The batch's JSON summary and its log."""
-    out, err = batch.communicate(timeout=180)
+    out, err = batch.communicate(timeout=240)
     assert batch.returncode == 0, err[-4000:]
     summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return summary, err
@@ -249,6 +249,7 @@ def check_batch(
     }
 
 
+@pytest.mark.timeout(900)  # a cluster and a batch of processes, loaded
 def test_fanned_out_batch_holds_the_cap_and_writes_one_manifest(
     fal_emulator: FalEmulator,
     prefect_server: PrefectServer,
@@ -262,7 +263,9 @@ def test_fanned_out_batch_holds_the_cap_and_writes_one_manifest(
 ) -> None:
     """24 rows over 2 worker processes: at most 3 running at fal at once (the global limit),
     rows run on both workers, one manifest with every row, every request paid once."""
-    fal_emulator.set_latency(0.3)
+    # 1 s at fal: long enough that rows overlap there even when a loaded machine sends them
+    # slowly (the peak is read from fal's own timings)
+    fal_emulator.set_latency(1.0)
     env = machine_env(
         prefect_server,
         PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=results_block,
@@ -296,7 +299,7 @@ def kill_while_at_fal(
     """Kill ``victim`` half way, at a moment when its one thread waits at fal on a request whose
     submit is recorded (logged after its intent is written): never in the middle of a submit.
     Returns that request's id."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while True:
         assert time.monotonic() < deadline and batch.poll() is None, "no moment to kill"
         mine = submitted_by(cluster, victim)
@@ -309,6 +312,7 @@ def kill_while_at_fal(
         time.sleep(0.02)
 
 
+@pytest.mark.timeout(900)  # a cluster and a batch of processes, loaded
 def test_a_worker_killed_half_way_its_rows_finish_elsewhere(
     fal_emulator: FalEmulator,
     prefect_server: PrefectServer,
@@ -370,7 +374,7 @@ def test_a_row_dask_gives_up_on_fails_and_a_rerun_resumes_it(
     file = prompt_file(tmp_path / "rows.jsonl", unique)
     batch = start_batch(file, s3_bucket, fragile_cluster, env, tmp_path / "out")
     in_flight = kill_while_at_fal(batch, fragile_cluster, "worker-0", fal_emulator, before)
-    out, err = batch.communicate(timeout=180)
+    out, err = batch.communicate(timeout=240)
     assert batch.returncode != 0, err[-4000:]  # some rows failed
     first: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     failures = first["failures"]

@@ -8,6 +8,7 @@ environment), with a short retry budget so the suite stays fast; the README give
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -162,8 +163,13 @@ def test_generate_with_fal_unreachable_fails_in_budget_with_one_line(
     assert proc.returncode == 1
     line = _one_clear_line(proc.stderr)
     assert "cannot connect" in line and host.split(":")[0] in line, line
-    assert "gave up after" in line, line
-    assert elapsed < BUDGET + 30, elapsed  # the budget, plus start-up of Python and Prefect
+    # one layer retries, for the budget: a handful of attempts (backoff from 0.25 s, capped at
+    # 1 s by the suite), not layers multiplying them; the process ends soon after (Python and
+    # Prefect start up slowly on a loaded machine, hence the generous deadline)
+    attempts = re.search(r"gave up after (\d+) attempts", line)
+    assert attempts is not None, line
+    assert 2 <= int(attempts.group(1)) <= 2 * (BUDGET / 0.25), line
+    assert elapsed < BUDGET + 120, elapsed
 
 
 def test_generate_with_every_status_refused_pays_once_and_fails_in_budget(
@@ -181,4 +187,4 @@ def test_generate_with_every_status_refused_pays_once_and_fails_in_budget(
     calls = fal_emulator.stats["status"] - statuses
     # backoff from 0.25 s doubling to 8 s: a handful of calls in the budget, not 5 x 5 x 6
     assert 2 <= calls <= 8, calls
-    assert elapsed < BUDGET + 30, elapsed
+    assert elapsed < BUDGET + 120, elapsed  # ends soon: the budget, then a generous deadline

@@ -45,6 +45,9 @@ from real_services import (
 from prefect_gptimage.testing import FalEmulator, Fault
 from prefect_gptimage.testing.s3 import LocalS3Server
 
+#: Each test runs processes and services: minutes when the machine is loaded.
+pytestmark = pytest.mark.timeout(900)  # CLI processes and a restarted batch, on a loaded machine
+
 #: The console script a user runs (installed beside this interpreter).
 CLI = str(Path(sys.executable).with_name("prefect-gptimage"))
 #: Requests in flight per machine: each run is 5 waves, long enough to overlap the other's.
@@ -325,18 +328,27 @@ def test_a_batch_killed_half_way_and_restarted_pays_nothing_twice(
     command_a = batch_command(files.a, s3_bucket)
     first_a = start(command_a, env_a)
     run_b = start(batch_command(files.b, s3_bucket), machine_env(services, "b", tmp_path))
+    own_early = [p for p in files.only_a if ":early " in p]
+    late_a = [p for p in files.prompts_a if ":late " in p]
     try:
-        # from the emulator's counters: late requests polled and nothing accepted for 1 s; then
-        # no lock held and no intent without its record
-        deadline, quiet_since, seen = time.monotonic() + 120, time.monotonic(), -1
-        while time.monotonic() < deadline and first_a.poll() is None:
-            accepted = fal_emulator.stats.accepted
-            if accepted != seen or sum(f.fired for f in late) < 2 * CONCURRENCY:
-                seen, quiet_since = accepted, time.monotonic()
-            elif time.monotonic() - quiet_since >= 1.0:
-                if not submits_in_progress(services, keys_a):
+        # Events, not a quiet time: machine a has sent all its own early rows and has at least
+        # CONCURRENCY late rows of its file at fal; since fal last accepted anything, the late
+        # requests were polled 2 x CONCURRENCY times (the machines' own pace: slower when the
+        # machine is loaded) with nothing else sent; and no lock is held, no intent lacks its
+        # record.
+        deadline, seen, polls_then = time.monotonic() + 240, -1, 0
+        while first_a.poll() is None:
+            assert time.monotonic() < deadline, "machine a never settled on its late rows"
+            accepted, polls = fal_emulator.stats.accepted, sum(f.fired for f in late)
+            if accepted != seen:
+                seen, polls_then = accepted, polls
+            elif polls - polls_then >= 2 * CONCURRENCY:
+                counts = accepted_by_prompt(fal_emulator, unique)
+                settled = all(counts[p] for p in own_early)
+                settled = settled and sum(counts[p] for p in late_a) >= CONCURRENCY
+                if settled and not submits_in_progress(services, keys_a):
                     break
-                quiet_since = time.monotonic()
+                polls_then = polls
             time.sleep(0.05)
         os.kill(first_a.pid, signal.SIGKILL)
     finally:

@@ -34,6 +34,9 @@ from real_services import PrefectServer, RedisServer, client_env
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 
+#: Each test runs processes and services: minutes when the machine is loaded.
+pytestmark = pytest.mark.timeout(900)  # service restarts and CLI runs, on a loaded machine
+
 #: The cap: the global concurrency limit in the Prefect-server test, ``--concurrency`` in the
 #: Redis one. The batch keeps 2x this many rows in flight, so rows wait for slots.
 CAP = 3
@@ -148,7 +151,7 @@ def run_through_restart(
     file = prompt_file(folder / "rows.jsonl", tag)
     environment = client_env(server.api_url, folder / "home", **env)
     batch = start_batch(file, bucket, environment)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # a CLI process start: slow on a loaded machine
     while len(accepted_prompts(emulator, tag)) < ROWS // 3:
         assert batch.poll() is None, "the batch ended before the restart"
         assert time.monotonic() < deadline, "the batch made no progress"
