@@ -197,7 +197,7 @@ def prompt_file(path: Path, tag: str) -> Path:
 def start_batch(
     file: Path, bucket: str, cluster: Cluster, env: dict[str, str], out: Path
 ) -> subprocess.Popen[str]:
-    args = ["batch", str(file), "--bucket", bucket, "--prefix", "fanout", "--json"]
+    args = ["batch", str(file), "--bucket", bucket, "--prefix", "fanout", "--json", "--verbose"]
     args += ["--concurrency", str(CAP), "--cluster", cluster.address, "--output-dir", str(out)]
     return start_cli_process(args, env)
 
@@ -288,7 +288,7 @@ def submitted_by(cluster: Cluster, name: str) -> list[str]:
     """The fal request ids this worker submitted, in order (logged once each is recorded)."""
     ids = []
     for line in cluster.log(name).splitlines():
-        if "Task run 'submit " in line and " - submitted " in line:
+        if "Task run 'row " in line and " - submitted " in line:
             ids.append(line.split(" - submitted ", 1)[1].split()[0])
     return ids
 

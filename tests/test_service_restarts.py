@@ -83,8 +83,9 @@ def prompt_file(path: Path, tag: str) -> Path:
 
 
 def start_batch(file: Path, bucket: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    """``prefect-gptimage batch`` as a user runs it, ``--json`` summary on stdout."""
-    args = ["batch", str(file), "--bucket", bucket, "--prefix", "restart", "--json"]
+    """``prefect-gptimage batch`` as a user runs it, ``--json`` summary on stdout; ``--verbose``,
+    so its log shows each retry (without it the CLI prints only errors)."""
+    args = ["batch", str(file), "--bucket", bucket, "--prefix", "restart", "--json", "--verbose"]
     return start_cli_process([*args, "--concurrency", str(CAP)], env)
 
 

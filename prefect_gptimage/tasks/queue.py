@@ -152,15 +152,22 @@ def _submit(
     start_timeout: float | None,
     resubmit_unknown: bool,
     refresh: bool,
+    on_send: Callable[[], None] | None = None,
 ) -> RequestHandle:
-    """The submit itself, under the intent protocol (the task's body and the plain call's)."""
+    """The submit itself, under the intent protocol (the task's body and the plain call's).
+
+    ``on_send`` is called when a submit is really sent to fal (not when a recorded one is
+    resumed): what this call paid for.
+    """
     client = sync_client(credentials)
+
+    def send() -> RequestHandle:
+        if on_send is not None:
+            on_send()
+        return client.submit(request, start_timeout=start_timeout)
+
     handle = guarded_submit(
-        request,
-        variant,
-        lambda: client.submit(request, start_timeout=start_timeout),
-        resubmit_unknown=resubmit_unknown,
-        refresh=refresh,
+        request, variant, send, resubmit_unknown=resubmit_unknown, refresh=refresh
     )
     return _submitted(handle, request)
 
@@ -266,17 +273,29 @@ def submit_recorded(
     refresh: bool = False,
     start_timeout: float | None = None,
 ) -> tuple[RequestHandle, bool]:
-    """:func:`submit_request` as a plain call: (handle, served from the cache).
+    """:func:`submit_request` as a plain call: (handle, not paid by this call).
 
     Its record is the task's (same key, same store, same lock) and is committed the moment fal
-    accepts, so a ``kill -9`` right after is resumed by the next run, not paid again.
+    accepts, so a ``kill -9`` right after is resumed by the next run, not paid again. The flag is
+    True when the handle came from the cache record, or from the submit intent of a run killed
+    before it committed that record (resumed, not sent again): this call paid nothing.
     """
-    return _recorded(
+    sent: list[bool] = []
+    handle, from_record = _recorded(
         submit_cache_key(request, variant),
-        lambda: _submit(request, credentials, variant, start_timeout, resubmit_unknown, refresh),
+        lambda: _submit(
+            request,
+            credentials,
+            variant,
+            start_timeout,
+            resubmit_unknown,
+            refresh,
+            on_send=lambda: sent.append(True),
+        ),
         refresh=refresh,
         locked=True,
     )
+    return handle, from_record or not sent
 
 
 def fetch_recorded(
