@@ -679,6 +679,10 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_s = warm_prefect_home(plugin_env)
                 print(f"[bench {now()}] Prefect home warmed up in {warmup_s}s", file=sys.stderr)
             plugin_env["PREFECT_GPTIMAGE_LOCAL_CONCURRENCY"] = str(args.limit)
+            # On a loaded machine the temporary API on a fresh home can take longer than
+            # Prefect's default 20 s to answer; the CLI's error tells users to raise this. It
+            # changes no figure of a run that starts within 20 s.
+            plugin_env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
             plugin_env.update(item.split("=", 1) for item in args.plugin_env)
             plugin_cmd = [
                 *shlex.split(args.plugin_wrapper),
