@@ -111,7 +111,11 @@ class Cluster:
 
     def finished(self, name: str) -> int:
         """Row task runs this worker finished (Prefect logs each task run's end)."""
-        return sum(1 for line in self.log(name).splitlines() if "Task run 'row " in line and FINISHED in line)
+        return sum(
+            1
+            for line in self.log(name).splitlines()
+            if "Task run 'row " in line and FINISHED in line
+        )
 
     def kill(self, name: str) -> None:
         """``kill -9`` of the whole "machine": the nanny and its worker process."""
