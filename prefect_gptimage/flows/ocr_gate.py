@@ -51,7 +51,7 @@ import hashlib
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -63,7 +63,7 @@ from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.engine.budget import OVER_BUDGET, Budget, refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_row, plan_rows
-from prefect_gptimage.engine.run import RowEngine
+from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.settle import RowInterrupted, not_started
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.errors import BatchIncomplete, OcrGateFailed
@@ -406,6 +406,8 @@ def ocr_gated_batch(
         summary.cost,
         summary.manifest_uri,
     )
+    if result.cancelled:  # Prefect cancelled the run: it accepts only a Cancelled state
+        return cast(OcrGateSummary, stopped_state(result))
     if result.interrupted:
         raise BatchIncomplete(summary, f"interrupted: {result.state.message}")
     # the report's own state (Failed when a row failed) is not the flow's: the gate's rows
