@@ -31,9 +31,10 @@ from prefect.futures import PrefectFuture
 from prefect.states import Failed
 
 from prefect_gptimage.engine.stop import Stop
+from prefect_gptimage.errors import GptImageError, PaidRequestFailed
 from prefect_gptimage.prompts import PromptRow
 from prefect_gptimage.tasks.generate import IN_FLIGHT, NOT_STARTED, RowInterrupted, not_started
-from prefect_gptimage.tasks.intents import submit_state
+from prefect_gptimage.tasks.intents import read_intent, submit_state
 
 __all__ = [
     "CANCELLED_QUEUED",
@@ -129,18 +130,20 @@ class StartedRow:
             fn(self)
 
     def abandon(self, submitted: bool = True) -> None:
-        """Stop waiting for the row (its task runs on): reported as in flight at fal, or, when
-        its submit was never sent (it waited for a fal slot), as not started: it will not be
-        (its generate path checks the stop before submitting)."""
-        error = (
-            RowInterrupted(
+        """Stop waiting for the row (its task runs on): reported as in flight at fal (paid, with
+        its request id when its submit is recorded), or, when its submit was never sent (it
+        waited for a fal slot), as not started: it will not be (its generate path checks the
+        stop before submitting)."""
+        error: GptImageError = not_started("it waited for a fal slot; nothing was submitted for it")
+        if submitted:
+            error = RowInterrupted(
                 "in flight (interrupted): submitted to fal and left running there, not "
                 "cancelled; a re-run resumes it from the cache without paying again",
                 error_type=IN_FLIGHT,
             )
-            if submitted
-            else not_started("it waited for a fal slot; nothing was submitted for it")
-        )
+            intent = read_intent(self.row.request, self.row.variant)
+            if intent is not None and intent.handle is not None:
+                error = PaidRequestFailed(error, intent.handle.request_id, paid=True)
         self._finish(Failed(data=error, message=error.message))
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:

@@ -66,7 +66,7 @@ from prefect_gptimage.engine.plan import plan_row, plan_rows
 from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.settle import RowInterrupted, not_started
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.errors import BatchIncomplete, OcrGateFailed
+from prefect_gptimage.errors import BatchIncomplete, GptImageError, OcrGateFailed, PaidRequestFailed
 from prefect_gptimage.flows._fanout import row_runner
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.ledger import RequestIdLedger
@@ -470,8 +470,10 @@ def _report_row(
     return [a.request_id for a in row.attempts if a.kept]
 
 
-def _interrupted(result: Any) -> RowInterrupted | None:
-    return result if isinstance(result, RowInterrupted) else None
+def _interrupted(result: Any) -> GptImageError | None:
+    """A row a stop settled (in flight: wrapped with its paid request), else None."""
+    cause = result.error if isinstance(result, PaidRequestFailed) else result
+    return result if isinstance(cause, RowInterrupted) else None
 
 
 def _report_failure(
@@ -479,7 +481,7 @@ def _report_failure(
     row: OcrGateRow,
     request: AnyRequest,
     max_attempts: int,
-    interrupted: RowInterrupted | None = None,
+    interrupted: GptImageError | None = None,
 ) -> None:
     """A failed row's failure line, with its last rejected verdict when OCR rejected it."""
     if interrupted is not None:  # settled by a stop: reported as the batch reports it
