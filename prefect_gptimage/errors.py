@@ -24,7 +24,9 @@
     │   └── PermanentS3StagingError  missing bucket, access denied, bad credentials
     ├── PrefectApiUnavailable        transient: the Prefect API did not answer (global slots)
     ├── LockServiceUnavailable       transient: the lock service (Redis) did not answer
-    └── BatchIncomplete              a batch finished with failed rows; carries the summary
+    ├── BatchIncomplete              a batch finished with failed rows; carries the summary
+    └── PaidRequestFailed            a row failed after fal accepted its request: carries the
+                                     request id, whether this run paid, and the error itself
 
     StopBeforeStart (an Exception, not a GptImageError): the CLI's signal handler stops a
     command before its flow started; it is control flow, never a row's failure.
@@ -335,3 +337,23 @@ class StopBeforeStart(Exception):
     Not a :class:`GptImageError`: it is the CLI's control flow (raised by its signal handler,
     caught by the command), never the failure of a request or a row.
     """
+
+
+class PaidRequestFailed(GptImageError):
+    """A row that failed after fal accepted its request (a full disk, S3, a bad image, an
+    interrupt): the accepted request stays on the books.
+
+    ``error`` is what failed (also ``__cause__``; the summary reports its type and message),
+    ``request_id`` the request fal accepted, ``paid`` whether this run paid for it (False: it
+    was cached, or paid by an earlier run). The run summary counts a paid one in ``submitted``
+    and in the cost, so the summary never says less was paid than fal billed.
+    """
+
+    def __init__(self, error: BaseException, request_id: str, paid: bool) -> None:
+        named = isinstance(error, GptImageError)
+        super().__init__(str(error) if named else f"{type(error).__name__}: {error}")
+        self.error, self.request_id, self.paid = error, request_id, paid
+        self.transient = bool(getattr(error, "transient", False))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with task states (e.g. Dask workers)
+        return (type(self), (self.error, self.request_id, self.paid))

@@ -269,7 +269,10 @@ def test_a_stop_starts_no_new_row_and_leaves_rows_in_flight_to_a_re_run(
     kinds = [f.error_type for f in summary.failures]
     assert len(kinds) == 6 and set(kinds) <= {IN_FLIGHT, NOT_STARTED}, kinds
     assert kinds.count(IN_FLIGHT) == len(ours) >= 1  # each row at fal, reported in flight
-    assert summary.submitted == 0 and summary.images == []
+    # the rows left at fal were paid by this run: counted, each with its request id
+    assert summary.submitted == len(ours) and summary.images == []
+    in_flight = [f for f in summary.failures if f.error_type == IN_FLIGHT]
+    assert {f.request_id for f in in_flight} == {r.request_id for r in ours}
 
     again, state = run(**kw)  # resumes what is at fal, pays for the rest once
     assert state == "COMPLETED" and len(again.images) == 6

@@ -152,26 +152,30 @@ class Interrupts:
                     self.print_summary(self.stop.summary)
         self.leave()
 
-    def leave(self) -> None:
-        """Exit now with this signal's status, without waiting for worker threads."""
+    def leave(self, code: int | None = None) -> None:
+        """Exit now with ``code`` (None: this signal's status), without waiting for worker
+        threads."""
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        os._exit(self.exit_code)
+        os._exit(self.exit_code if code is None else code)
 
     def finish(self, code: int) -> int:
         """The command's exit status once it returned: the signal's, if one came.
 
         Worker threads still waiting on fal would hold the interpreter's exit until they end:
-        after a signal, the process leaves without them (what they paid for is recorded).
+        after a signal, or a cancel through Prefect, the process leaves without them (what they
+        paid for is recorded, and a re-run collects it).
         """
-        if self.signum is None:
+        if self.signum is None and not self.stop.requested:
             return code
+        if self.signum is not None:
+            code = self.exit_code
         others = [
             t
             for t in threading.enumerate()
             if t is not threading.main_thread() and t.is_alive() and not t.daemon
         ]
         if others:
-            self.leave()
-        return self.exit_code
+            self.leave(code)
+        return code

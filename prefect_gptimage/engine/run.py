@@ -16,9 +16,10 @@ per row (the flow's row task, e.g. :func:`~prefect_gptimage.tasks.rows.generate_
   :data:`LOG_EVERY_S`, then the report closed (manifest staged, artifacts, events);
 * **stop**: the :class:`~prefect_gptimage.engine.stop.Stop` passed in (see
   :mod:`prefect_gptimage.engine.settle`); ``stop.summary`` is the live summary from the start, so
-  a process that must exit early can print it. After a stop the runner is shut down without
-  waiting for the rows left in flight (their task runs go on until the process exits; what they
-  paid for is cached already).
+  a process that must exit early can print it. A cancel of the flow run through Prefect is a
+  stop too (:mod:`prefect_gptimage.engine.cancel`): the run's state is watched while it runs.
+  After a stop the runner is shut down without waiting for the rows left in flight (their task
+  runs go on until the process exits; what they paid for is cached already).
 
 Run state lives in the engine object and the objects passed in, never in module globals.
 
@@ -32,18 +33,21 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prefect import Task
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import TaskRunner
 
+from prefect_gptimage.engine.cancel import CancelWatch, cancel_if_queued
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.settle import SettledRow, StartedRow, StartedRows, not_started
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.errors import DuplicateRequestId, FalError
+from prefect_gptimage.errors import BatchIncomplete, DuplicateRequestId, FalError
 from prefect_gptimage.ledger import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.prompts import PromptRow
 from prefect_gptimage.reporting.artifacts import BatchProgress, artifact_key
@@ -59,7 +63,15 @@ from prefect_gptimage.tasks.window import in_order
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["LOG_EVERY_S", "ReportRow", "RowEngine", "RunResult", "report_outcome", "run_dir"]
+__all__ = [
+    "LOG_EVERY_S",
+    "ReportRow",
+    "RowEngine",
+    "RunResult",
+    "report_outcome",
+    "run_dir",
+    "stopped_state",
+]
 
 #: How often (seconds) the engine logs its progress and ETA.
 LOG_EVERY_S = 15.0
@@ -75,6 +87,24 @@ class RunResult(NamedTuple):
     state: State[Any]
     summary: RunSummary
     interrupted: bool
+    cancelled: bool = False  # the stop was Prefect cancelling the flow run
+
+
+def stopped_state(result: RunResult) -> State[Any]:
+    """The flow's final state after a stop cut its run short, carrying a
+    :class:`~prefect_gptimage.errors.BatchIncomplete` with the summary (a plain call raises it):
+    Cancelled when Prefect cancelled the run (a cancelling run accepts no other final state),
+    else Failed."""
+    summary = result.summary
+    if result.cancelled:
+        message = (
+            f"cancelled: {summary.staged or summary.images_total} image(s) done, "
+            f"{len(summary.failures)} row(s) not; nothing more is submitted, and a re-run "
+            "finishes the rest without paying twice"
+        )
+        return Cancelled(message=message, data=BatchIncomplete(summary, message))
+    message = f"interrupted: {result.state.message}"
+    return Failed(message=message, data=BatchIncomplete(summary, message))
 
 
 def run_dir(options: RunOptions, run_key: str) -> Path:
@@ -145,11 +175,13 @@ class RowEngine:
         ledger = RequestIdLedger()
         reported: dict[str, PromptRow] = {}
         last_log = 0.0
+        creds = self.options.credentials
         with (
             use_s3_client(self.s3_client),
             use_request_id_ledger(ledger),
             RunReport(self.out, self.run_key, self.target, self.summary) as report,
-            StartedRows(self.stop) as started,
+            StartedRows(self.stop, partial(cancel_if_queued, credentials=creds)) as started,
+            CancelWatch(self.stop),
             self._running() as runner,
         ):
 
@@ -172,7 +204,7 @@ class RowEngine:
             _flag_duplicates(ledger, reported, report)
             note = finish() if finish is not None else None
             state = report.close(note=note)
-        return RunResult(state, report.summary, self.stop.requested)
+        return RunResult(state, report.summary, self.stop.requested, self.stop.cancelled)
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[TaskRunner[Any]]:

@@ -2,7 +2,10 @@
 
 The CLI creates one :class:`Stop`, hands it to the flow (``stop=``) and calls :meth:`Stop.request`
 from its signal handler; the engine checks it before starting each row and gives rows in flight
-:attr:`Stop.grace` seconds. Nothing about a stop lives in a module global.
+:attr:`Stop.grace` seconds. A cancel through Prefect (UI, ``prefect flow-run cancel``, API) lands
+here too, as ``request(CANCELLED)`` (see :mod:`prefect_gptimage.engine.cancel`): then requests
+still queued at fal are cancelled there as well, and the run ends Cancelled. Nothing about a
+stop lives in a module global.
 
 Example:
     >>> stop = Stop()
@@ -18,7 +21,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["STOP_GRACE_S", "Stop"]
+__all__ = ["CANCELLED", "STOP_GRACE_S", "Stop"]
+
+#: The reason of a stop that is Prefect cancelling the flow run.
+CANCELLED = "cancelled"
 
 #: After a stop, how long (seconds) rows already started may take before they are reported as
 #: in flight (left at fal, resumed by a re-run without paying again).
@@ -48,6 +54,12 @@ class Stop:
     def requested(self) -> bool:
         """Whether a stop was requested."""
         return self._event.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the stop is Prefect cancelling the run (not a signal): requests still queued
+        at fal are cancelled there (they cost nothing yet) and the run ends Cancelled."""
+        return self.requested and self.reason == CANCELLED
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a stop is requested or ``timeout`` passes; True if requested."""

@@ -19,6 +19,12 @@ running at fal: nothing is cancelled, and a re-run resumes them from the cache w
 again. The run then ends Failed with the summary of what was staged. ``stop.summary`` is the
 batch's live summary from its start, for a process that must exit before the flow returns.
 
+**Cancelling.** Cancelling the flow run through Prefect (the UI's Cancel button, ``prefect
+flow-run cancel``, the API) is such a stop, noticed within two seconds
+(:mod:`prefect_gptimage.engine.cancel`); besides, requests still waiting in fal's queue are
+cancelled there (nothing was paid for them; a re-run submits them). The manifest and summary
+are written and the run ends Cancelled, carrying the summary as above.
+
 ``bucket`` is a bucket name or a prefect-aws ``S3Bucket`` block (its folder is the prefix unless
 ``prefix`` is given; its credentials sign the uploads and links).
 
@@ -49,7 +55,7 @@ from prefect_gptimage.engine.budget import refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_cost as plan_cost  # the CLI's dry run reads it here
 from prefect_gptimage.engine.plan import plan_rows
-from prefect_gptimage.engine.run import RowEngine
+from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.flows._fanout import check_cluster, row_runner
@@ -164,8 +170,7 @@ def batch_to_s3(
     )
     state, summary = result.state, result.summary
     if result.interrupted:
-        message = f"interrupted: {state.message}"
-        return Failed(message=message, data=BatchIncomplete(summary, message))
+        return stopped_state(result)  # Failed, or Cancelled when Prefect cancelled the run
     if summary.ok:
         return state
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)

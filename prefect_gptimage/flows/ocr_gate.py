@@ -51,7 +51,7 @@ import hashlib
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -63,10 +63,10 @@ from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.engine.budget import OVER_BUDGET, Budget, refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_row, plan_rows
-from prefect_gptimage.engine.run import RowEngine
+from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.settle import RowInterrupted, not_started
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.errors import BatchIncomplete, OcrGateFailed
+from prefect_gptimage.errors import BatchIncomplete, GptImageError, OcrGateFailed, PaidRequestFailed
 from prefect_gptimage.flows._fanout import row_runner
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.ledger import RequestIdLedger
@@ -406,6 +406,8 @@ def ocr_gated_batch(
         summary.cost,
         summary.manifest_uri,
     )
+    if result.cancelled:  # Prefect cancelled the run: it accepts only a Cancelled state
+        return cast(OcrGateSummary, stopped_state(result))
     if result.interrupted:
         raise BatchIncomplete(summary, f"interrupted: {result.state.message}")
     # the report's own state (Failed when a row failed) is not the flow's: the gate's rows
@@ -468,8 +470,10 @@ def _report_row(
     return [a.request_id for a in row.attempts if a.kept]
 
 
-def _interrupted(result: Any) -> RowInterrupted | None:
-    return result if isinstance(result, RowInterrupted) else None
+def _interrupted(result: Any) -> GptImageError | None:
+    """A row a stop settled (in flight: wrapped with its paid request), else None."""
+    cause = result.error if isinstance(result, PaidRequestFailed) else result
+    return result if isinstance(cause, RowInterrupted) else None
 
 
 def _report_failure(
@@ -477,7 +481,7 @@ def _report_failure(
     row: OcrGateRow,
     request: AnyRequest,
     max_attempts: int,
-    interrupted: RowInterrupted | None = None,
+    interrupted: GptImageError | None = None,
 ) -> None:
     """A failed row's failure line, with its last rejected verdict when OCR rejected it."""
     if interrupted is not None:  # settled by a stop: reported as the batch reports it

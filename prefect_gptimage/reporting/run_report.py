@@ -35,6 +35,7 @@ from types import TracebackType
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.reporting import events
 from prefect_gptimage.reporting.artifacts import publish_results
 from prefect_gptimage.reporting.assets import ImageAssets, assets_enabled
@@ -163,6 +164,11 @@ class RunReport:
         """
         failure = Failure.from_exception(exc, request, line)
         self.summary.failures.append(failure)
+        if failure.paid:  # fal accepted (and bills) it before the row failed: still paid
+            self.summary.submitted += 1
+            self.summary.estimated_cost_usd = round(
+                self.summary.estimated_cost_usd + estimate_cost(request), 6
+            )
         self.manifest.add_failure(
             failure.prompt,
             request,

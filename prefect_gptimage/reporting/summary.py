@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from prefect_gptimage.errors import FalError, GptImageError
+from prefect_gptimage.errors import FalError, GptImageError, PaidRequestFailed
 from prefect_gptimage.schemas import AnyRequest, shorten
 
 
@@ -20,6 +20,9 @@ class Failure(BaseModel):
     reason: str
     error_type: str | None = None
     line: int | None = Field(default=None, description="The prompt file's line, for a batch row.")
+    paid: bool = Field(
+        default=False, description="This run paid for its request (fal accepted it) first."
+    )
 
     @classmethod
     def from_exception(
@@ -31,12 +34,16 @@ class Failure(BaseModel):
         ``PermanentDownloadError``, ...), so the manifest always says what kind of failure it was.
         """
         params = {k: v for k, v in request.to_arguments().items() if k != "prompt"}
+        request_id, paid = getattr(exc, "request_id", None), False
+        if isinstance(exc, PaidRequestFailed):  # failed after fal accepted: report the error
+            request_id, paid, exc = exc.request_id, exc.paid, exc.error
         fal_type = exc.error_type if isinstance(exc, FalError) else None
         return cls(
             prompt=request.prompt,
             parameters=params,
             endpoint=request.endpoint,
-            request_id=getattr(exc, "request_id", None),
+            request_id=request_id,
+            paid=paid,
             reason=str(exc) if isinstance(exc, GptImageError) else f"{type(exc).__name__}: {exc}",
             error_type=fal_type or type(exc).__name__,
             line=line,
@@ -57,7 +64,11 @@ class RunSummary(BaseModel):
     failures: list[Failure] = Field(default_factory=list)
     images_total: int = Field(default=0, description="Images produced.")
     staged: int = Field(default=0, description="Images staged to S3.")
-    submitted: int = Field(default=0, description="Requests paid for by this run (not cached).")
+    submitted: int = Field(
+        default=0,
+        description="Requests paid for by this run (not cached), including those whose row "
+        "failed after fal accepted them.",
+    )
     estimated_cost_usd: float = 0.0
     manifest_uri: str | None = None
     gallery: str | None = None

@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.errors import PermanentFalError, RowInterrupted
+from prefect_gptimage.errors import (
+    FalError,
+    PaidRequestFailed,
+    PermanentFalError,
+    RowInterrupted,
+)
 from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import (
@@ -53,6 +59,7 @@ __all__ = [
     "expired",
     "generate",
     "generate_images",
+    "paid_for",
 ]
 
 
@@ -139,8 +146,41 @@ class GenerationOptions(BaseModel):
     )
 
 
+class Accepted:
+    """The request fal accepted for one generation, once it did: its id, and whether this run
+    paid for it (not cached, not paid by an earlier run)."""
+
+    def __init__(self) -> None:
+        self.request_id: str | None = None
+        self.paid = False
+
+    def note(self, handle: RequestHandle, cached: bool) -> None:
+        self.request_id, self.paid = handle.request_id, self.paid or not cached
+
+
+@contextmanager
+def paid_for(accepted: Accepted, where: str | None = None) -> Iterator[None]:
+    """Failures inside, once fal accepted the request, raise :class:`PaidRequestFailed` (the
+    request id, whether this run paid, the error): the run's summary still counts what was paid.
+    ``where``: the folder files are written to, named by a file error that names no path.
+
+    fal's own errors (a :class:`~prefect_gptimage.errors.FalError`) pass unchanged: they carry
+    their request id already, and callers catch them by type."""
+    try:
+        yield
+    except (PaidRequestFailed, FalError):
+        raise
+    except Exception as exc:
+        if accepted.request_id is None:
+            raise
+        error: BaseException = exc
+        if isinstance(exc, OSError) and exc.filename is None and where is not None:
+            error = type(exc)(exc.errno, f"{exc.strerror or exc} (writing under {where})")
+        raise PaidRequestFailed(error, accepted.request_id, accepted.paid) from exc
+
+
 def _submit_and_fetch(
-    request: AnyRequest, options: GenerationOptions
+    request: AnyRequest, options: GenerationOptions, accepted: Accepted | None = None
 ) -> tuple[RequestHandle, GptImageOutput, bool]:
     """The paid steps as recorded plain calls under a fal request slot: (handle, output, was
     cached). Each step's record is committed the moment it returns (see
@@ -178,6 +218,8 @@ def _submit_and_fetch(
                 resubmit_unknown=options.resubmit_unknown,
                 refresh=refresh,
             )
+            if accepted is not None:
+                accepted.note(handle, cached)
             hold()
             try:
                 output, _ = fetch_recorded(handle, options.credentials, timeout=timeout)
@@ -237,18 +279,29 @@ def generate(request: AnyRequest, options: GenerationOptions | None = None) -> G
     :mod:`prefect_gptimage.tasks.concurrency`).
     """
     options = options or GenerationOptions()
-    cached = None if options.refresh_cache else cached_generation(request, options.variant)
-    if cached is not None:
-        (handle, output), from_cache = cached, True
-    else:
-        handle, output, from_cache = _submit_and_fetch(request, options)
+    return _generate(request, options, Accepted())
+
+
+def _generate(
+    request: AnyRequest, options: GenerationOptions, accepted: Accepted
+) -> GenerationResult:
+    """:func:`generate`, noting in ``accepted`` the request fal accepted; any failure after
+    that raises :class:`PaidRequestFailed`."""
     dest = str(Path(options.output_dir or get_settings().output_dir))
-    claim_request_id(handle.request_id, request, options.variant)  # one fal request id, one row
-    step: Any = download_image if options.download_tasks else download
-    images = [
-        step(image, request, handle.request_id, i, dest) for i, image in enumerate(output.images)
-    ]
-    check_image_count(request, output, request_id=handle.request_id, images=images)
+    with paid_for(accepted, dest):
+        cached = None if options.refresh_cache else cached_generation(request, options.variant)
+        if cached is not None:
+            (handle, output), from_cache = cached, True
+            accepted.note(handle, cached=True)
+        else:
+            handle, output, from_cache = _submit_and_fetch(request, options, accepted)
+        claim_request_id(handle.request_id, request, options.variant)  # one request id, one row
+        step: Any = download_image if options.download_tasks else download
+        images = [
+            step(image, request, handle.request_id, i, dest)
+            for i, image in enumerate(output.images)
+        ]
+        check_image_count(request, output, request_id=handle.request_id, images=images)
     return GenerationResult(
         handle=handle, request=request, output=output, images=images, from_cache=from_cache
     )

@@ -63,6 +63,7 @@ __all__ = [
     "read_intent",
     "submit_fate",
     "unresolved_intent",
+    "withdraw_submit",
     "write_intent",
 ]
 
@@ -161,6 +162,24 @@ def write_intent(
         expiration=cast(Any, datetime.now(timezone.utc) + cache.CACHE_EXPIRATION),
     )
     return intent
+
+
+def withdraw_submit(request: AnyRequest, variant: int, reason: str) -> None:
+    """Record that this request, submitted, was cancelled at fal before it ran: nothing was paid,
+    so the next run submits it anew (its submit record expires now; its intent says
+    ``not_submitted`` with ``reason``).
+
+    A crash between the two writes leaves the handle of a cancelled request recorded: the next run
+    resumes it and the row fails with fal's "cancelled", never paying twice.
+    """
+    handle = cache.cached_value(cache.submit_cache_key(request, variant))
+    if handle is not None:  # through the submit records' own store (and its in-memory copy)
+        cache._store().write(
+            obj=handle,
+            key=cache.submit_cache_key(request, variant),
+            expiration=cast(Any, datetime.now(timezone.utc)),
+        )
+    write_intent(request, variant, "not_submitted", reason=reason)
 
 
 #: What running a request now does: ``cached`` (free, nothing sent), ``at_fal`` (its submit is

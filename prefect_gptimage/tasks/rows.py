@@ -19,7 +19,7 @@ from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.s3.clients import client_from_block, use_s3_client
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage, shorten
-from prefect_gptimage.tasks.generate import GenerationOptions, generate
+from prefect_gptimage.tasks.generate import Accepted, GenerationOptions, generate, paid_for
 
 __all__ = ["ROW_NAME_CHARS", "RowOutcome", "generate_and_stage", "row_label", "row_run_name"]
 
@@ -107,7 +107,12 @@ def generate_and_stage(
     staged: list[StagedImage] = []
     if target is not None:
         client = client_from_block(bucket_block) if bucket_block is not None else None
-        with use_s3_client(client) if client is not None else nullcontext():
+        accepted = Accepted()
+        accepted.note(result.handle, cached=result.from_cache)
+        with (
+            paid_for(accepted),  # a staging failure keeps the request paid for, with its id
+            use_s3_client(client) if client is not None else nullcontext(),
+        ):
             staged = [
                 stage_image(image, prompt=request.prompt, request=request, target=target)
                 for image in result.images

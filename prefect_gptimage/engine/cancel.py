@@ -1,0 +1,124 @@
+"""A cancel through Prefect is a stop: the run's state watched, queued requests cancelled at fal.
+
+Prefect tells nothing to a flow run called in this process when it is cancelled (the UI's Cancel
+button, ``prefect flow-run cancel``, the API): the server only moves the run to ``CANCELLING``,
+and a worker's runner then ends the process (its own watcher of that state is private). So
+:class:`CancelWatch` reads the run's state through the public client every
+:data:`CANCEL_POLL_S` seconds and turns ``CANCELLING`` (or ``CANCELLED``) into
+``stop.request(CANCELLED)``: the engine starts no new row, rows waiting for a fal slot never
+submit, and the run ends Cancelled with its manifest and summary.
+
+:func:`cancel_if_queued` then cancels at fal each request of the run still waiting in fal's
+queue: it has cost nothing yet, and a re-run submits it anew (its submit is withdrawn:
+:func:`~prefect_gptimage.tasks.intents.withdraw_submit`). Requests already running at fal are
+left there, recorded: a re-run collects them without paying again.
+
+Example:
+    >>> with CancelWatch(stop):  # doctest: +SKIP
+    ...     ...  # the run; a cancel in Prefect's UI sets stop.requested within CANCEL_POLL_S
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from types import TracebackType
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.logging import get_logger
+
+from prefect_gptimage.credentials import FalCredentials
+from prefect_gptimage.engine.stop import CANCELLED, Stop
+from prefect_gptimage.fal.polling import RequestState
+from prefect_gptimage.prompts import PromptRow
+from prefect_gptimage.tasks.intents import read_intent, withdraw_submit
+from prefect_gptimage.tasks.queue import sync_client
+
+__all__ = ["CANCEL_POLL_S", "CancelWatch", "cancel_if_queued"]
+
+#: How often (seconds) the run's state is read for a cancel: a cancel stops the run within this.
+CANCEL_POLL_S = 2.0
+
+logger = get_logger("prefect_gptimage.cancel")
+
+
+class CancelWatch:
+    """Watches the current flow run (if any) for a cancel; a context manager around the run.
+
+    Outside a flow run, or when the API cannot be read, it does nothing (a read that fails is
+    retried at the next poll: an API that blips never stops a run).
+    """
+
+    def __init__(self, stop: Stop, every: float = CANCEL_POLL_S) -> None:
+        self.stop, self.every = stop, every
+        context = FlowRunContext.get()
+        run = context.flow_run if context is not None else None
+        self.flow_run_id: UUID | None = run.id if run is not None else None
+        self._over = threading.Event()
+        self._thread = threading.Thread(
+            # in the flow's context: its settings say which API to ask
+            target=contextvars.copy_context().run,
+            args=(self._watch,),
+            name="gptimage-cancel-watcher",
+            daemon=True,
+        )
+
+    def _watch(self) -> None:
+        if self.flow_run_id is None:
+            return
+        with get_client(sync_client=True) as client:
+            while not self._over.wait(self.every) and not self.stop.requested:
+                try:
+                    state = client.read_flow_run(self.flow_run_id).state
+                except Exception as exc:  # the next poll asks again
+                    logger.debug("could not read the flow run's state: %s", exc)
+                    continue
+                if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                    logger.warning(
+                        "the flow run is being cancelled: no new request is submitted; requests "
+                        "queued at fal are cancelled there, those running are left to finish "
+                        "and a re-run collects them without paying again"
+                    )
+                    self.stop.request(CANCELLED)
+                    return
+
+    def __enter__(self) -> CancelWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._over.set()
+
+
+def cancel_if_queued(row: PromptRow, credentials: FalCredentials | None) -> str | None:
+    """Cancel ``row``'s request at fal if it is still waiting in fal's queue (it has cost
+    nothing) and withdraw its submit, so a re-run submits it anew; its request id if cancelled,
+    else None (never submitted, already running or done, or fal could not be asked)."""
+    try:
+        intent = read_intent(row.request, row.variant)
+        if intent is None or intent.state != "submitted" or intent.handle is None:
+            return None
+        handle = intent.handle
+        client = sync_client(credentials)
+        if client.status(handle).state is not RequestState.IN_QUEUE:
+            return None
+        if not client.cancel(handle, quiet=True):
+            return None
+        withdraw_submit(
+            row.request,
+            row.variant,
+            f"{handle.request_id} was cancelled at fal while queued (the flow run was "
+            "cancelled): nothing was paid",
+        )
+    except Exception as exc:
+        logger.warning("could not cancel a queued request at fal: %s", exc)
+        return None
+    logger.info("cancelled %s at fal while it was queued: nothing paid", handle.request_id)
+    return handle.request_id
