@@ -358,7 +358,7 @@ class PrefectServer(_Service):
             method=method,
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with urllib.request.urlopen(request, timeout=60) as answer:  # a loaded server is slow
             text = answer.read()
         return json.loads(text) if text else None
 
@@ -378,7 +378,7 @@ class PrefectServer(_Service):
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as answer:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as answer:
                 return bool(answer.status == 200)
         except OSError:
             return False

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from prefect_gptimage.testing import FalEmulator, Fault
 from prefect_gptimage.testing.s3 import LocalS3Server
 
@@ -60,6 +62,7 @@ def bucket_objects(local_s3: LocalS3Server, bucket: str) -> dict[str, dict[str, 
     return {k: s3.head_object(Bucket=bucket, Key=k) for k in keys}
 
 
+@pytest.mark.timeout(900)  # CLI runs and their re-run, each importing Prefect
 def test_batch_cli_with_faults_then_rerun(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
@@ -108,6 +111,7 @@ def test_batch_cli_with_faults_then_rerun(
     }
 
 
+@pytest.mark.timeout(900)  # CLI runs and their re-run, each importing Prefect
 def test_batch_killed_half_way_resumes_without_paying_twice(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
@@ -122,17 +126,33 @@ def test_batch_killed_half_way_resumes_without_paying_twice(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = env_for(prefect_harness, tmp_path)
     args = cli("batch", str(path), "--bucket", s3_bucket, "--concurrency", "4", "--json")
+    # rows after the first four look queued at fal forever (they really run): once four of them
+    # are in flight the run can submit nothing more, so the kill lands between submits
+    stuck = {
+        f"frame {i} {unique}": fal_emulator.inject(
+            Fault("status", "stuck", count=None, match=f"frame {i} {unique}")
+        )
+        for i in range(4, 12)
+    }
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while sum(ours(fal_emulator, unique).values()) < 5 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 240
+        # mid-generation: eight accepted, and each one held at fal was polled, so its submit
+        # had returned and was persisted (a row polls only a request it recorded)
+        while time.monotonic() < deadline:
+            accepted = ours(fal_emulator, unique)
+            held = [p for p in accepted if p in stuck]
+            if len(held) >= 4 and all(stuck[p].fired for p in held):
+                break
+            assert first.poll() is None, "the run ended before it was killed"
             time.sleep(0.05)
-        time.sleep(0.4)  # mid-generation: the wave's submits have returned and were persisted
         os.kill(first.pid, signal.SIGKILL)
     finally:
-        first.wait(timeout=30)
+        first.kill()
+        first.wait(timeout=60)
+    fal_emulator.clear_faults()
     done_before = ours(fal_emulator, unique)
-    assert 0 < sum(done_before.values()) < 12  # really half way
+    assert sum(done_before.values()) == 8  # really half way: four done, four in flight
 
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -132,4 +132,4 @@ def test_emulator_command_takes_its_options(tmp_path: Path) -> None:
         assert any(f"FAL_QUEUE_RUN_HOST=localhost:{port}" in line for line in lines), lines
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)

@@ -48,7 +48,9 @@ PREFECT_CLI = Path(sys.executable).with_name("prefect")
 BATCH_FLOW = "gptimage-batch-to-s3"
 SCHEDULED_FLOW = "gptimage-scheduled-content"
 # generous: a loaded 2-core machine has needed ~62 s (3.9.1) to answer /api/health
-SERVER_START_TIMEOUT = 180.0
+SERVER_START_TIMEOUT = 240.0
+#: Seconds a `prefect` command or a served process may take (it imports Prefect: slow under load)
+PROCESS_TIMEOUT = 240.0
 T = TypeVar("T")
 
 
@@ -83,12 +85,12 @@ def spawn(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subproc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, give it 10 s, then SIGKILL whatever is left of the group."""
+    """SIGTERM the process group, give it 30 s, then SIGKILL whatever is left of the group."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)
 
 
 def tail(log: Path, chars: int = 4000) -> str:
@@ -148,7 +150,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         def healthy() -> bool | None:
             try:
-                return httpx.get(f"{api_url}/health", timeout=2).status_code == 200 or None
+                return httpx.get(f"{api_url}/health", timeout=5).status_code == 200 or None
             except httpx.HTTPError:
                 return None
 
@@ -198,6 +200,7 @@ def test_prefect_yaml_entrypoints_load_and_take_its_parameters() -> None:
     assert daily["schedules"] == [{"cron": "0 6 * * *", "timezone": "UTC", "active": True}]
 
 
+@pytest.mark.timeout(900)  # starts the module's server, then `prefect deploy`
 def test_prefect_deploy_creates_three_deployments_and_an_automation(
     prefect_server: str, tmp_path: Path, s3_bucket: str
 ) -> None:
@@ -225,7 +228,7 @@ def test_prefect_deploy_creates_three_deployments_and_an_automation(
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=PROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     batch = read_deployment(prefect_server, f"{BATCH_FLOW}/batch-to-s3")
@@ -265,6 +268,7 @@ def test_prefect_deploy_creates_three_deployments_and_an_automation(
 # -- serve.py -------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # may start the module's server, then serve.py and a flow run
 def test_serve_script_runs_the_batch_deployment(
     prefect_server: str,
     fal_emulator: FalEmulator,
@@ -307,7 +311,7 @@ def test_serve_script_runs_the_batch_deployment(
             ),
             proc,
             log,
-            60,
+            PROCESS_TIMEOUT,
         )
         daily = read_deployment(prefect_server, daily_name)
         assert daily is not None
@@ -326,7 +330,7 @@ def test_serve_script_runs_the_batch_deployment(
         before = fal_emulator.stats["accepted"]
         with temporary_settings({PREFECT_API_URL: prefect_server}):
             flow_run = run_deployment(
-                batch_name, parameters={"concurrency": 4}, timeout=90, poll_interval=1
+                batch_name, parameters={"concurrency": 4}, timeout=PROCESS_TIMEOUT, poll_interval=1
             )
         assert isinstance(flow_run, FlowRun) and flow_run.state is not None
         assert flow_run.state.is_completed(), f"{flow_run.state}\n{tail(log)}"

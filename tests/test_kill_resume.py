@@ -28,6 +28,11 @@ from prefect_gptimage.testing.s3 import LocalS3Server
 
 ROUNDS = 10
 ROWS = 3
+#: Seconds a killed run's processes may take to be gone: generous, a loaded machine reaps slowly
+#: (5 s here made the loop flaky under load).
+GONE_S = 60.0
+#: Seconds a run may take; each starts Prefect's temporary server (up to a minute under load)
+RUN_S = 300.0
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG; processes through /proc"
@@ -58,6 +63,14 @@ def _processes_of(home: Path) -> list[int]:
     return found
 
 
+def _still_alive(pids: list[int], within: float = GONE_S) -> list[int]:
+    """The ``pids`` still alive after waiting up to ``within`` seconds for them to be gone."""
+    deadline = time.monotonic() + within
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
 def _user_env(home: Path, tmp_path: Path) -> dict[str, str]:
     """The suite's environment (emulator, S3, key) without any Prefect API or setting."""
     env = {
@@ -83,7 +96,7 @@ def _kill_after_accept(
     accepted = emulator.stats["accepted"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while emulator.stats["accepted"] == accepted:
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode()[-3000:] if proc.stderr else ""
@@ -94,7 +107,7 @@ def _kill_after_accept(
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.wait(timeout=30)
+        proc.wait(timeout=GONE_S)
         if proc.stderr:
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
@@ -107,16 +120,16 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        stdout, stderr = proc.communicate(timeout=180)
+        stdout, stderr = proc.communicate(timeout=RUN_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
-        pytest.fail(f"the resume hung for 180 s: {stderr[-4000:]} {stdout[-2000:]}")
+        pytest.fail(f"the resume hung for {RUN_S:.0f} s: {stderr[-4000:]} {stdout[-2000:]}")
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 @linux_only
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # ten rounds of two runs, each starting a temporary server
 def test_kill_right_after_accept_then_resume_ten_times(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
@@ -149,11 +162,8 @@ def test_kill_right_after_accept_then_resume_ten_times(
         accepted, servers = _kill_after_accept(args, env, fal_emulator)
 
         def watch(pids: list[int] = servers, n: int = round_) -> None:
-            deadline = time.monotonic() + 5
-            while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if any(_alive(p) for p in pids):
-                lingering.append(f"round {n}: {[p for p in pids if _alive(p)]} outlived the kill")
+            if alive := _still_alive(pids):
+                lingering.append(f"round {n}: {alive} outlived the kill by {GONE_S:.0f} s")
 
         watcher = threading.Thread(target=watch)
         watcher.start()
@@ -188,4 +198,5 @@ def test_kill_right_after_accept_then_resume_ten_times(
     assert end["duplicate_submits"] == start["duplicate_submits"]  # 0 duplicate submits in all
     assert end["accepted"] - start["accepted"] == paid <= ROUNDS * ROWS
     assert not lingering, lingering  # each killed run's temporary server died with it
-    assert _processes_of(home) == []  # and nothing is left running now
+    # and nothing is left running now (the last resume's server may still be on its way out)
+    assert _still_alive(_processes_of(home)) == []

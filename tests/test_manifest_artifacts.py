@@ -192,7 +192,7 @@ def test_manifest_round_trip_and_totals(batch: dict[str, Any], tmp_path: Path) -
     first = back.lines[0]
     assert isinstance(first, ImageLine)
     assert first.s3_uri == batch["staged"][0].s3_uri
-    assert first.estimated_cost_usd == 0.009
+    assert first.estimated_cost_usd == pytest.approx(0.009)
     failure = back.lines[3]
     assert isinstance(failure, FailureLine)
     assert (failure.request_id, failure.error_type) == ("req-x", "PermanentFalError")
@@ -273,7 +273,7 @@ def test_manifest_parameters_redact_data_uris_and_signatures() -> None:
         image_size="auto",
         image_urls=["https://a/u.png"],
     )
-    assert cost_per_image(edit) == 0.051
+    assert cost_per_image(edit) == pytest.approx(0.051)
     assert cost_per_image(GptImageRequest.model_construct(prompt="pp", quality="ultra")) is None
 
 
@@ -388,8 +388,8 @@ def test_results_table_rows(batch: dict[str, Any]) -> None:
     rows = results_table(batch["staged"], batch["failures"], requests=batch["requests"])
     assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "ok", "failed"]
     assert all(tuple(r) == TABLE_COLUMNS for r in rows) and len(TABLE_COLUMNS) <= 5
-    assert rows[0]["size"] == "32x24 low png" and rows[0]["cost_usd"] == 0.009
-    assert rows[2]["size"] == "32x24 high jpeg" and rows[2]["cost_usd"] == 0.199
+    assert rows[0]["size"] == "32x24 low png" and rows[0]["cost_usd"] == pytest.approx(0.009)
+    assert rows[2]["size"] == "32x24 high jpeg" and rows[2]["cost_usd"] == pytest.approx(0.199)
     # a link named by the S3 object: the index and the prompt's slug, as found in the bucket
     assert rows[0]["image"] == f"[00-a-calm-lake.png]({batch['staged'][0].url})"
     assert rows[0]["image"].startswith(f"[{batch['staged'][0].key.rsplit('/', 1)[1]}]")
@@ -585,7 +585,7 @@ def test_batch_progress_throttles_and_reaches_100(prefect_api: None) -> None:
     assert status.startswith("1000/1000 (100.0%)")
     (artifact,) = read_artifacts(ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
     assert artifact.type == "progress"
-    assert float(str(artifact.data)) == 100.0
+    assert float(str(artifact.data)) == pytest.approx(100.0)
 
 
 def test_batch_progress_eta_and_time_based_updates(prefect_api: None) -> None:
@@ -612,7 +612,7 @@ def test_batch_progress_eta_and_time_based_updates(prefect_api: None) -> None:
         progress.settle()
         assert progress.updates == sent + 1
         progress.finish()
-        assert progress.percent == 100.0 and progress.eta() == "done"
+        assert progress.percent == pytest.approx(100.0) and progress.eta() == "done"
 
     timed_flow()
     assert format_duration(3725) == "1h02m05s"
@@ -621,7 +621,7 @@ def test_batch_progress_eta_and_time_based_updates(prefect_api: None) -> None:
 def test_outside_a_run_progress_is_local_and_publish_refuses(batch: dict[str, Any]) -> None:
     progress = BatchProgress().start(10, "no-run")
     progress.advance(5)
-    assert progress.artifact_id is None and progress.percent == 50.0
+    assert progress.artifact_id is None and progress.percent == pytest.approx(50.0)
     assert progress.status().startswith("5/10 (50.0%)")
     with pytest.raises(RuntimeError, match="inside a Prefect flow"):
         publish_results(batch["staged"], key_prefix="x")

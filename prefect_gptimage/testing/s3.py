@@ -126,5 +126,5 @@ class LocalS3Server:
     def reset(self) -> None:
         """Wipe every bucket and object in moto's backend (``POST /moto-api/reset``)."""
         req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # generous: a loaded machine
             resp.read()

@@ -44,7 +44,9 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024
     allow_reuse_address = True
-    handshake_timeout = 10.0
+    #: Seconds a client may take over its TLS handshake: generous, as a loaded machine's client
+    #: threads can be starved for many seconds (a cut handshake looks like a fal outage)
+    handshake_timeout = 60.0
 
     def __init__(
         self,
