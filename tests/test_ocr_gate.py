@@ -130,6 +130,7 @@ def test_misspell_changes_one_letter_deterministically() -> None:
         "prefect_gptimage.quality.gate",
         "prefect_gptimage.testing.images",
         "prefect_gptimage.flows.ocr_gate",
+        "prefect_gptimage.flows._ocr_rows",
     ],
 )
 def test_doctests(module: str) -> None:
