@@ -152,7 +152,9 @@ def test_batch_killed_half_way_resumes_without_paying_twice(
         first.wait(timeout=60)
     fal_emulator.clear_faults()
     done_before = ours(fal_emulator, unique)
-    assert sum(done_before.values()) == 8  # really half way: four done, four in flight
+    # really half way: at least four held in flight at fal, and not every row sent (which rows
+    # finished first is the threads' race for the four fal slots)
+    assert 4 <= sum(done_before.values()) < 12, done_before
 
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
