@@ -308,6 +308,7 @@ def test_generate_prints_no_info_and_no_path_it_did_not_fill(
 
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "INFO" in verbose.stderr
+    assert "0 new submits: every image came from the cache (nothing paid)" in verbose.stderr
 
 
 @pytest.mark.parametrize("command", ["generate", "batch"])
@@ -454,8 +455,8 @@ def test_dry_run_on_a_fresh_home_starts_no_server_and_needs_no_api(tmp_path: Pat
     assert "temporary server" not in done.stderr.lower()
     assert not (tmp_path / "home" / "prefect.db").exists()  # no server ran its migrations
     lines = done.stderr.strip().splitlines()
-    assert lines[-2].endswith(": 5 request(s), 0 cached, estimated cost $0.103"), done.stderr
-    assert lines[-1] == "dry run: $0.103 for 5 request(s)"
+    assert lines[-2].endswith(": 5 requests, 0 cached, estimated cost $0.103"), done.stderr
+    assert lines[-1] == "dry run: $0.103 for 5 requests"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["estimated_cost_usd"] == pytest.approx(0.103) and summary["submitted"] == 0
     # ~0.3 s on an idle machine (see README); no server is shown by the checks above, the bound
@@ -485,9 +486,9 @@ def test_dry_run_reads_the_local_cache_without_an_api(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr[-3000:]
     assert others == set()  # read without asking a (temporary) server for its default store
-    assert "5 request(s), 1 cached" in done.stderr, done.stderr[-3000:]
+    assert "5 requests, 1 cached" in done.stderr, done.stderr[-3000:]
     free = round(0.103 - plan_cost([row])[0], 6)  # the cached row is free
-    assert f"dry run: ${free:.3f} for 4 request(s)" in done.stderr
+    assert f"dry run: ${free:.3f} for 4 requests (1 cached)" in done.stderr
 
 
 def test_dry_run_without_an_api_says_a_block_store_was_not_read(tmp_path: Path) -> None:
@@ -498,7 +499,7 @@ def test_dry_run_without_an_api_says_a_block_store_was_not_read(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-3000:]
     assert others == set()
     assert "cache not read" in done.stderr and "PREFECT_API_URL" in done.stderr
-    assert "dry run: $0.103 for 5 request(s)" in done.stderr
+    assert "dry run: $0.103 for 5 requests" in done.stderr
 
 
 def test_dry_run_path_imports_no_prefect_boto3_or_httpx() -> None:

@@ -3,8 +3,8 @@
 A dry run submits nothing, so it needs no flow run and no API: it loads and validates the prompt
 file, drops identical rows, prices the rest and counts the rows already paid for (cached, or
 whose earlier submit's outcome is unknown) as free, exactly as the batch flow does before its
-first submit. It prints the same lines (``RUN: N request(s), C cached, estimated cost $X`` and
-``dry run: $X for N request(s)``) and ``--json`` summary as a dry run of the flow did.
+first submit. It prints the same lines (``RUN: N requests, C cached, estimated cost $X`` and
+``dry run: $X for N requests``) and ``--json`` summary as a dry run of the flow did.
 
 The cache is read where it can be read without an API:
 
@@ -30,6 +30,7 @@ from typing import Any
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
+from prefect_gptimage.reporting.wording import counted, dry_run_message
 
 __all__ = ["DryRunPlan", "plan_dry_run"]
 
@@ -124,13 +125,13 @@ class DryRunPlan:
     @property
     def estimate_line(self) -> str:
         return (
-            f"{self.run_key}: {len(self.rows)} request(s), {self.cached} cached, "
+            f"{self.run_key}: {counted(len(self.rows), 'request')}, {self.cached} cached, "
             f"estimated cost ${self.estimate:.3f}"
         )
 
     @property
     def message(self) -> str:
-        return f"dry run: ${self.estimate:.3f} for {len(self.rows) - self.cached} request(s)"
+        return dry_run_message(self.estimate, len(self.rows), self.cached)
 
     def summary(self) -> RunSummary:
         return RunSummary(estimated_cost_usd=self.estimate)

@@ -234,6 +234,9 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
         print(f"FAILED: {failure.label()}: {failure.reason}", file=sys.stderr)
     if summary.manifest_uri:
         print(f"manifest: {summary.manifest_uri}")
+    if summary.images and not summary.failures and summary.submitted == 0:
+        # a re-run served whole from the cache: say so, or it looks like a fresh (paid) run
+        print("0 new submits: every image came from the cache (nothing paid)", file=sys.stderr)
     if as_json:
         print(summary.model_dump_json())
     return EXIT_OK if ok and summary.ok else EXIT_FAILED

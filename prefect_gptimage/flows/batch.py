@@ -62,6 +62,7 @@ from prefect_gptimage.flows._fanout import check_cluster, row_runner
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
 from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
+from prefect_gptimage.reporting.wording import counted, dry_run_message
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.tasks.generate import GenerationOptions
@@ -146,17 +147,14 @@ def batch_to_s3(
         options, run_key, target, s3_client, summary, partial(row_runner, cluster), stop
     )
     log.info(
-        "%s: %d request(s), %d cached, estimated cost $%.3f",
+        "%s: %s, %d cached, estimated cost $%.3f",
         run_key,
-        len(rows),
+        counted(len(rows), "request"),
         plan.cached,
         plan.cost,
     )
     if dry_run:
-        return Completed(
-            data=summary,
-            message=f"dry run: ${plan.cost:.3f} for {len(rows) - plan.cached} request(s)",
-        )
+        return Completed(data=summary, message=dry_run_message(plan.cost, len(rows), plan.cached))
     refused = refuse_over_budget(run_key, plan, len(rows), max_cost, summary)
     if refused is not None:
         return refused

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["counted", "plural"]
+__all__ = ["counted", "dry_run_message", "plural"]
 
 
 def plural(count: int, noun: str, many: str | None = None) -> str:
@@ -26,3 +26,20 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
 def counted(count: int, noun: str, many: str | None = None) -> str:
     """``'1 image'``, ``'2 images'``: the count and the noun in the matching number."""
     return f"{count} {plural(count, noun, many)}"
+
+
+def dry_run_message(estimate: float, rows: int, cached: int) -> str:
+    """The one line of a dry run (the CLI's and the batch flow's): what a real run would pay.
+
+    Example:
+        >>> dry_run_message(0.018, 3, 1)
+        'dry run: $0.018 for 2 requests (1 cached)'
+        >>> dry_run_message(0.0, 2, 2)
+        'dry run: nothing to pay: all 2 requests are cached'
+    """
+    to_pay = rows - cached
+    if to_pay == 0 and rows:
+        verb = "is" if rows == 1 else "are"
+        return f"dry run: nothing to pay: all {counted(rows, 'request')} {verb} cached"
+    cached_note = f" ({cached} cached)" if cached else ""
+    return f"dry run: ${estimate:.3f} for {counted(to_pay, 'request')}{cached_note}"
