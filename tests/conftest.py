@@ -49,6 +49,20 @@ def _short_backoff() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _patient_temporary_server() -> Iterator[None]:
+    """A CLI subprocess that starts Prefect's temporary server waits for it up to 240 s, not
+    Prefect's 20 s: under load (two CPU hogs beside the suite) it took longer, and the run then
+    ended before submitting anything. Inherited through the environment, as above; a test that
+    checks the short timeout sets its own value."""
+    key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    had = key in os.environ
+    os.environ.setdefault(key, "240")
+    yield
+    if not had:
+        os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _prefect(prefect_harness: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every test runs against one real Prefect API for the session."""
     yield prefect_harness
