@@ -82,6 +82,8 @@ def _user_env(home: Path, tmp_path: Path) -> dict[str, str]:
         {
             "FAL_KEY": "kill-key-id:kill-key-secret",
             "PREFECT_HOME": str(home),
+            # the temporary server may take long to start on a loaded machine (Prefect: 20 s)
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
             "PREFECT_GPTIMAGE_OUTPUT_DIR": str(tmp_path / "images"),
         }
     )
