@@ -106,6 +106,8 @@ def test_no_key_anywhere_after_a_cli_run_that_met_echoing_faults(
             "FAL_KEY": f"{CLI_KEY_ID}:{CLI_KEY_SECRET}",
             "PREFECT_HOME": str(home),
             "PREFECT_GPTIMAGE_OUTPUT_DIR": str(out),
+            # the temporary server may take long to start on a loaded machine (Prefect: 20 s)
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
         }
     )
     rows = [*ECHOES.values(), "row-fine"]
