@@ -469,7 +469,7 @@ def test_dry_run_reads_the_local_cache_without_an_api(tmp_path: Path) -> None:
     from prefect.filesystems import LocalFileSystem
     from prefect.results import ResultStore
 
-    from prefect_gptimage.flows.batch import plan_cost
+    from prefect_gptimage.engine.plan import plan_cost
     from prefect_gptimage.prompts import load_prompt_file
     from prefect_gptimage.schemas import RequestHandle
     from prefect_gptimage.tasks.cache import submit_cache_key

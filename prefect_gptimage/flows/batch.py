@@ -53,7 +53,7 @@ from prefect_aws import S3Bucket
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.engine.budget import refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
-from prefect_gptimage.engine.plan import plan_cost as plan_cost  # the CLI's dry run reads it here
+from prefect_gptimage.engine.plan import plan_cost as plan_cost  # re-exported
 from prefect_gptimage.engine.plan import plan_rows
 from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.stop import Stop
