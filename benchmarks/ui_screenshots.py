@@ -6,13 +6,15 @@ small prompt file (the bundled sample plus prompts full of markdown/HTML special
 ``>``, ``&``, ``#``, ``*``, backticks) with ``PREFECT_API_URL`` pointing at that server, then
 screenshots, at 1400 px wide:
 
-* ``run-artifacts-v2.png``: the flow run's Artifacts tab, in the V2 UI (``/v2/...``; the V1 UI
-  ignores ``?tab=Artifacts`` on load, so ``run-v1.png`` shows its run page as it opens);
+* ``run-v1.png``: the flow run's page in the V1 UI as it opens (it ignores ``?tab=`` on load);
 * ``artifacts.png``: the global Artifacts page (V1);
 * ``artifact-<key or id>.png`` and ``...-v2.png``: every artifact of the run, one page each, in
   both UIs (``--artifact-height`` tall, so a whole gallery fits);
 * ``gallery-s3-stopped.png``: the gallery again after the S3 server stopped, which is what a
-  viewer sees once the presigned links have expired.
+  viewer sees once the presigned links have expired;
+* ``ui-graph-task-runs-v2.png`` and ``ui-graph-artifacts-v2.png``: the run's page in the V2 UI
+  with its graph and its task-run list, and with its Artifacts tab, once rendered (see
+  ``ui_graph.py``); ``--docs`` copies them into ``docs/img/``, where docs/ui.md shows them.
 
 It also writes ``artifacts.json`` (each artifact's id, key, type, description and data) and
 prints a short report: artifacts by type, unkeyed artifacts, HTML entities that the UI shows
@@ -21,7 +23,7 @@ the point of the script.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``)::
 
-    .venv/bin/python benchmarks/ui_screenshots.py --out /tmp/ui-shots/after   # ~60 s
+    .venv/bin/python benchmarks/ui_screenshots.py --out /tmp/ui-shots/after --docs  # ~5 min
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ui_graph import Browser, shoot_run_pages  # noqa: E402
 
 from prefect_gptimage.testing.emulator import FalEmulator  # noqa: E402
 from prefect_gptimage.testing.s3 import LocalS3Server  # noqa: E402
@@ -156,26 +162,8 @@ class PrefectServer:
 
 
 def screenshot(url: str, path: Path, profile: Path, width: int, height: int, budget: int) -> None:
-    cmd = [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        f"--window-size={width},{height}",
-        f"--virtual-time-budget={budget}",
-        f"--screenshot={path}",
-        url,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    if not path.exists():
-        print(f"  FAILED {path.name}: {result.stderr.strip()[-500:]}", file=sys.stderr)
-    else:
+    """Screenshot ``url`` into ``path`` after ``budget`` virtual ms (see ``ui_graph.Browser``)."""
+    if Browser(chromium(), profile, width).png(url, path, height, budget):
         print(f"  {path}  <-  {url}", file=sys.stderr)
 
 
@@ -217,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-height", type=int, default=1600, help="artifact pages")
     parser.add_argument("--budget", type=int, default=10000, help="virtual ms to render a page")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (Prefect home...)")
+    parser.add_argument(
+        "--docs", action="store_true", help="also copy the ui-graph-*.png into docs/img/"
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -285,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
                         server.url + route, out / name, profile, args.width, height, args.budget
                     )
 
-                shoot(f"/v2/runs/flow-run/{run['id']}?tab=Artifacts", "run-artifacts-v2.png")
                 shoot(f"/runs/flow-run/{run['id']}", "run-v1.png")
                 shoot("/artifacts", "artifacts.png")
                 gallery = None
@@ -296,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                     shoot(f"/v2/artifacts/artifact/{a['id']}", f"artifact-{name}-v2.png", tall)
                     if a["key"] and a["key"].endswith("gallery"):
                         gallery = a
+                browser = Browser(chromium(), profile, args.width)
+                graph = shoot_run_pages(
+                    browser, server.url, server.api, run["id"], out, args.budget
+                )
             finally:
                 s3.stop()
             if gallery is not None:
@@ -304,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                     "gallery-s3-stopped.png",
                     args.artifact_height,
                 )
-        for line in report(artifacts):
+        for line in [*graph, *report(artifacts)]:
             print(line)
+        if args.docs:
+            for png in sorted(out.glob("ui-graph-*.png")):
+                shutil.copyfile(png, ROOT / "docs" / "img" / png.name)
+                print(f"copied {png.name} to docs/img/", file=sys.stderr)
         return 0 if batch.returncode == 0 else 1
     finally:
         server.stop()
