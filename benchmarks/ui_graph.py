@@ -1,4 +1,4 @@
-"""The flow run's page in headless Chromium: its graph, its task-run list and its Artifacts tab.
+"""A run in the Prefect UI, in headless Chromium: its graph, task-run list, artifacts and events.
 
 Used by ``ui_screenshots.py`` (which starts the server and runs the batch); kept apart so that
 script stays short. Writes, into ``--out`` and, with ``--docs``, into ``docs/img/``:
@@ -7,7 +7,10 @@ script stays short. Writes, into ``--out`` and, with ``--docs``, into ``docs/img
   timeline) above, where each row's task run is a bar labelled with its name
   (``row 6: Cats | dogs & <birds> ...``), and the list of task runs below;
 * ``ui-graph-artifacts-v2.png``: the V2 UI's run page on its Artifacts tab (the V1 UI ignores
-  ``?tab=`` on load).
+  ``?tab=`` on load);
+* ``ui-events-v1.png``: the V1 UI's event feed, newest first: the flow run's end, the package's
+  ``prefect-gptimage.batch.completed`` and the assets' "Asset materialization succeeded" (the
+  open-source UI has no assets page).
 
 A page counts as rendered when a condition holds, not after a sleep: Chromium runs the page on
 virtual time (``--virtual-time-budget``, which does not advance while requests are in flight);
@@ -31,10 +34,10 @@ from PIL import Image, ImageChops
 
 #: Two screenshots whose pixels differ in at most this fraction show the same, settled page.
 SETTLED = 0.001
-#: How many times the virtual-time budget may double for the DOM to hold the expected texts.
-DOUBLINGS = 3
-#: How many screenshots to take, at most, budget doubling each time, for two in a row to agree.
+#: How many times to load a page, at most, the virtual-time budget doubling each time.
 ATTEMPTS = 6
+#: What the V1 event feed must show: an asset materialization and this package's own event.
+EVENT_FEED = ("Asset materialization succeeded", "prefect-gptimage.batch.completed")
 #: A PNG kept in docs/img stays under this size.
 MAX_DOC_BYTES = 300_000
 
@@ -85,9 +88,16 @@ class Browser:
             url,
         ]
 
-    def dom(self, url: str, height: int, budget: int) -> str:
-        """The page's DOM, serialized, after ``budget`` virtual ms."""
-        return self.run(url, height, budget, "--dump-dom").stdout
+    def shoot(self, url: str, path: Path, height: int, budget: int) -> str:
+        """Screenshot the window into ``path`` and return the DOM, both of one page load.
+
+        Raises :class:`RuntimeError` when Chromium wrote no screenshot.
+        """
+        path.unlink(missing_ok=True)
+        result = self.run(url, height, budget, "--dump-dom", f"--screenshot={path}")
+        if not path.exists():
+            raise RuntimeError(f"no screenshot of {url}: {result.stderr.strip()[-500:]}")
+        return result.stdout
 
     def png(self, url: str, path: Path, height: int, budget: int) -> int:
         """Screenshot the window into ``path``; its size in bytes (0 when Chromium failed)."""
@@ -101,47 +111,44 @@ class Browser:
 
 @dataclass(frozen=True)
 class Shot:
-    """One page to screenshot: where, how tall, what its DOM must hold, where to crop it."""
+    """One page to screenshot: where, how tall, what it must show, where to crop it."""
 
     name: str
     route: str
     height: int
     #: texts the DOM must contain (HTML-escaped before the check, as the DOM serializes them)
-    expect: tuple[str, ...] = ()
+    expect: tuple[str, ...]
     #: keep only the top ``crop`` pixels (None: the whole window)
     crop: int | None = None
+    #: the page has the canvas graph, which draws no DOM: wait until the picture stops changing
+    canvas: bool = True
 
 
 def settled(browser: Browser, url: str, shot: Shot, path: Path, budget: int) -> int:
     """Screenshot ``url`` into ``path`` once it has rendered; the budget (virtual ms) it needed.
 
-    First the DOM, dumped after ``budget`` virtual ms (doubled up to :data:`DOUBLINGS` times),
-    must hold every text of ``shot.expect``. Then screenshots are taken with that budget, twice
-    it, four times it... until two in a row, cropped, differ in at most :data:`SETTLED` of their
-    pixels: the canvas graph animates its time axis in virtual time too, so a short budget
-    catches it half drawn (the same way each time), and only a longer one that changes nothing
-    shows it is done. Raises :class:`RuntimeError` when neither happens.
+    Each try loads the page once for ``budget`` virtual ms, dumps its DOM and screenshots it;
+    the next try doubles the budget. A try is kept when its DOM holds every text of
+    ``shot.expect`` and, for a page with the canvas graph, when its picture, cropped, differs
+    from the previous try's in at most :data:`SETTLED` of its pixels: the graph lays out its time
+    axis late, so a short budget may catch it half drawn, and only a longer one that changes
+    nothing shows it is done. Raises :class:`RuntimeError` after :data:`ATTEMPTS` tries.
     """
-    for _ in range(DOUBLINGS):
-        dom = browser.dom(url, shot.height, budget) if shot.expect else ""
-        missing = [t for t in shot.expect if html.escape(t, quote=False) not in dom]
-        if not missing:
-            break
-        print(f"  {shot.name}: {len(missing)} texts missing at {budget} ms", file=sys.stderr)
-        budget *= 2
-    else:
-        raise RuntimeError(f"{shot.name}: the page never showed {missing}")
     previous: Image.Image | None = None
     for _ in range(ATTEMPTS):
-        if not browser.png(url, path, shot.height, budget):
-            raise RuntimeError(f"{shot.name}: Chromium wrote no screenshot")
+        dom = browser.shoot(url, path, shot.height, budget)
         image = cropped(path, shot.crop)
-        if previous is not None and differing(previous, image) <= SETTLED:
+        missing = [t for t in shot.expect if html.escape(t, quote=False) not in dom]
+        if missing:
+            print(f"  {shot.name}: {len(missing)} texts missing at {budget} ms", file=sys.stderr)
+            previous = None
+        elif not shot.canvas or (previous is not None and differing(previous, image) <= SETTLED):
             image.save(path, optimize=True)
-            return budget // 2
-        previous = image
+            return budget
+        else:
+            previous = image
         budget *= 2
-    raise RuntimeError(f"{shot.name}: still changing at {budget // 2} virtual ms")
+    raise RuntimeError(f"{shot.name}: not rendered at {budget // 2} virtual ms")
 
 
 def cropped(path: Path, height: int | None) -> Image.Image:
@@ -170,8 +177,8 @@ def task_run_names(api: Callable[[str, str, Any], Any], flow_run_id: str) -> lis
     return [str(r["name"]) for r in runs]
 
 
-def shots(flow_run_id: str, names: Sequence[str]) -> list[Shot]:
-    """The flow run's pages in the V2 UI; its Task Runs tab must list every name of ``names``.
+def shots(flow_run_id: str, rows: Sequence[str], artifact_keys: Sequence[str]) -> list[Shot]:
+    """The flow run's pages in the V2 UI, and the V1 event feed, with what each must show.
 
     Not the V1 UI's run page: its graph lays its time axis out at a point in virtual time that
     varies from one Chromium run to the next (all labels stacked at the left edge, no grid) and
@@ -179,8 +186,9 @@ def shots(flow_run_id: str, names: Sequence[str]) -> list[Shot]:
     """
     run = f"runs/flow-run/{flow_run_id}"
     return [
-        Shot("ui-graph-task-runs-v2.png", f"/v2/{run}?tab=TaskRuns", 1500, tuple(names), 1460),
-        Shot("ui-graph-artifacts-v2.png", f"/v2/{run}?tab=Artifacts", 880),
+        Shot("ui-graph-task-runs-v2.png", f"/v2/{run}?tab=TaskRuns", 1500, tuple(rows), 1460),
+        Shot("ui-graph-artifacts-v2.png", f"/v2/{run}?tab=Artifacts", 880, tuple(artifact_keys)),
+        Shot("ui-events-v1.png", "/events", 1000, EVENT_FEED, canvas=False),
     ]
 
 
@@ -192,7 +200,7 @@ def shoot_run_pages(
     out: Path,
     budget: int,
 ) -> list[str]:
-    """Screenshot the flow run's graph, task-run list and Artifacts tab into ``out``.
+    """Screenshot the flow run's graph, task-run list, Artifacts tab and the event feed.
 
     Returns report lines: the task-run names (they must be distinct, or the graph's rows cannot
     be told apart) and, per PNG, its size and the budget it needed.
@@ -203,7 +211,10 @@ def shoot_run_pages(
     rows = [n for n in names if n.startswith("row ")]
     if len(set(rows)) != len(rows):
         lines.append("ROWS SHARE NAMES: the graph cannot tell them apart")
-    for shot in shots(flow_run_id, rows):
+    artifacts = api(
+        "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+    )
+    for shot in shots(flow_run_id, rows, [str(a["key"]) for a in artifacts if a["key"]]):
         path = out / shot.name
         needed = settled(browser, base_url + shot.route, shot, path, budget)
         size = path.stat().st_size

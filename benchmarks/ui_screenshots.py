@@ -12,9 +12,10 @@ screenshots, at 1400 px wide:
   both UIs (``--artifact-height`` tall, so a whole gallery fits);
 * ``gallery-s3-stopped.png``: the gallery again after the S3 server stopped, which is what a
   viewer sees once the presigned links have expired;
-* ``ui-graph-task-runs-v2.png`` and ``ui-graph-artifacts-v2.png``: the run's page in the V2 UI
-  with its graph and its task-run list, and with its Artifacts tab, once rendered (see
-  ``ui_graph.py``); ``--docs`` copies them into ``docs/img/``, where docs/ui.md shows them.
+* ``ui-graph-task-runs-v2.png``, ``ui-graph-artifacts-v2.png`` and ``ui-events-v1.png``: the
+  run's page in the V2 UI with its graph and task-run list, and with its Artifacts tab, and the
+  event feed, each once rendered (see ``ui_graph.py``); ``--docs`` copies them into
+  ``docs/img/``, where docs/ui.md shows them.
 
 It also writes ``artifacts.json`` (each artifact's id, key, type, description and data) and
 prints a short report: artifacts by type, unkeyed artifacts, HTML entities that the UI shows
@@ -205,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-height", type=int, default=1600, help="artifact pages")
     parser.add_argument("--budget", type=int, default=10000, help="virtual ms to render a page")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (Prefect home...)")
-    parser.add_argument(
-        "--docs", action="store_true", help="also copy the ui-graph-*.png into docs/img/"
-    )
+    parser.add_argument("--docs", action="store_true", help="also copy the ui-*.png into docs/img/")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -301,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in [*graph, *report(artifacts)]:
             print(line)
         if args.docs:
-            for png in sorted(out.glob("ui-graph-*.png")):
+            for png in sorted(out.glob("ui-*.png")):
                 shutil.copyfile(png, ROOT / "docs" / "img" / png.name)
                 print(f"copied {png.name} to docs/img/", file=sys.stderr)
         return 0 if batch.returncode == 0 else 1
