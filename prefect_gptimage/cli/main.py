@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(batch)
 
+    from prefect_gptimage.cli.edit import add_edit_parser  # `edit`: its code is in cli/edit.py
+
+    add_edit_parser(sub, _add_run_options)
+
     demo = sub.add_parser(
         "demo",
         help="run a sample batch offline: bundled emulator, local S3",
@@ -246,6 +250,10 @@ def check_input(args: argparse.Namespace) -> str | None:
     """What is wrong with the command's input, found without Prefect (imports included), or
     None. Nothing is started, submitted or written before these pass."""
     try:
+        if args.command == "edit":
+            from prefect_gptimage.cli.edit import check_edit_input
+
+            return check_edit_input(args) or _bucket_problem(args.bucket)
         if args.command == "generate":
             from prefect_gptimage.schemas import parse_request
 
@@ -331,14 +339,19 @@ def cmd_batch(args: argparse.Namespace, interrupts: Interrupts) -> int:
         return_state=True,
     )
     interrupts.returned = True
+    return emit_batch_state(state, args.json)
+
+
+def emit_batch_state(state: Any, as_json: bool) -> int:
+    """A batch-shaped flow's final state printed (its summary, or the error before paying)."""
     summary: Any = state.result(raise_on_failure=False)
     if isinstance(summary, BatchIncomplete):  # some rows failed: report them with the rest
         summary = summary.summary
     if isinstance(summary, BaseException):
-        return _emit_or_fail(summary, args.json)
+        return _emit_or_fail(summary, as_json)
     if not state.is_completed():
         print(state.message, file=sys.stderr)
-    return _emit(summary, args.json, ok=state.is_completed())
+    return _emit(summary, as_json, ok=state.is_completed())
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
@@ -379,7 +392,9 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
             )
     start_api(args.verbose)
-    commands = {"generate": cmd_generate, "batch": cmd_batch}
+    from prefect_gptimage.cli.edit import cmd_edit
+
+    commands = {"generate": cmd_generate, "batch": cmd_batch, "edit": cmd_edit}
     return commands[args.command](args, interrupts)
 
 
