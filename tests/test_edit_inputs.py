@@ -377,7 +377,9 @@ def test_edit_an_s3_prefix_lineage_in_manifest_and_asset_events_and_retention_he
     assert fal_emulator.stats["accepted"] == before
 
 
-def test_cli_edit_over_a_folder_stages_one_edit_per_source_and_rerun_pays_nothing(
+@pytest.mark.parametrize("where", ["folder", "s3 prefix"])
+def test_cli_edit_over_a_folder_or_prefix_stages_one_edit_per_source_and_rerun_pays_nothing(
+    where: str,
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
     s3_bucket: str,
@@ -385,28 +387,36 @@ def test_cli_edit_over_a_folder_stages_one_edit_per_source_and_rerun_pays_nothin
     tmp_path: Path,
     prefect_harness: dict[str, Any],
 ) -> None:
-    folder = tmp_path / "catalogue"
-    (folder / "shoes").mkdir(parents=True)
-    files = {
-        folder / "a.png": picture(unique, 1),
-        folder / "shoes" / "b.jpg": picture(unique, 2, fmt="JPEG"),
-    }
-    for path, body in files.items():
-        path.write_bytes(body)
-    (folder / "notes.txt").write_text("skipped")
+    bodies = {"a.png": picture(unique, 1), "shoes/b.jpg": picture(unique, 2, fmt="JPEG")}
+    if where == "folder":
+        source = str(tmp_path / "catalogue")
+        for name, body in bodies.items():
+            (tmp_path / "catalogue" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "catalogue" / name).write_bytes(body)
+        (tmp_path / "catalogue" / "notes.txt").write_text("skipped")
+    else:
+        source = f"s3://{s3_bucket}-src/catalogue/"
+        local_s3.create_bucket(f"{s3_bucket}-src")
+        for name, body in {**bodies, "notes.txt": b"skipped"}.items():
+            local_s3.client().put_object(
+                Bucket=f"{s3_bucket}-src", Key=f"catalogue/{name}", Body=body
+            )
     env = cli_env(prefect_harness, tmp_path)
-    args = ["edit", str(folder), "--prompt", f"on white {unique}", "--bucket", s3_bucket]
+    args = ["edit", source, "--prompt", f"on white {unique}", "--bucket", s3_bucket]
     args += ["--quality", "low", "--json"]
     done = run_cli_process(args, env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(summary["images"]) == 2 and summary["submitted"] == 2
     read = sorted(r.input_sha256[0][1] for r in ours(fal_emulator, unique))
-    assert read == sorted(sha(b) for b in files.values())
+    assert read == sorted(sha(b) for b in bodies.values())
+    # lineage: each manifest line names its source
     manifest_key = summary["manifest_uri"].removeprefix(f"s3://{s3_bucket}/")
     body = local_s3.client().get_object(Bucket=s3_bucket, Key=manifest_key)["Body"].read()
-    sources = [json.loads(line)["inputs"][0]["source"] for line in body.decode().splitlines()]
-    assert sorted(sources) == sorted(str(p) for p in files)
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    named = {line["inputs"][0]["source"]: line["inputs"][0]["sha256"] for line in lines}
+    prefix = source.rstrip("/") + "/"
+    assert named == {prefix + name: sha(b) for name, b in bodies.items()}
 
     again = run_cli_process(args, env)
     assert again.returncode == 0, again.stderr[-3000:]
