@@ -294,6 +294,45 @@ def load_prompt_file(
     return rows
 
 
+#: Edit inputs read, checked and staged at once by :func:`resolve_row_inputs` (I/O bound).
+RESOLVE_THREADS = 8
+
+
+def resolve_row_inputs(rows: list[PromptRow], resolver: Any, where: str) -> list[PromptRow]:
+    """``rows`` with their edits' inputs resolved by ``resolver`` (an
+    :class:`~prefect_gptimage.inputs.InputResolver`), a few at a time, in row order.
+
+    Every bad input of every row is reported at once, as :class:`InvalidPromptFile` naming
+    ``where`` (the file, the folder) and each row's line: ``line 3: image_urls: <input>: no
+    such S3 object``. Rows without local, ``s3://`` or ``data:`` inputs are returned as they are.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def resolved(row: PromptRow) -> PromptRow | tuple[int, str, str]:
+        try:
+            request = resolver.resolve(row.request)
+        except InvalidRequestError as exc:
+            return (row.line, exc.field, str(exc))
+        return PromptRow(line=row.line, request=request, variant=row.variant)
+
+    with ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="gptimage-inputs") as pool:
+        outcomes = list(pool.map(resolved, rows))
+    problems = [o for o in outcomes if not isinstance(o, PromptRow)]
+    if problems:
+        raise InvalidPromptFile(where, problems)
+    return [o for o in outcomes if isinstance(o, PromptRow)]
+
+
+def reads_inputs(rows: list[PromptRow]) -> bool:
+    """Whether any row is an edit with an input the package reads (local, ``s3://``, ``data:``)."""
+    return any(
+        input_kind(ref) in ("local", "s3", "data")
+        for row in rows
+        if isinstance(row.request, GptImageEditRequest)
+        for ref in (*row.request.image_urls, row.request.mask_image_url or "")
+    )
+
+
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None = None) -> str:
     """A deterministic name for a batch: the file's stem and a hash of its content and defaults."""
     path = Path(prompt_file)

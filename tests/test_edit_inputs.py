@@ -232,6 +232,11 @@ def test_prompt_file_edits_of_local_and_s3_inputs_arrive_byte_for_byte_and_rerun
     )
     assert again.staged == 4 and again.submitted == 0
     assert fal_emulator.stats["accepted"] == before
+    # the CLI's dry run reads the inputs too: every row is known cached, nothing to pay
+    from prefect_gptimage.cli.dry_run import plan_dry_run
+
+    plan = plan_dry_run(str(prompts), bucket=s3_bucket)
+    assert plan.cached == 4 and plan.estimate == 0
 
 
 @pytest.mark.parametrize("problem", ["missing file", "missing object", "not an image"])

@@ -13,21 +13,16 @@ what staging can promise (:func:`~prefect_gptimage.fal.retention.lifetime_warnin
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prefect_gptimage.engine.options import RunOptions
-from prefect_gptimage.errors import InvalidPromptFile, InvalidRequestError
 from prefect_gptimage.fal.retention import lifetime_warning
 from prefect_gptimage.inputs import InputResolver, InputStager
-from prefect_gptimage.prompts import PromptRow
+from prefect_gptimage.prompts import PromptRow, resolve_row_inputs
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.settings import get_settings
 
-__all__ = ["PREPARE_THREADS", "fresh_links", "prepare_inputs", "warn_retention"]
-
-#: Inputs read, checked and uploaded at once before a run (I/O bound).
-PREPARE_THREADS = 8
+__all__ = ["fresh_links", "prepare_inputs", "warn_retention"]
 
 
 def prepare_inputs(
@@ -53,22 +48,7 @@ def prepare_inputs(
         inline_max_bytes=settings.inline_input_max_bytes,
     )
     resolver = InputResolver(stager, read_only=dry_run)
-
-    def resolved(row: PromptRow) -> PromptRow | tuple[int, str, str]:
-        try:
-            request = resolver.resolve(row.request)
-        except InvalidRequestError as exc:
-            return (row.line, exc.field, str(exc))
-        return PromptRow(line=row.line, request=request, variant=row.variant)
-
-    # reading and uploading is I/O: a few threads, results in row order
-    with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="gptimage-inputs") as pool:
-        outcomes = list(pool.map(resolved, rows))
-    resolved_rows = [o for o in outcomes if isinstance(o, PromptRow)]
-    problems = [o for o in outcomes if not isinstance(o, PromptRow)]
-    if problems:
-        raise InvalidPromptFile(where, problems)
-    return resolved_rows, resolver
+    return resolve_row_inputs(rows, resolver, where), resolver
 
 
 def fresh_links(resolver: InputResolver | None, row: PromptRow) -> PromptRow:

@@ -132,21 +132,28 @@ def source_asset_key(url: str, bucket: str) -> str | None:
 
 def source_asset(source: str) -> str | None:
     """The asset key of an input the package read: ``s3://`` as it is, a local path as its
-    ``file://`` URI; None for ``data:`` (no durable identity).
+    ``file://`` URI; None for ``data:`` (no durable identity) and for a name Prefect refuses
+    as a key (spaces, ``%``, over 512 characters: the input is still listed in ``inputs``).
 
     Example:
-        >>> source_asset("/photos/shoe 1.png")
-        'file:///photos/shoe%201.png'
-        >>> source_asset("s3://photos/shoe.png")
-        's3://photos/shoe.png'
+        >>> source_asset("/photos/shoe.png"), source_asset("s3://photos/shoe.png")
+        ('file:///photos/shoe.png', 's3://photos/shoe.png')
+        >>> source_asset("/photos/shoe 1.png") is None
+        True
     """
-    if source.startswith("s3://"):
-        return source
-    if source.startswith("/"):
-        from pathlib import PurePosixPath
+    from prefect.assets import Asset
 
-        return PurePosixPath(source).as_uri()
-    return None
+    if source.startswith("s3://"):
+        key = source
+    elif source.startswith("/"):
+        key = f"file://{source}"
+    else:
+        return None
+    try:
+        Asset(key=key)
+    except ValueError:
+        return None
+    return key
 
 
 def input_refs(request: AnyRequest, bucket: str) -> tuple[list[str], list[str]]:
