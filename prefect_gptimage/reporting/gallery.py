@@ -332,14 +332,9 @@ class HtmlGallery:
         for source in getattr(request, "input_sources", ()):
             if source.source.startswith("/"):
                 src = esc(_local_src(source.source, self.path.parent), quote=True)
-            else:
-                urls = getattr(request, "image_urls", [])
-                url = (
-                    getattr(request, "mask_image_url", None)
-                    if source.role == "mask"
-                    else (urls[source.index] if source.index < len(urls) else None)
-                )
-                src = safe_url(url or "")
+            else:  # the link fal was given (presigned), or "#" for an inline one
+                urls = [*getattr(request, "image_urls", []), getattr(request, "mask_image_url", "")]
+                src = safe_url(urls[-1 if source.role == "mask" else source.index] or "")
             title = esc(f"{source.role}: {source.source} sha256:{source.sha256[:12]}", quote=True)
             shown.append(f'<img src="{src}" loading="lazy" title="{title}" alt="{title}">')
         return "".join(shown)

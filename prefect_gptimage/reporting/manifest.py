@@ -94,6 +94,9 @@ class OcrVerdictRecord(TextVerdict):
         return f"OCR {shown:.2f}: {text} {tries}"
 
 
+_INPUTS = "An edit's inputs: where each came from, its sha256."
+
+
 class _Line(BaseModel):
     """A manifest line: its ``ocr`` verdict (the last field) is written only when there is one."""
 
@@ -122,9 +125,7 @@ class ImageLine(_Line):
     bytes: int
     content_type: str
     estimated_cost_usd: float | None = Field(description="Per image, from fal's price table.")
-    inputs: list[InputSource] | None = Field(
-        default=None, description="An edit's inputs: where each came from, its sha256."
-    )
+    inputs: list[InputSource] | None = Field(default=None, description=_INPUTS)
     ocr: OcrVerdictRecord | None = Field(default=None, description="The OCR gate's verdict.")
 
 
@@ -138,9 +139,7 @@ class FailureLine(_Line):
     request_id: str | None = None
     reason: str
     error_type: str | None = None
-    inputs: list[InputSource] | None = Field(
-        default=None, description="An edit's inputs: where each came from, its sha256."
-    )
+    inputs: list[InputSource] | None = Field(default=None, description=_INPUTS)
     ocr: OcrVerdictRecord | None = Field(default=None, description="A gated row's last verdict.")
 
 
@@ -206,8 +205,7 @@ def manifest_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
 
 def input_lineage(request: AnyRequest) -> list[InputSource] | None:
     """The inputs an edit read, for its manifest lines (None: nothing was read)."""
-    sources = getattr(request, "input_sources", ())
-    return list(sources) if sources else None
+    return list(getattr(request, "input_sources", ())) or None
 
 
 class _Lines:
