@@ -221,8 +221,9 @@ def _anchored(ref: Any, base_dir: Path | None) -> Any:
     return os.path.normpath(os.path.join(base_dir, ref.strip()))
 
 
-def _missing_local_inputs(request: AnyRequest) -> None:
-    """A local input that is not a file is the row's error (field and item)."""
+def check_local_inputs(request: AnyRequest) -> None:
+    """An edit's local input that is not a file: :class:`InvalidRequestError` (field and item),
+    found before anything is read or paid (a prompt file's row, the CLI's arguments)."""
     if not isinstance(request, GptImageEditRequest):
         return
     named = [("image_urls", f"item {i}: ", ref) for i, ref in enumerate(request.image_urls)]
@@ -251,7 +252,7 @@ def row_to_request(
     # a misspelt column is named with the column it probably is, ``variant`` included
     request = parse_request(fields, known_names=EXTRA_COLUMNS)
     if base_dir is not None:
-        _missing_local_inputs(request)
+        check_local_inputs(request)
     return PromptRow(line=0, request=request, variant=variant)
 
 

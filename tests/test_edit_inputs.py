@@ -452,3 +452,50 @@ def test_input_image_error_survives_pickling() -> None:
     error = InputImageError("image_urls", "/a.png", "no such file")
     again = pickle.loads(pickle.dumps(error))
     assert str(again) == str(error) == "image_urls: /a.png: no such file"
+
+
+def test_too_large_inputs_are_refused_before_anything_is_read_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    from prefect_gptimage.inputs import InputResolver, InputStager
+
+    photo = tmp_path / "big.png"
+    photo.write_bytes(picture(unique, 1, size=(256, 256)))
+    request = GptImageEditRequest(prompt="on white", image_urls=[str(photo)])
+    monkeypatch.setenv("PREFECT_GPTIMAGE_INPUT_MAX_BYTES", "100")
+    with pytest.raises(InputImageError, match="more than the 100 bytes") as info:
+        InputResolver().resolve(request)
+    assert info.value.source == str(photo) and "\n" not in str(info.value)
+    monkeypatch.delenv("PREFECT_GPTIMAGE_INPUT_MAX_BYTES")
+    inline_only = InputResolver(InputStager(inline_max_bytes=100))
+    with pytest.raises(InputImageError, match="give the run a bucket"):
+        inline_only.resolve(request)
+
+
+def test_a_short_media_lifetime_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from prefect_gptimage.engine.options import RunOptions
+    from prefect_gptimage.flows._edit_inputs import warn_retention
+
+    log = logging.getLogger("test-edit-inputs")
+    with caplog.at_level(logging.WARNING, logger="test-edit-inputs"):
+        warn_retention(RunOptions(media_expires=86400, timeout=600), log)
+        assert caplog.records == []
+        warn_retention(RunOptions(media_expires=300, timeout=600), log)
+    [record] = caplog.records
+    assert "only 300 s" in record.getMessage() and "pays again" in record.getMessage()
+
+
+def test_cli_generate_takes_relative_local_inputs_and_names_a_missing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    from prefect_gptimage.cli.main import build_parser, check_input, request_fields
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shoe.png").write_bytes(picture(unique, 1))
+    args = build_parser().parse_args(["generate", "on white", "--edit-image", "shoe.png"])
+    assert request_fields(args)["image_urls"] == [str(tmp_path / "shoe.png")]
+    assert check_input(args) is None
+    args = build_parser().parse_args(["generate", "on white", "--edit-image", "boot.png"])
+    assert check_input(args) == f"image_urls: item 0: {tmp_path / 'boot.png'}: no such file"

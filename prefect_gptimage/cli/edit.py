@@ -21,7 +21,7 @@ from typing import Any
 from prefect_gptimage.cli._signals import Interrupts
 from prefect_gptimage.errors import InvalidRequestError
 
-__all__ = ["EDIT_FIELDS", "add_edit_parser", "check_edit_input", "cmd_edit"]
+__all__ = ["EDIT_FIELDS", "add_edit_parser", "check_edit_input", "cmd_edit", "local_ref"]
 
 #: The request fields ``edit`` takes as options, the same for every image.
 EDIT_FIELDS = (
@@ -85,12 +85,22 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in EDIT_FIELDS if getattr(args, n, None) is not None}
 
 
+def local_ref(ref: str) -> str:
+    """An input named on the command line: a relative path made absolute against the working
+    directory (URLs, ``s3://`` and ``data:`` as they are).
+
+    Example:
+        >>> local_ref("s3://photos/a.png"), local_ref("/photos/a.png")
+        ('s3://photos/a.png', '/photos/a.png')
+    """
+    if ":" in ref.split("/", 1)[0] or os.path.isabs(ref):
+        return ref
+    return os.path.abspath(ref)
+
+
 def _mask(args: argparse.Namespace) -> str | None:
     """``--mask`` as an input reference (a relative path is relative to the working dir)."""
-    mask: str | None = args.mask
-    if mask and "://" not in mask and not os.path.isabs(mask):
-        mask = os.path.abspath(mask)
-    return mask
+    return local_ref(args.mask) if args.mask else None
 
 
 def check_edit_input(args: argparse.Namespace) -> str | None:

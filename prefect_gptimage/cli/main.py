@@ -205,7 +205,16 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "input_fidelity",
         "sync_mode",
     )
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    fields = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    from prefect_gptimage.cli.edit import local_ref  # local inputs: relative to the working dir
+
+    for name in ("image_urls", "mask_image_url"):
+        if fields.get(name):
+            value = fields[name]
+            fields[name] = (
+                [local_ref(u) for u in value] if isinstance(value, list) else local_ref(value)
+            )
+    return fields
 
 
 def _fail_usage(message: str) -> int:
@@ -255,9 +264,10 @@ def check_input(args: argparse.Namespace) -> str | None:
 
             return check_edit_input(args) or _bucket_problem(args.bucket)
         if args.command == "generate":
+            from prefect_gptimage.prompts import check_local_inputs
             from prefect_gptimage.schemas import parse_request
 
-            parse_request(request_fields(args))
+            check_local_inputs(parse_request(request_fields(args)))
         else:
             if args.concurrency < 1:
                 return "--concurrency: must be at least 1"
