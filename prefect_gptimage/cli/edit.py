@@ -21,7 +21,14 @@ from typing import Any
 from prefect_gptimage.cli._signals import Interrupts
 from prefect_gptimage.errors import InvalidRequestError
 
-__all__ = ["EDIT_FIELDS", "add_edit_parser", "check_edit_input", "cmd_edit", "local_ref"]
+__all__ = [
+    "EDIT_FIELDS",
+    "RUN_ARGUMENTS",
+    "add_edit_parser",
+    "check_edit_input",
+    "cmd_edit",
+    "local_ref",
+]
 
 #: The request fields ``edit`` takes as options, the same for every image.
 EDIT_FIELDS = (
@@ -31,6 +38,23 @@ EDIT_FIELDS = (
     "background",
     "output_format",
     "input_fidelity",
+)
+
+
+#: The command's options passed to the flow under the same names.
+RUN_ARGUMENTS = (
+    "bucket",
+    "prefix",
+    "concurrency",
+    "output_dir",
+    "max_cost",
+    "timeout",
+    "refresh",
+    "resubmit_unknown",
+    "lookahead",
+    "store_io",
+    "media_expires",
+    "input_link_expires",
 )
 
 
@@ -135,22 +159,11 @@ def cmd_edit(args: argparse.Namespace, interrupts: Interrupts) -> int:
     state = edit_folder_to_s3.with_options(on_running=[interrupts.reclaim])(  # type: ignore[list-item]
         args.source,
         args.prompt,
-        bucket=args.bucket,
-        prefix=args.prefix,
         mask=_mask(args),
         options=_fields(args),
-        concurrency=args.concurrency,
-        output_dir=args.output_dir,
-        max_cost=args.max_cost,
-        timeout=args.timeout,
-        refresh=args.refresh,
-        resubmit_unknown=args.resubmit_unknown,
-        lookahead=args.lookahead,
         stop=interrupts.stop,
-        store_io=args.store_io,
-        media_expires=args.media_expires,
-        input_link_expires=args.input_link_expires,
         return_state=True,
+        **{name: getattr(args, name) for name in RUN_ARGUMENTS},
     )
     interrupts.returned = True
     return emit_batch_state(state, args.json)
