@@ -1,8 +1,10 @@
 """The identity of a paid request: what the submit cache keys on.
 
 :func:`request_fingerprint` hashes the endpoint, the normalized request and the variant, with
-presigned input URLs counted by object (:func:`stable_url`), so the same request is the same
-fingerprint on every run. Imported through :mod:`prefect_gptimage.schemas`.
+an edit's inputs counted by content: the sha256 of the bytes read (``input_sources``, filled in
+by :mod:`prefect_gptimage.inputs`), else presigned URLs by object (:func:`stable_url`). So the
+same request is the same fingerprint on every run, however its inputs were signed or uploaded,
+and an input whose bytes changed is a new request. Imported through :mod:`prefect_gptimage.schemas`.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ def stable_url(url: str) -> str:
 def request_fingerprint(request: AnyRequest, variant: int = 0) -> str:
     """sha256 of the endpoint and the normalized request: the identity of a paid request.
 
-    Input images given as presigned URLs count by object, not by signature, so an edit of a
-    staged image is the same request on every run.
+    Input images the package read (``input_sources``) count by their bytes' sha256; other
+    presigned URLs by object, not by signature. So an edit is the same request on every run.
     """
     arguments = request.to_arguments()
+    for source in getattr(request, "input_sources", ()):
+        content = f"sha256:{source.sha256}"
+        if source.role == "mask" and arguments.get("mask_image_url"):
+            arguments["mask_image_url"] = content
+        elif source.role == "image" and source.index < len(arguments.get("image_urls", [])):
+            arguments["image_urls"][source.index] = content
     for field in ("image_urls", "mask_image_url"):
         value = arguments.get(field)
         if isinstance(value, list):

@@ -17,14 +17,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from prefect_gptimage._input_refs import InputSource, check_input_ref, input_kind
 from prefect_gptimage.errors import InvalidRequestError
 
 TEXT_TO_IMAGE_ENDPOINT = "fal-ai/gpt-image-1.5"
@@ -145,6 +148,8 @@ class _RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoint: ClassVar[str]
+    #: Fields that are the package's own record, never sent to fal (see :meth:`to_arguments`).
+    local_fields: ClassVar[frozenset[str]] = frozenset()
 
     prompt: str = Field(min_length=2, max_length=32000, description="What to draw.")
     background: Background = "auto"
@@ -180,7 +185,7 @@ class _RequestBase(BaseModel):
 
     def to_arguments(self) -> dict[str, Any]:
         """The JSON body for fal, every default spelled out (the normalized request)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True, exclude=set(self.local_fields))
 
     @property
     def content_type(self) -> str:
@@ -212,24 +217,45 @@ class GptImageRequest(_RequestBase):
 class GptImageEditRequest(_RequestBase):
     """Input of ``fal-ai/gpt-image-1.5/edit``.
 
+    ``image_urls`` and ``mask_image_url`` take http(s) URLs and ``data:`` URIs (fal fetches
+    them), and also absolute local paths and ``s3://bucket/key`` URIs: those are read, checked
+    and made fetchable by :mod:`prefect_gptimage.inputs` before anything is submitted, which
+    records each input's sha256 in ``input_sources`` (the request's identity, never sent).
+
+    The mask (OpenAI's definition, which fal passes on): a PNG with an alpha channel, the size
+    of the first image, whose fully transparent pixels (alpha 0) mark where the first image is
+    edited. When both sizes are known (the inputs were read), a mismatch is refused here.
+
     Example:
         >>> GptImageEditRequest(prompt="make it night", image_urls=["https://x/a.png"]).image_size
         'auto'
     """
 
     endpoint: ClassVar[str] = EDIT_ENDPOINT
+    local_fields: ClassVar[frozenset[str]] = frozenset({"input_sources"})
 
-    image_urls: list[str] = Field(min_length=1, description="Images to edit (URLs or data: URIs).")
+    image_urls: list[str] = Field(
+        min_length=1,
+        description="Images to edit: URLs, data: URIs, absolute local paths or s3:// URIs.",
+    )
     image_size: EditImageSize = "auto"
     input_fidelity: InputFidelity = "high"
-    mask_image_url: str | None = Field(default=None, description="What part of the image to edit.")
+    mask_image_url: str | None = Field(
+        default=None,
+        description="Where to edit the first image: its fully transparent pixels (a PNG mask).",
+    )
+    input_sources: tuple[InputSource, ...] = Field(
+        default=(),
+        description="What each input was read from, with its sha256 (filled in when the "
+        "inputs are made fetchable; the request's identity; never sent to fal).",
+    )
 
     @field_validator("image_urls")
     @classmethod
     def _input_urls(cls, value: list[str]) -> list[str]:
         for position, url in enumerate(value):
             try:
-                check_input_url(url)
+                check_input_ref(url)
             except ValueError as exc:
                 raise ValueError(f"item {position}: {exc}") from None
         return value
@@ -237,7 +263,43 @@ class GptImageEditRequest(_RequestBase):
     @field_validator("mask_image_url")
     @classmethod
     def _mask_url(cls, value: str | None) -> str | None:
-        return value if value is None else check_input_url(value)
+        return value if value is None else check_input_ref(value)
+
+    @model_validator(mode="after")
+    def _mask_fits_its_image(self) -> GptImageEditRequest:
+        """A mask must be the first image's size (checked when both were read)."""
+        images = [s for s in self.input_sources if s.role == "image" and s.index == 0]
+        masks = [s for s in self.input_sources if s.role == "mask"]
+        if images and masks:
+            first, mask = images[0], masks[0]
+            if (first.width, first.height) != (mask.width, mask.height):
+                raise PydanticCustomError(
+                    "mask_size",
+                    "mask_image_url: the mask {mask} is {mask_size}, its image {image} is "
+                    "{image_size}: they must be the same size",
+                    {
+                        "mask": shorten(mask.source),
+                        "mask_size": f"{mask.width}x{mask.height}",
+                        "image": shorten(first.source),
+                        "image_size": f"{first.width}x{first.height}",
+                    },
+                )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _sources_only_when_read(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """``input_sources`` is stored only when inputs were read: a request without it
+        serializes as exactly what fal gets (as before inputs were read)."""
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("input_sources", True):
+            del data["input_sources"]
+        return data
+
+    @property
+    def unresolved_inputs(self) -> list[str]:
+        """The inputs fal cannot fetch yet (local paths, ``s3://`` URIs), in order."""
+        refs = [*self.image_urls, *([self.mask_image_url] if self.mask_image_url else [])]
+        return [r for r in refs if input_kind(r) in ("local", "s3")]
 
 
 AnyRequest = GptImageRequest | GptImageEditRequest

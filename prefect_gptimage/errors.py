@@ -4,7 +4,8 @@
 
     GptImageError
     ├── InvalidRequestError          bad input, raised before any network call
-    │   └── InvalidPromptFile        bad rows in a prompt file (every one listed)
+    │   ├── InvalidPromptFile        bad rows in a prompt file (every one listed)
+    │   └── InputImageError          an edit's input cannot be read, is no image, is too large
     ├── ConfigurationError           missing key, bad setting
     ├── FalError                     something fal (or the way to it) said or did
     │   ├── TransientFalError        429, 408/409, 5xx, timeouts, dropped connections
@@ -236,6 +237,23 @@ class InvalidPromptFile(InvalidRequestError):
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         super().__init__(problems[0][1], f"{path}: {shown}{more}")
         self.message = f"{path}: {shown}{more}"
+
+
+class InputImageError(InvalidRequestError):
+    """An edit's input image cannot be used: a missing or unreadable file, a missing S3 object,
+    access denied, not an image, too large. One line naming the input; raised before anything
+    is submitted.
+
+    ``field`` is ``image_urls`` or ``mask_image_url``; ``source`` the input as the user named it.
+    """
+
+    def __init__(self, field: str, source: str, reason: str) -> None:
+        self.source, self.reason = source, reason
+        shown = source if len(source) <= 200 else source[:197] + "..."
+        super().__init__(field, f"{shown}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.field, self.source, self.reason))
 
 
 class S3StagingError(GptImageError):

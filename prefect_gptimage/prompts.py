@@ -10,6 +10,11 @@ never sent to fal.
 CSV cells are text: empty cells mean "fal's default", ``num_images`` and ``sync_mode`` are read
 as numbers and booleans, and ``image_urls`` holds a JSON list or URLs separated by ``|``.
 
+An edit row's inputs (``image_urls``, ``mask_image_url``) may be URLs, ``s3://bucket/key`` URIs
+or local paths: a relative path is read relative to the prompt file's folder, and a local input
+that does not exist is a bad row (line and field), reported with the others before anything is
+paid. (Reading and checking the images is the flows' job: :mod:`prefect_gptimage.inputs`.)
+
 Files must be UTF-8 (a byte-order mark is accepted in both formats). A malformed file, whatever
 is wrong with it (another encoding, ``NaN``/``Infinity`` or a 5000-digit integer in JSON, absurdly
 deep nesting, a CSV field over 131,072 characters), raises :class:`InvalidPromptFile` naming the
@@ -28,6 +33,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +41,13 @@ from typing import Any
 
 from prefect_gptimage.errors import InvalidPromptFile, InvalidRequestError
 from prefect_gptimage.s3.keys import slugify
-from prefect_gptimage.schemas import AnyRequest, parse_request, request_fingerprint
+from prefect_gptimage.schemas import (
+    AnyRequest,
+    GptImageEditRequest,
+    input_kind,
+    parse_request,
+    request_fingerprint,
+)
 
 EXTRA_COLUMNS = ("variant",)
 
@@ -194,18 +206,54 @@ def _variant(value: Any) -> int:
     return number
 
 
+def _relative_path(ref: Any) -> bool:
+    """Whether ``ref`` is a relative local path (no scheme, not absolute)."""
+    if not isinstance(ref, str) or not ref.strip() or os.path.isabs(ref.strip()):
+        return False
+    head = ref.strip().split("/", 1)[0]
+    return ":" not in head
+
+
+def _anchored(ref: Any, base_dir: Path | None) -> Any:
+    """A relative local path made absolute against ``base_dir`` (the prompt file's folder)."""
+    if base_dir is None or not _relative_path(ref):
+        return ref
+    return os.path.normpath(os.path.join(base_dir, ref.strip()))
+
+
+def check_local_inputs(request: AnyRequest) -> None:
+    """An edit's local input that is not a file: :class:`InvalidRequestError` (field and item),
+    found before anything is read or paid (a prompt file's row, the CLI's arguments)."""
+    if not isinstance(request, GptImageEditRequest):
+        return
+    named = [("image_urls", f"item {i}: ", ref) for i, ref in enumerate(request.image_urls)]
+    if request.mask_image_url:
+        named.append(("mask_image_url", "", request.mask_image_url))
+    for field, item, ref in named:
+        if input_kind(ref) == "local" and not os.path.isfile(ref):
+            raise InvalidRequestError(field, f"{item}{ref}: no such file")
+
+
 def row_to_request(
-    cells: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    cells: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+    base_dir: Path | None = None,
 ) -> PromptRow:
-    """Validate one row (``defaults`` fill the cells it leaves empty)."""
+    """Validate one row (``defaults`` fill the cells it leaves empty; ``base_dir``: the folder
+    relative input paths are read from, the prompt file's)."""
     fields = {**(defaults or {}), **cells}
     variant = _variant(fields.pop("variant", 0))
     if "image_urls" in fields:
         fields["image_urls"] = _image_urls(fields["image_urls"])
+        if isinstance(fields["image_urls"], list):
+            fields["image_urls"] = [_anchored(u, base_dir) for u in fields["image_urls"]]
+    if "mask_image_url" in fields:
+        fields["mask_image_url"] = _anchored(fields["mask_image_url"], base_dir)
     # a misspelt column is named with the column it probably is, ``variant`` included
-    return PromptRow(
-        line=0, request=parse_request(fields, known_names=EXTRA_COLUMNS), variant=variant
-    )
+    request = parse_request(fields, known_names=EXTRA_COLUMNS)
+    if base_dir is not None:
+        check_local_inputs(request)
+    return PromptRow(line=0, request=request, variant=variant)
 
 
 def load_prompt_file(
@@ -226,7 +274,7 @@ def load_prompt_file(
         _check_encoding(path)
         for line, cells in reader(path):
             try:
-                row = row_to_request(cells, defaults)
+                row = row_to_request(cells, defaults, path.parent.absolute())
             except InvalidRequestError as exc:
                 problems.append((line, exc.field, str(exc)))
             except (ValueError, TypeError, ArithmeticError) as exc:
@@ -245,6 +293,45 @@ def load_prompt_file(
     if not rows:
         raise InvalidRequestError("prompt_file", f"{path} has no prompts")
     return rows
+
+
+#: Edit inputs read, checked and staged at once by :func:`resolve_row_inputs` (I/O bound).
+RESOLVE_THREADS = 8
+
+
+def resolve_row_inputs(rows: list[PromptRow], resolver: Any, where: str) -> list[PromptRow]:
+    """``rows`` with their edits' inputs resolved by ``resolver`` (an
+    :class:`~prefect_gptimage.inputs.InputResolver`), a few at a time, in row order.
+
+    Every bad input of every row is reported at once, as :class:`InvalidPromptFile` naming
+    ``where`` (the file, the folder) and each row's line: ``line 3: image_urls: <input>: no
+    such S3 object``. Rows without local, ``s3://`` or ``data:`` inputs are returned as they are.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def resolved(row: PromptRow) -> PromptRow | tuple[int, str, str]:
+        try:
+            request = resolver.resolve(row.request)
+        except InvalidRequestError as exc:
+            return (row.line, exc.field, str(exc))
+        return PromptRow(line=row.line, request=request, variant=row.variant)
+
+    with ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="gptimage-inputs") as pool:
+        outcomes = list(pool.map(resolved, rows))
+    problems = [o for o in outcomes if not isinstance(o, PromptRow)]
+    if problems:
+        raise InvalidPromptFile(where, problems)
+    return [o for o in outcomes if isinstance(o, PromptRow)]
+
+
+def reads_inputs(rows: list[PromptRow]) -> bool:
+    """Whether any row is an edit with an input the package reads (local, ``s3://``, ``data:``)."""
+    return any(
+        input_kind(ref) in ("local", "s3", "data")
+        for row in rows
+        if isinstance(row.request, GptImageEditRequest)
+        for ref in (*row.request.image_urls, row.request.mask_image_url or "")
+    )
 
 
 def run_key_for(prompt_file: str | Path, defaults: dict[str, Any] | None = None) -> str:

@@ -24,6 +24,13 @@ from prefect_gptimage._fingerprint import (
     request_fingerprint,
     stable_url,
 )
+from prefect_gptimage._input_refs import (
+    InputKind,
+    InputSource,
+    check_input_ref,
+    input_kind,
+    split_s3_uri,
+)
 from prefect_gptimage._output_models import (
     DEFAULT_MAX_BODY_BYTES,
     REQUEST_ID_PATTERN,
@@ -78,16 +85,21 @@ __all__ = [
     "ImageFile",
     "ImageSize",
     "InputFidelity",
+    "InputKind",
+    "InputSource",
     "OutputFormat",
     "Quality",
     "RequestHandle",
     "check_image_count",
+    "check_input_ref",
     "check_input_url",
     "check_request_id",
     "did_you_mean",
+    "input_kind",
     "parse_request",
     "request_fingerprint",
     "request_for_endpoint",
     "shorten",
+    "split_s3_uri",
     "stable_url",
 ]

@@ -129,6 +129,49 @@ class GptImageSettings(PrefectBaseSettings):
         ),
     )
 
+    # -- edit inputs and retention at fal (issue 19) ---------------------------------------
+    input_max_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Largest input image an edit takes (OpenAI's limit for GPT image edits is 50 MB); "
+            "a larger input is refused before anything is paid."
+        ),
+    )
+    inline_input_max_bytes: int = Field(
+        default=7 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Largest local or s3:// input sent inline as a data: URI when the run has no "
+            "bucket (fal's toolkit caps data URIs at 10 MB, base64 adds a third); larger ones "
+            "need a bucket to be staged under <prefix>/inputs/."
+        ),
+    )
+    input_link_expires: int = Field(
+        default=3600,
+        ge=1,
+        le=604800,
+        description=(
+            "Seconds the presigned links to staged edit inputs stay valid: fal fetches them "
+            "once, when the request starts, so keep it short (longer than a queue wait)."
+        ),
+    )
+    store_io: bool = Field(
+        default=True,
+        description=(
+            "Let fal keep each request's payloads (its JSON input and output, 30 days by "
+            "default); false sends X-Fal-Store-IO: 0. fal's CDN media are not affected."
+        ),
+    )
+    media_expires: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Seconds fal keeps the images it generates on its CDN "
+            "(X-Fal-Object-Lifecycle-Preference); None: fal's default (at least 7 days)."
+        ),
+    )
+
     @field_validator("allowed_media_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

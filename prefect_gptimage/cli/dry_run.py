@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gptimage.pricing import estimate_cost
-from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
+from prefect_gptimage.prompts import (
+    PromptRow,
+    load_prompt_file,
+    reads_inputs,
+    resolve_row_inputs,
+    run_key_for,
+    unique_rows,
+)
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.reporting.wording import counted, dry_run_message
 
@@ -194,7 +201,12 @@ def plan_dry_run(
 
     Raises what the flow would (``InvalidRequestError``, ``ConfigurationError``).
     """
-    rows = unique_rows(load_prompt_file(prompt_file))
+    rows = load_prompt_file(prompt_file)
+    if reads_inputs(rows):  # edits of local/s3:// inputs: read and checked, keyed by content
+        from prefect_gptimage.inputs import InputResolver
+
+        rows = resolve_row_inputs(rows, InputResolver(read_only=True), prompt_file)
+    rows = unique_rows(rows)
     _validate_run_options(bucket, prefix, max_cost)
     if certainly_no_records():
         cost, cached, note = _uncached_cost(rows), 0, None

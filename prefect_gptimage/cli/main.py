@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(batch)
 
+    from prefect_gptimage.cli.edit import add_edit_parser  # `edit`: its code is in cli/edit.py
+
+    add_edit_parser(sub, _add_run_options)
+
     demo = sub.add_parser(
         "demo",
         help="run a sample batch offline: bundled emulator, local S3",
@@ -201,7 +205,16 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "input_fidelity",
         "sync_mode",
     )
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    fields = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    from prefect_gptimage.cli.edit import local_ref  # local inputs: relative to the working dir
+
+    for name in ("image_urls", "mask_image_url"):
+        if fields.get(name):
+            value = fields[name]
+            fields[name] = (
+                [local_ref(u) for u in value] if isinstance(value, list) else local_ref(value)
+            )
+    return fields
 
 
 def _fail_usage(message: str) -> int:
@@ -246,10 +259,15 @@ def check_input(args: argparse.Namespace) -> str | None:
     """What is wrong with the command's input, found without Prefect (imports included), or
     None. Nothing is started, submitted or written before these pass."""
     try:
+        if args.command == "edit":
+            from prefect_gptimage.cli.edit import check_edit_input
+
+            return check_edit_input(args) or _bucket_problem(args.bucket)
         if args.command == "generate":
+            from prefect_gptimage.prompts import check_local_inputs
             from prefect_gptimage.schemas import parse_request
 
-            parse_request(request_fields(args))
+            check_local_inputs(parse_request(request_fields(args)))
         else:
             if args.concurrency < 1:
                 return "--concurrency: must be at least 1"
@@ -331,14 +349,19 @@ def cmd_batch(args: argparse.Namespace, interrupts: Interrupts) -> int:
         return_state=True,
     )
     interrupts.returned = True
+    return emit_batch_state(state, args.json)
+
+
+def emit_batch_state(state: Any, as_json: bool) -> int:
+    """A batch-shaped flow's final state printed (its summary, or the error before paying)."""
     summary: Any = state.result(raise_on_failure=False)
     if isinstance(summary, BatchIncomplete):  # some rows failed: report them with the rest
         summary = summary.summary
     if isinstance(summary, BaseException):
-        return _emit_or_fail(summary, args.json)
+        return _emit_or_fail(summary, as_json)
     if not state.is_completed():
         print(state.message, file=sys.stderr)
-    return _emit(summary, args.json, ok=state.is_completed())
+    return _emit(summary, as_json, ok=state.is_completed())
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
@@ -379,7 +402,9 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
             )
     start_api(args.verbose)
-    commands = {"generate": cmd_generate, "batch": cmd_batch}
+    from prefect_gptimage.cli.edit import cmd_edit
+
+    commands = {"generate": cmd_generate, "batch": cmd_batch, "edit": cmd_edit}
     return commands[args.command](args, interrupts)
 
 

@@ -47,6 +47,18 @@ class RunOptions(BaseModel):
         default=None, ge=0, description="Refuse (or stop paying) beyond this many USD."
     )
     cluster: str | None = Field(default=None, description="A Dask scheduler address.")
+    store_io: bool | None = Field(
+        default=None, description="False: X-Fal-Store-IO: 0 (None: PREFECT_GPTIMAGE_STORE_IO)."
+    )
+    media_expires: int | None = Field(
+        default=None, ge=1, description="Seconds fal keeps the images (None: the setting)."
+    )
+    input_link_expires: int | None = Field(
+        default=None,
+        ge=1,
+        le=604800,
+        description="Lifetime of the links to staged edit inputs, seconds (None: the setting).",
+    )
 
     def generation(self, output_dir: str, stop: Any = None) -> GenerationOptions:
         """The options of each row's request (its ``variant`` is set per row); ``stop``: the
@@ -60,4 +72,6 @@ class RunOptions(BaseModel):
             resubmit_unknown=self.resubmit_unknown,
             max_in_flight=self.concurrency,
             lookahead=self.lookahead,
+            store_io=self.store_io,
+            media_expires=self.media_expires,
         )

@@ -137,7 +137,18 @@ def submit(
     start_timeout: float | None = None,
     headers: dict[str, str] | None = None,
 ) -> Steps[RequestHandle]:
-    """Submit (billable), resending only what provably never reached fal's queue."""
+    """Submit (billable), resending only what provably never reached fal's queue.
+
+    A request naming inputs fal cannot fetch (local paths, ``s3://``) is refused unsent: the
+    inputs layer (:mod:`prefect_gptimage.inputs`) makes them fetchable first.
+    """
+    unresolved = getattr(request, "unresolved_inputs", None)
+    if unresolved:
+        raise InvalidRequestError(
+            "image_urls",
+            f"{unresolved[0]!r} is not fetchable by fal: resolve the request's inputs first "
+            "(prefect_gptimage.inputs.resolve_inputs; the flows and tasks do it)",
+        )
     op = Submit(request, submit_headers(start_timeout, headers))
 
     def attempt() -> Steps[RequestHandle]:

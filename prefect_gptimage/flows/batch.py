@@ -41,32 +41,23 @@ Example:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.states import Completed, Failed
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.engine.budget import refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_cost as plan_cost  # re-exported
-from prefect_gptimage.engine.plan import plan_rows
-from prefect_gptimage.engine.run import RowEngine, stopped_state
+from prefect_gptimage.engine.plan import plan_rows as plan_rows  # re-exported
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.errors import BatchIncomplete
-from prefect_gptimage.flows._fanout import check_cluster, row_runner
+from prefect_gptimage.flows._edit_inputs import prepare_inputs, warn_retention
 from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
-from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
+from prefect_gptimage.flows._row_batch import run_rows
+from prefect_gptimage.prompts import load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
-from prefect_gptimage.reporting.wording import counted, dry_run_message
-from prefect_gptimage.s3 import S3Target
-from prefect_gptimage.s3.preflight import probe_bucket
-from prefect_gptimage.tasks.generate import GenerationOptions
-from prefect_gptimage.tasks.rows import generate_and_stage
 
 __all__ = ["batch_to_s3", "plan_cost", "plan_rows"]
 
@@ -89,6 +80,9 @@ def batch_to_s3(
     lookahead: int | None = None,
     cluster: str | None = None,
     stop: Stop | None = None,
+    store_io: bool | None = None,
+    media_expires: int | None = None,
+    input_link_expires: int | None = None,
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
@@ -119,10 +113,16 @@ def batch_to_s3(
 
     ``stop``: a :class:`~prefect_gptimage.engine.stop.Stop` to stop the batch from outside (see
     the module docs, "Stopping").
+
+    Edit rows may name local files (relative to the prompt file) and ``s3://`` objects: they are
+    read, checked and staged under ``<prefix>/inputs/`` before the first submit (see
+    :mod:`prefect_gptimage.inputs`), their links valid ``input_link_expires`` seconds (None:
+    ``PREFECT_GPTIMAGE_INPUT_LINK_EXPIRES``). ``store_io=False`` asks fal not to keep the
+    requests' payloads; ``media_expires`` is how long fal keeps the images (None: the settings).
     """
     log = get_run_logger()
     max_cost = check_budget(max_cost)
-    rows = unique_rows(load_prompt_file(prompt_file, defaults))
+    rows = load_prompt_file(prompt_file, defaults)
     target, s3_client = preflight_bucket(
         bucket, prefix, presign_expires=presign_expires, probe=False
     )
@@ -139,55 +139,17 @@ def batch_to_s3(
         lookahead=lookahead,
         max_cost=max_cost,
         cluster=cluster,
+        store_io=store_io,
+        media_expires=media_expires,
+        input_link_expires=input_link_expires,
     )
+    warn_retention(options, log)
+    # edit inputs read, checked and staged before anything is paid: identity is their sha256
+    rows, resolver = prepare_inputs(
+        rows, str(prompt_file), options, target, s3_client, dry_run=dry_run
+    )
+    rows = unique_rows(rows)
     run_key = run_key_for(prompt_file, defaults)
-    plan = plan_rows(rows, resubmit_unknown=resubmit_unknown, refresh=refresh)
-    summary = RunSummary(estimated_cost_usd=plan.cost)
-    engine = RowEngine(
-        options, run_key, target, s3_client, summary, partial(row_runner, cluster), stop
+    return run_rows(
+        rows, run_key, options, target, s3_client, dry_run=dry_run, stop=stop, resolver=resolver
     )
-    log.info(
-        "%s: %s, %d cached, estimated cost $%.3f",
-        run_key,
-        counted(len(rows), "request"),
-        plan.cached,
-        plan.cost,
-    )
-    if dry_run:
-        return Completed(data=summary, message=dry_run_message(plan.cost, len(rows), plan.cached))
-    refused = refuse_over_budget(run_key, plan, len(rows), max_cost, summary)
-    if refused is not None:
-        return refused
-    if cluster:
-        check_cluster(cluster, log)  # reachable, with a server the workers share: before paying
-    if target is not None:
-        probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
-    generation = options.generation(str(engine.out), engine.stop)
-    result = engine.run(
-        rows, generate_and_stage, partial(_row_parameters, target, generation, options)
-    )
-    state, summary = result.state, result.summary
-    if result.interrupted:
-        return stopped_state(result)  # Failed, or Cancelled when Prefect cancelled the run
-    if summary.ok:
-        return state
-    # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
-    return Failed(message=state.message, data=BatchIncomplete(summary, state.message))
-
-
-def _row_parameters(
-    target: S3Target | None, generation: GenerationOptions, options: RunOptions, row: PromptRow
-) -> dict[str, Any]:
-    """The row task's parameters for ``row``."""
-    return {
-        "request": row.request,
-        "target": target,
-        "options": generation.model_copy(update={"variant": row.variant}),
-        "line": row.line,
-        # a row on another process cannot see this flow's client: it gets the block
-        **(
-            {"bucket_block": options.bucket}
-            if options.cluster and isinstance(options.bucket, S3Bucket)
-            else {}
-        ),
-    }

@@ -18,6 +18,12 @@ source gets no upstream asset: its URL is not a durable identity (it may change,
 someone else's), so instead it is listed, signature dropped, in the metadata's ``inputs``;
 ``data:`` inputs are listed as ``data:`` with their length.
 
+An edit whose inputs the package read (``input_sources``: local files, ``s3://`` objects,
+``data:`` URIs; see :mod:`prefect_gptimage.inputs`) names the inputs themselves instead: an
+``s3://`` input's upstream asset is its own ``s3://bucket/key``, a local file's is its
+``file://`` URI, and ``inputs`` lists each as ``<source> sha256:<hex>`` (a ``data:`` input by
+its length), so source → edit → manifest is visible in the asset events.
+
 **How, with Prefect's public API.** Keys are known only after fal answers, so each group of
 images gets a small materializing task made on the spot with
 ``prefect.assets.materialize(*keys, asset_deps=[source], ...)``, whose body records each key's
@@ -78,6 +84,7 @@ __all__ = [
     "assets_enabled",
     "input_refs",
     "materialize_assets",
+    "source_asset",
     "source_asset_key",
 ]
 
@@ -123,9 +130,41 @@ def source_asset_key(url: str, bucket: str) -> str | None:
     return f"s3://{bucket}/{key}" if key and not key.endswith("/") else None
 
 
+def source_asset(source: str) -> str | None:
+    """The asset key of an input the package read: ``s3://`` as it is, a local path as its
+    ``file://`` URI; None for ``data:`` (no durable identity) and for a name Prefect refuses
+    as a key (spaces, ``%``, over 512 characters: the input is still listed in ``inputs``).
+
+    Example:
+        >>> source_asset("/photos/shoe.png"), source_asset("s3://photos/shoe.png")
+        ('file:///photos/shoe.png', 's3://photos/shoe.png')
+        >>> source_asset("/photos/shoe 1.png") is None
+        True
+    """
+    from prefect.assets import Asset
+
+    if source.startswith("s3://"):
+        key = source
+    elif source.startswith("/"):
+        key = f"file://{source}"
+    else:
+        return None
+    try:
+        Asset(key=key)
+    except ValueError:
+        return None
+    return key
+
+
 def input_refs(request: AnyRequest, bucket: str) -> tuple[list[str], list[str]]:
     """An edit's inputs: (upstream asset keys, what to list in the metadata's ``inputs``)."""
     from prefect_gptimage.schemas import stable_url
+
+    sources = getattr(request, "input_sources", ())
+    if sources:
+        keys = [source_asset(s.source) for s in sources]
+        read = [f"{s.source} sha256:{s.sha256}"[:500] for s in sources]
+        return list(dict.fromkeys(k for k in keys if k is not None)), read
 
     urls = list(getattr(request, "image_urls", None) or [])
     mask = getattr(request, "mask_image_url", None)

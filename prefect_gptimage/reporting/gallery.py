@@ -241,6 +241,8 @@ figure{{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding
 img{{width:100%;height:auto;display:block;border-radius:4px}}
 figcaption{{font-size:.85rem;margin-top:.4rem;word-wrap:break-word}}
 .meta{{color:#666;font-size:.75rem}} .fail{{color:#a00}}
+.pair{{display:flex;gap:.4rem;align-items:center}} .pair>*{{flex:1;min-width:0}}
+.inputs img{{opacity:.9;margin-bottom:.2rem}}
 </style></head><body>
 <h1>{title}</h1>
 <p>{summary}</p>
@@ -305,9 +307,15 @@ class HtmlGallery:
         )
         if ocr is not None:
             meta += f" · {ocr.label()}"
-        figure = (
-            f'<figure><a href="{src}"><img src="{src}" loading="lazy" '
+        output = (
+            f'<a href="{src}"><img src="{src}" loading="lazy" '
             f'alt="{esc(prompt[:200], quote=True)}"></a>'
+        )
+        inputs = self._inputs(request)
+        if inputs:  # an edit: its inputs beside the output
+            output = f"<div class=pair><div class=inputs>{inputs}</div><div>{output}</div></div>"
+        figure = (
+            f"<figure>{output}"
             f"<figcaption>{esc(prompt)}<div class=meta>{esc(meta)}<br>"
             f"{esc(image.request_id)} #{image.index} · {esc(where)}</div>"
             "</figcaption></figure>\n"
@@ -315,6 +323,21 @@ class HtmlGallery:
         with self._lock:
             self._body.write(figure)
             self.images += 1
+
+    def _inputs(self, request: AnyRequest | None) -> str:
+        """Thumbnails of an edit's inputs the package read (local files through relative
+        paths, staged ones through their presigned links), each titled with its source."""
+        esc = html.escape
+        shown = []
+        for source in getattr(request, "input_sources", ()):
+            if source.source.startswith("/"):
+                src = esc(_local_src(source.source, self.path.parent), quote=True)
+            else:  # the link fal was given (presigned), or "#" for an inline one
+                urls = [*getattr(request, "image_urls", []), getattr(request, "mask_image_url", "")]
+                src = safe_url(urls[-1 if source.role == "mask" else source.index] or "")
+            title = esc(f"{source.role}: {source.source} sha256:{source.sha256[:12]}", quote=True)
+            shown.append(f'<img src="{src}" loading="lazy" title="{title}" alt="{title}">')
+        return "".join(shown)
 
     def add_failure(self, failure: FailureLike) -> None:
         """List a failed prompt, with its reason, below the images."""

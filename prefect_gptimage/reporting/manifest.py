@@ -7,6 +7,11 @@ are replaced by a short digest and the query string of presigned input URLs is d
 manifest never carries megabytes of base64 or a live signature. Presigned *output* URLs are not
 stored either: they expire; the ``s3_uri`` does not.
 
+An edit whose inputs the package read (local files, ``s3://`` objects, ``data:`` URIs: see
+:mod:`prefect_gptimage.inputs`) adds ``"inputs"``, its lineage: one
+:class:`~prefect_gptimage.schemas.InputSource` per input (``role``, ``source`` as the user named
+it, ``sha256`` of the bytes fal got, size). Other lines have no ``"inputs"`` key.
+
 A run through the OCR quality gate adds ``"ocr"`` to its lines, an :class:`OcrVerdictRecord`
 (what OCR read, the expected text, the score, which attempt of how many); other runs' lines have
 no ``"ocr"`` key at all, so their manifests are what they were before the gate existed.
@@ -38,7 +43,7 @@ from prefect_gptimage._files import sweep_stale
 from prefect_gptimage.pricing import price_per_image
 from prefect_gptimage.quality.text import TextVerdict
 from prefect_gptimage.s3 import StagedImage
-from prefect_gptimage.schemas import AnyRequest
+from prefect_gptimage.schemas import AnyRequest, InputSource
 
 __all__ = [
     "FailureLine",
@@ -49,6 +54,7 @@ __all__ = [
     "ManifestWriter",
     "OcrVerdictRecord",
     "cost_per_image",
+    "input_lineage",
     "manifest_parameters",
 ]
 
@@ -88,14 +94,18 @@ class OcrVerdictRecord(TextVerdict):
         return f"OCR {shown:.2f}: {text} {tries}"
 
 
+_INPUTS = "An edit's inputs: where each came from, its sha256."
+
+
 class _Line(BaseModel):
     """A manifest line: its ``ocr`` verdict (the last field) is written only when there is one."""
 
     @model_serializer(mode="wrap")
     def _without_absent_ocr(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
-        if isinstance(data, dict) and data.get("ocr", 0) is None:
-            del data["ocr"]  # a line outside the gate reads as before the gate existed
+        for optional in ("inputs", "ocr"):
+            if isinstance(data, dict) and data.get(optional, 0) is None:
+                del data[optional]  # other lines read as before edits and the gate existed
         return data
 
 
@@ -115,6 +125,7 @@ class ImageLine(_Line):
     bytes: int
     content_type: str
     estimated_cost_usd: float | None = Field(description="Per image, from fal's price table.")
+    inputs: list[InputSource] | None = Field(default=None, description=_INPUTS)
     ocr: OcrVerdictRecord | None = Field(default=None, description="The OCR gate's verdict.")
 
 
@@ -128,6 +139,7 @@ class FailureLine(_Line):
     request_id: str | None = None
     reason: str
     error_type: str | None = None
+    inputs: list[InputSource] | None = Field(default=None, description=_INPUTS)
     ocr: OcrVerdictRecord | None = Field(default=None, description="A gated row's last verdict.")
 
 
@@ -191,6 +203,11 @@ def manifest_parameters(request: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _redact_value(v) for k, v in request.items() if k != "prompt"}
 
 
+def input_lineage(request: AnyRequest) -> list[InputSource] | None:
+    """The inputs an edit read, for its manifest lines (None: nothing was read)."""
+    return list(getattr(request, "input_sources", ())) or None
+
+
 class _Lines:
     """Builds manifest lines; subclasses decide where a line goes (``_append``)."""
 
@@ -221,6 +238,7 @@ class _Lines:
             bytes=staged.bytes,
             content_type=staged.content_type,
             estimated_cost_usd=cost_per_image(request),
+            inputs=input_lineage(request),
             ocr=ocr,
         )
         self._append(line)
@@ -252,6 +270,7 @@ class _Lines:
             request_id=request_id,
             reason=reason[:2000],
             error_type=error_type,
+            inputs=input_lineage(request),
             ocr=ocr,
         )
         self._append(line)

@@ -33,6 +33,8 @@ from prefect_gptimage.errors import (
     PermanentFalError,
     RowInterrupted,
 )
+from prefect_gptimage.fal.retention import Retention
+from prefect_gptimage.inputs import resolve_inputs
 from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
 from prefect_gptimage.schemas import (
@@ -144,6 +146,25 @@ class GenerationOptions(BaseModel):
         description="Download each image as its own task run (default: plain calls, one task "
         "run per request).",
     )
+    store_io: bool | None = Field(
+        default=None,
+        description="Let fal store the request's payloads; False sends X-Fal-Store-IO: 0 "
+        "(None: PREFECT_GPTIMAGE_STORE_IO).",
+    )
+    media_expires: int | None = Field(
+        default=None,
+        ge=1,
+        description="Seconds fal keeps the generated images on its CDN "
+        "(X-Fal-Object-Lifecycle-Preference; None: PREFECT_GPTIMAGE_MEDIA_EXPIRES).",
+    )
+
+    def retention(self) -> Retention:
+        """What fal may keep of each request: these options, else the settings."""
+        settings = get_settings()
+        return Retention(
+            store_io=settings.store_io if self.store_io is None else self.store_io,
+            media_expires=self.media_expires or settings.media_expires,
+        )
 
 
 class Accepted:
@@ -217,6 +238,7 @@ def _submit_and_fetch(
                 options.variant,
                 resubmit_unknown=options.resubmit_unknown,
                 refresh=refresh,
+                retention=options.retention(),
             )
             if accepted is not None:
                 accepted.note(handle, cached)
@@ -277,8 +299,14 @@ def generate(request: AnyRequest, options: GenerationOptions | None = None) -> G
     task calling this is one task run; ``download_tasks=True`` downloads each image as its own
     task run. ``max_in_flight`` lowers the local cap on fal requests (see
     :mod:`prefect_gptimage.tasks.concurrency`).
+
+    An edit naming local files or ``s3://`` objects has them read, checked and sent inline as
+    ``data:`` URIs first (the flows stage them to their bucket instead; see
+    :mod:`prefect_gptimage.inputs`): a bad input raises before anything is paid.
     """
     options = options or GenerationOptions()
+    if getattr(request, "unresolved_inputs", None):
+        request = resolve_inputs(request)
     return _generate(request, options, Accepted())
 
 

@@ -46,7 +46,9 @@ from prefect.transactions import CommitMode, IsolationLevel, transaction
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
+from prefect_gptimage.fal.retention import Retention
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks import cache
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import (
@@ -145,6 +147,13 @@ def submit_request(
     return _submit(request, credentials, variant, start_timeout, resubmit_unknown, _refreshing())
 
 
+def default_retention() -> Retention:
+    """What fal may keep of a request by the settings (``PREFECT_GPTIMAGE_STORE_IO``,
+    ``PREFECT_GPTIMAGE_MEDIA_EXPIRES``)."""
+    settings = get_settings()
+    return Retention(store_io=settings.store_io, media_expires=settings.media_expires)
+
+
 def _submit(
     request: AnyRequest,
     credentials: FalCredentials | None,
@@ -153,18 +162,21 @@ def _submit(
     resubmit_unknown: bool,
     refresh: bool,
     on_send: Callable[[], None] | None = None,
+    retention: Retention | None = None,
 ) -> RequestHandle:
     """The submit itself, under the intent protocol (the task's body and the plain call's).
 
     ``on_send`` is called when a submit is really sent to fal (not when a recorded one is
-    resumed): what this call paid for.
+    resumed): what this call paid for. ``retention``: what fal may keep of it (None: the
+    settings ``PREFECT_GPTIMAGE_STORE_IO`` and ``PREFECT_GPTIMAGE_MEDIA_EXPIRES``).
     """
     client = sync_client(credentials)
+    headers = (retention or default_retention()).headers()
 
     def send() -> RequestHandle:
         if on_send is not None:
             on_send()
-        return client.submit(request, start_timeout=start_timeout)
+        return client.submit(request, start_timeout=start_timeout, headers=headers or None)
 
     handle = guarded_submit(
         request, variant, send, resubmit_unknown=resubmit_unknown, refresh=refresh
@@ -272,8 +284,12 @@ def submit_recorded(
     resubmit_unknown: bool = False,
     refresh: bool = False,
     start_timeout: float | None = None,
+    retention: Retention | None = None,
 ) -> tuple[RequestHandle, bool]:
     """:func:`submit_request` as a plain call: (handle, not paid by this call).
+
+    ``retention``: what fal may keep of the request (None: the settings); not part of its
+    identity (cache key).
 
     Its record is the task's (same key, same store, same lock) and is committed the moment fal
     accepts, so a ``kill -9`` right after is resumed by the next run, not paid again. The flag is
@@ -291,6 +307,7 @@ def submit_recorded(
             resubmit_unknown,
             refresh,
             on_send=lambda: sent.append(True),
+            retention=retention,
         ),
         refresh=refresh,
         locked=True,

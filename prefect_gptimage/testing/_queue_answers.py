@@ -195,6 +195,7 @@ class QueueAnswers(HandlerBase):
             else:
                 detail = JSON_DETAILS.get(code, "The request failed")
                 planned = Failure.server(code, detail, fail.error_type_for_failure())
+        read: list[tuple[str, str]] = []  # the input check's record: (field, sha256)
         req = EmulatedRequest(
             request_id=rid,
             endpoint=endpoint,
@@ -203,8 +204,14 @@ class QueueAnswers(HandlerBase):
             submitted_at=now,
             deadline=None if start_timeout is None else now + start_timeout,
             planned_failure=planned,
-            input_check=core.start_input_check(arguments) if endpoint == EDIT_ENDPOINT else None,
+            input_check=(
+                core.start_input_check(arguments, read) if endpoint == EDIT_ENDPOINT else None
+            ),
             misspell_rate=core.misspell_rate,
+            inputs_read=read,
+            headers={
+                k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-fal-")
+            },
         )
         normalized = json.dumps({"endpoint": endpoint, **arguments}, sort_keys=True)
         with model.cond:

@@ -104,13 +104,15 @@ class EmulatorCore:
             self.model.advance_locked(time.monotonic())
             return self.model.stats_locked(self.faults.fired_total, dict(self.faults.fired_by_kind))
 
-    def start_input_check(self, arguments: dict[str, Any]) -> Future[Failure | None]:
+    def start_input_check(
+        self, arguments: dict[str, Any], read: list[tuple[str, str]] | None = None
+    ) -> Future[Failure | None]:
         fetcher = self.fetcher
         if fetcher is None:
             raise RuntimeError("emulator not started")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(8, thread_name_prefix="fal-emulator-inputs")
-        return self._executor.submit(fetcher.check, arguments)
+        return self._executor.submit(fetcher.check, arguments, read)
 
     def image_text(self, req: EmulatedRequest, index: int) -> str:
         """The text drawn into image ``index`` of ``req``: the prompt's quoted text, maybe

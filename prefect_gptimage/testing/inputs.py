@@ -6,12 +6,16 @@ fetched with httpx (TLS verified against the emulator's CA bundle, so the emulat
 and public CAs both verify), ``data:`` URIs are decoded, and the bytes must be an image.
 The emulator's own ``/files/...`` URLs are resolved in-process (no network, no counters, no
 faults). A failure ends the request with fal's 422 shape, ``loc: ["body", "image_urls"]``.
+Each input read is recorded as ``(field, sha256 of its bytes)`` in the list passed to
+:meth:`InputFetcher.check` (``RequestInfo.input_sha256``), so a test can show that the bytes
+which reached "fal" are the user's.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ssl
 import threading
 from collections.abc import Callable
@@ -95,8 +99,13 @@ class InputFetcher:
         except httpx.HTTPError as exc:
             raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
-    def check(self, arguments: dict[str, Any]) -> Failure | None:
-        """None when every input image is fetchable and an image, else the request's failure."""
+    def check(
+        self, arguments: dict[str, Any], read: list[tuple[str, str]] | None = None
+    ) -> Failure | None:
+        """None when every input image is fetchable and an image, else the request's failure.
+
+        ``read`` receives ``(field, sha256)`` of each input fetched, in order.
+        """
         targets = [("image_urls", str(u)) for u in arguments.get("image_urls") or []]
         if arguments.get("mask_image_url"):
             targets.append(("mask_image_url", str(arguments["mask_image_url"])))
@@ -108,6 +117,8 @@ class InputFetcher:
                 return Failure.validation(
                     field, f"Could not download the file at {shown}: {exc}", "file_download_error"
                 )
+            if read is not None:
+                read.append((field, hashlib.sha256(data).hexdigest()))
             if not is_image(data):
                 return Failure.validation(
                     field, f"The file at {shown} is not a valid image", "image_load_error"

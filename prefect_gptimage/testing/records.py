@@ -93,6 +93,8 @@ class EmulatedRequest:
     outcome: Failure | None = None
     misspell_rate: float = 0.0  # of the quoted text drawn into its images (fixed at submit)
     ordinal: int = 0  # identical inputs accepted before this one
+    inputs_read: list[tuple[str, str]] = field(default_factory=list)  # (field, sha256) fetched
+    headers: dict[str, str] = field(default_factory=dict)  # the submit's X-Fal-* headers
 
     @property
     def prompt(self) -> str:
@@ -109,6 +111,9 @@ class RequestInfo:
 
     Times are Unix timestamps. ``error``/``error_type``/``status_code`` describe a failed
     request (``status_code`` is what its result URL answers: 200 on success).
+    ``input_sha256``: ``(field, sha256)`` of each input image an edit's check fetched so far
+    (``image_urls`` in order, then ``mask_image_url``); ``headers``: the submit's ``X-Fal-*``
+    headers (names lower-cased), e.g. ``x-fal-store-io``.
     """
 
     request_id: str
@@ -122,6 +127,8 @@ class RequestInfo:
     error: str | None
     error_type: str | None
     status_code: int | None
+    input_sha256: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def succeeded(self) -> bool:

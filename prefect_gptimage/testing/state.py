@@ -338,6 +338,8 @@ class QueueModel:
             status_code=(outcome.status_code if outcome else 200)
             if req.status == COMPLETED
             else None,
+            input_sha256=tuple(req.inputs_read),
+            headers=tuple(sorted(req.headers.items())),
         )
 
     def stats_locked(self, faults_fired: int, faults_by_kind: dict[str, int]) -> EmulatorStats:
