@@ -47,6 +47,9 @@ class RunOptions(BaseModel):
         default=None, ge=0, description="Refuse (or stop paying) beyond this many USD."
     )
     cluster: str | None = Field(default=None, description="A Dask scheduler address.")
+    budget_wait: float = Field(
+        default=0.0, ge=0, description="Seconds a submit may wait for the fleet budget to refill."
+    )
 
     def generation(self, output_dir: str, stop: Any = None) -> GenerationOptions:
         """The options of each row's request (its ``variant`` is set per row); ``stop``: the
@@ -60,4 +63,5 @@ class RunOptions(BaseModel):
             resubmit_unknown=self.resubmit_unknown,
             max_in_flight=self.concurrency,
             lookahead=self.lookahead,
+            budget_wait=self.budget_wait,
         )

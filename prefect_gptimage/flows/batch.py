@@ -51,7 +51,7 @@ from prefect.states import Completed, Failed
 from prefect_aws import S3Bucket
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.engine.budget import refuse_over_budget
+from prefect_gptimage.engine.budget import held_back_message, refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_cost as plan_cost  # re-exported
 from prefect_gptimage.engine.plan import plan_rows
@@ -66,6 +66,7 @@ from prefect_gptimage.reporting.wording import counted, dry_run_message
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.prices import load_prices
 from prefect_gptimage.tasks.rows import generate_and_stage
 
 __all__ = ["batch_to_s3", "plan_cost", "plan_rows"]
@@ -89,6 +90,7 @@ def batch_to_s3(
     lookahead: int | None = None,
     cluster: str | None = None,
     stop: Stop | None = None,
+    budget_wait: float = 0.0,
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
@@ -119,9 +121,15 @@ def batch_to_s3(
 
     ``stop``: a :class:`~prefect_gptimage.engine.stop.Stop` to stop the batch from outside (see
     the module docs, "Stopping").
+
+    Prices are read from fal once, before planning (:mod:`prefect_gptimage.tasks.prices`). A
+    fleet budget (:mod:`prefect_gptimage.tasks.fleet_budget`) that cannot cover a row holds it
+    back unpaid (after waiting up to ``budget_wait`` seconds for it to refill); the run goes on
+    and ends Failed, listing the rows held back (see :mod:`prefect_gptimage.engine.budget`).
     """
     log = get_run_logger()
     max_cost = check_budget(max_cost)
+    load_prices(credentials, log)
     rows = unique_rows(load_prompt_file(prompt_file, defaults))
     target, s3_client = preflight_bucket(
         bucket, prefix, presign_expires=presign_expires, probe=False
@@ -139,6 +147,7 @@ def batch_to_s3(
         lookahead=lookahead,
         max_cost=max_cost,
         cluster=cluster,
+        budget_wait=budget_wait,
     )
     run_key = run_key_for(prompt_file, defaults)
     plan = plan_rows(rows, resubmit_unknown=resubmit_unknown, refresh=refresh)
@@ -171,8 +180,9 @@ def batch_to_s3(
         return stopped_state(result)  # Failed, or Cancelled when Prefect cancelled the run
     if summary.ok:
         return state
+    message = held_back_message(summary) or state.message
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
-    return Failed(message=state.message, data=BatchIncomplete(summary, state.message))
+    return Failed(message=message, data=BatchIncomplete(summary, message))
 
 
 def _row_parameters(

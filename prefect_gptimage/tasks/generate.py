@@ -139,6 +139,11 @@ class GenerationOptions(BaseModel):
             "requested, a request not yet submitted is not submitted (fails 'not started')."
         ),
     )
+    budget_wait: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a submit may wait for the fleet budget to refill (0: fail at once).",
+    )
     download_tasks: bool = Field(
         default=False,
         description="Download each image as its own task run (default: plain calls, one task "
@@ -217,6 +222,7 @@ def _submit_and_fetch(
                 options.variant,
                 resubmit_unknown=options.resubmit_unknown,
                 refresh=refresh,
+                budget_wait=options.budget_wait,
             )
             if accepted is not None:
                 accepted.note(handle, cached)

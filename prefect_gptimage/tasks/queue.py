@@ -46,6 +46,7 @@ from prefect.transactions import CommitMode, IsolationLevel, transaction
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
+from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 from prefect_gptimage.tasks import cache
 from prefect_gptimage.tasks._twin import async_twin
@@ -57,6 +58,7 @@ from prefect_gptimage.tasks.cache import (
     submit_cache_key,
 )
 from prefect_gptimage.tasks.concurrency import fal_completed
+from prefect_gptimage.tasks.fleet_budget import take_budget
 from prefect_gptimage.tasks.intents import guarded_submit
 from prefect_gptimage.tasks.policies import body_limits, retry_policy
 
@@ -153,15 +155,19 @@ def _submit(
     resubmit_unknown: bool,
     refresh: bool,
     on_send: Callable[[], None] | None = None,
+    budget_wait: float = 0.0,
 ) -> RequestHandle:
     """The submit itself, under the intent protocol (the task's body and the plain call's).
 
     ``on_send`` is called when a submit is really sent to fal (not when a recorded one is
-    resumed): what this call paid for.
+    resumed): what this call paid for. Right before, the request takes its price from the fleet
+    budget (:func:`~prefect_gptimage.tasks.fleet_budget.take_budget`, waiting up to
+    ``budget_wait`` s): a :class:`~prefect_gptimage.errors.BudgetExhausted` sends nothing.
     """
     client = sync_client(credentials)
 
     def send() -> RequestHandle:
+        take_budget(estimate_cost(request), wait=budget_wait)
         if on_send is not None:
             on_send()
         return client.submit(request, start_timeout=start_timeout)
@@ -272,6 +278,7 @@ def submit_recorded(
     resubmit_unknown: bool = False,
     refresh: bool = False,
     start_timeout: float | None = None,
+    budget_wait: float = 0.0,
 ) -> tuple[RequestHandle, bool]:
     """:func:`submit_request` as a plain call: (handle, not paid by this call).
 
@@ -291,6 +298,7 @@ def submit_recorded(
             resubmit_unknown,
             refresh,
             on_send=lambda: sent.append(True),
+            budget_wait=budget_wait,
         ),
         refresh=refresh,
         locked=True,
