@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from prefect_gptimage.reporting.billing import (
     Reconciliation,
@@ -32,8 +33,9 @@ from prefect_gptimage.reporting.manifest import Manifest
 __all__ = ["add_reconcile_parser", "cmd_reconcile", "reconcile_uri", "reconciled_uri"]
 
 
-def add_reconcile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """The ``reconcile`` sub-command's parser."""
+def add_reconcile_parser(sub: Any) -> None:
+    """The ``reconcile`` sub-command's parser, added to ``sub`` (the ``add_subparsers()`` of
+    the ``prefect-gptimage`` parser)."""
     p = sub.add_parser(
         "reconcile",
         help="add fal's billed cost to a run manifest (needs FAL_ADMIN_KEY)",
