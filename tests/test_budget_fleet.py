@@ -94,11 +94,13 @@ def budget(prefect_server: PrefectServer) -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     name = f"fal-gpt-image-budget-{uuid.uuid4().hex[:6]}"
-    with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
-        with get_client(sync_client=True) as client:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=100, slot_decay_per_second=0.0)
-            )
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=100, slot_decay_per_second=0.0)
+        )
     yield name
 
 
@@ -108,13 +110,13 @@ def update_limit(server: PrefectServer, name: str, limit: int) -> int:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        with get_client(sync_client=True) as client:
-            taken = client.read_global_concurrency_limit_by_name(name).active_slots
-            if limit:
-                client.update_global_concurrency_limit(
-                    name, GlobalConcurrencyLimitUpdate(limit=limit)
-                )
+    with (
+        temporary_settings({PREFECT_API_URL: server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        taken = client.read_global_concurrency_limit_by_name(name).active_slots
+        if limit:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
     return taken
 
 
