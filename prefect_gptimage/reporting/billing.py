@@ -33,6 +33,7 @@ from typing import NamedTuple
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.platform import FalPlatformClient
 from prefect_gptimage.reporting.manifest import FailureLine, ImageLine, Manifest
+from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.retry import RetryPolicy
 from prefect_gptimage.settings import get_settings
 
@@ -41,6 +42,7 @@ __all__ = [
     "Difference",
     "Reconciliation",
     "admin_key",
+    "cost_words",
     "fetch_bill",
     "reconcile_lines",
 ]
@@ -180,4 +182,22 @@ def summary_line(rec: Reconciliation, estimated_total: float) -> str:
         text += f"; {len(rec.waiting)} request(s) not billed yet"
     if rec.differences:
         text += f"; {len(rec.differences)} request(s) differ from the estimate"
+    return text
+
+
+def cost_words(summary: RunSummary) -> str:
+    """What a run paid, in words: fal's bill beside the estimate, or the estimate saying so.
+
+    Example:
+        >>> cost_words(RunSummary(estimated_cost_usd=0.018))
+        '$0.018 (estimated; set FAL_ADMIN_KEY to read what fal billed)'
+    """
+    estimated = summary.estimated_cost_usd
+    if summary.billed_cost_usd is None:
+        return f"${estimated:.3f} (estimated; set FAL_ADMIN_KEY to read what fal billed)"
+    text = (
+        f"fal billed ${summary.billed_cost_usd:.3f} (estimated ${summary.estimated_cost_usd:.3f})"
+    )
+    if summary.not_billed_yet:
+        text += f", {len(summary.not_billed_yet)} request(s) not billed yet"
     return text
