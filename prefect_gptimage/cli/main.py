@@ -244,10 +244,6 @@ def _emit(summary: Any, as_json: bool, ok: bool = True) -> int:
         print(f"FAILED: {failure.label()}: {failure.reason}", file=sys.stderr)
     if summary.manifest_uri:
         print(f"manifest: {summary.manifest_uri}")
-    if summary.submitted:  # what this run paid: fal's bill with an admin key, else estimates
-        from prefect_gptimage.reporting.billing import cost_words
-
-        print(f"cost: {cost_words(summary)}", file=sys.stderr)
     if summary.images and not summary.failures and summary.submitted == 0:
         # a re-run served whole from the cache: say so, or it looks like a fresh (paid) run
         print("0 new submits: every image came from the cache (nothing paid)", file=sys.stderr)
@@ -353,6 +349,10 @@ def cmd_batch(args: argparse.Namespace, interrupts: Interrupts) -> int:
         return _emit_or_fail(summary, args.json)
     if not state.is_completed():
         print(state.message, file=sys.stderr)
+    if summary.submitted:  # what the batch paid: fal's bill with an admin key, else estimates
+        from prefect_gptimage.reporting.billing import cost_words
+
+        print(f"cost: {cost_words(summary)}", file=sys.stderr)
     return _emit(summary, args.json, ok=state.is_completed())
 
 

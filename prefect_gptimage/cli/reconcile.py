@@ -120,7 +120,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                     "manifest_uri": out,
                     "estimated_cost_usd": estimated,
                     "billed_cost_usd": rec.billed_total,
-                    "differences": [d._asdict() for d in rec.differences],
+                    "differences": [
+                        {
+                            "request_id": d.request_id,
+                            "estimated_usd": d.estimated_usd,
+                            "billed_usd": d.billed_usd,
+                        }
+                        for d in rec.differences
+                    ],
                     "not_billed_yet": rec.waiting,
                 }
             )

@@ -43,7 +43,7 @@ import tenacity
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from prefect_gptimage.errors import BudgetExhausted
+from prefect_gptimage.errors import BudgetExhausted, PrefectApiUnavailable
 from prefect_gptimage.retry import RetryPolicy, is_transient_prefect_api_error
 from prefect_gptimage.settings import get_settings
 
@@ -163,7 +163,20 @@ def _increment(name: str, slots: int) -> None:
 def take_budget(cost: float, *, wait: float = 0.0, name: str | None = None) -> int:
     """Take ``cost`` (USD) from the fleet budget before a billable submit; the slots taken (0:
     no fleet budget, or a free request). Raises :class:`BudgetExhausted` when the budget cannot
-    cover it within ``wait`` seconds: nothing was taken then."""
+    cover it within ``wait`` seconds, :class:`PrefectApiUnavailable` when the Prefect API failed
+    beyond the retry policy: nothing was taken then, and nothing may be sent to fal."""
+    try:
+        return _take(cost, wait, name)
+    except (BudgetExhausted, PrefectApiUnavailable):
+        raise
+    except Exception as exc:  # the Prefect API failed for good: nothing was sent to fal
+        raise PrefectApiUnavailable(
+            f"fleet budget: could not take ${cost:.3f} from the Prefect API "
+            f"({type(exc).__name__}: {exc}); nothing was submitted"
+        ) from exc
+
+
+def _take(cost: float, wait: float, name: str | None) -> int:
     state = read_budget(name)
     slots = slots_for(cost)
     if state is None or slots == 0:

@@ -108,11 +108,13 @@ class PlatformState:
 
     # -- billing -----------------------------------------------------------------------------
 
-    def _count(self, what: str) -> None:
+    def count(self, what: str) -> None:
+        """Count one call of route ``what`` (``pricing``, ``estimate``, ``billing_events``)."""
         with self._lock:
             self.calls[what] += 1
 
-    def _take_failure(self) -> bool:
+    def take_failure(self) -> bool:
+        """Whether this billing-events call answers 500 (one of the ``fail_billing`` ones)."""
         with self._lock:
             if self._fail_next > 0:
                 self._fail_next -= 1
@@ -193,7 +195,7 @@ def answer_platform(
     if scheme != "Key" or not token.strip():
         return 401, {"detail": "Authorization: Key <api key> is required"}
     if route == "pricing" and method == "GET":
-        state._count("pricing")
+        state.count("pricing")
         ids = _ids(query, "endpoint_id")
         if not 1 <= len(ids) <= _MAX_IDS:
             return 422, {"detail": "endpoint_id: 1 to 50 endpoint ids"}
@@ -209,7 +211,7 @@ def answer_platform(
         ]
         return 200, {"prices": prices, "next_cursor": None, "has_more": False}
     if route == "pricing/estimate" and method == "POST":
-        state._count("estimate")
+        state.count("estimate")
         endpoints = (body or {}).get("endpoints") if isinstance(body, dict) else None
         if not isinstance(endpoints, dict) or not endpoints:
             return 422, {"detail": "endpoints: a map of endpoint id to quantities"}
@@ -224,12 +226,12 @@ def answer_platform(
             "currency": "USD",
         }
     if route == "billing-events" and method == "GET":
-        state._count("billing_events")
+        state.count("billing_events")
         if token.strip() != ADMIN_KEY:
             return 403, {"detail": "Admin API key required"}
         if not 1 <= len(set(_ids(query, "request_id"))) <= _MAX_IDS:
             return 422, {"detail": "request_id: 1 to 50 request ids"}
-        if state._take_failure():
+        if state.take_failure():
             return 500, {"detail": "Internal server error"}
         return 200, _billing_page(core, state, query)
     return 404, {"detail": "Not Found"}
