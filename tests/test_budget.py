@@ -190,3 +190,15 @@ def test_fal_unreachable_falls_back_to_the_built_in_table_quietly(
     assert estimate_cost(GptImageRequest(prompt="a kite", quality="low")) == pytest.approx(0.009)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r for r in caplog.records if "the built-in table" in r.getMessage()]
+
+
+def test_a_batch_waits_for_the_budget_to_refill_when_asked(
+    fal_emulator: FalEmulator, budget_name: str, unique: str, tmp_path: Path
+) -> None:
+    create_limit(budget_name, 10, decay=1.0)  # room for one row; the next fits ~8 s later
+    path = write_rows(tmp_path / "p.jsonl", [f"a patient kite {i} {unique}" for i in range(2)])
+    summary, state, _ = run(
+        prompt_file=str(path), output_dir=str(tmp_path / "o"), concurrency=1, budget_wait=180
+    )
+    assert state == "COMPLETED", summary.failures
+    assert summary.submitted == 2

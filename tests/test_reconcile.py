@@ -114,14 +114,15 @@ def test_a_batch_with_an_admin_key_records_what_fal_billed_late_events_and_500s_
     assert "fal billed **$" in str(gallery.data) and "(billed $" in str(gallery.data)
 
 
-def test_without_an_admin_key_costs_stay_estimates_and_billing_needs_the_admin_key(
+@pytest.fixture
+def estimated(
     fal_emulator: FalEmulator,
-    local_s3: LocalS3Server,
     s3_bucket: str,
     unique: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> RunSummary:
+    """A batch to S3 with no admin key: its costs are estimates."""
     monkeypatch.delenv("FAL_ADMIN_KEY", raising=False)
     summary, _ = run(
         prompt_file=str(write_rows(tmp_path / "p.jsonl", unique)),
@@ -129,6 +130,14 @@ def test_without_an_admin_key_costs_stay_estimates_and_billing_needs_the_admin_k
         output_dir=str(tmp_path / "o"),
     )
     assert summary.costs == "estimated" and summary.billed_cost_usd is None
+    assert summary.manifest_uri is not None
+    return summary
+
+
+def test_without_an_admin_key_costs_stay_estimates_and_billing_needs_the_admin_key(
+    fal_emulator: FalEmulator, local_s3: LocalS3Server, estimated: RunSummary
+) -> None:
+    summary = estimated
     assert summary.manifest_uri is not None
     raw = s3_lines(local_s3, summary.manifest_uri)
     assert len(raw) == 4 and all("billed_cost_usd" not in line for line in raw)
@@ -146,20 +155,10 @@ def test_without_an_admin_key_costs_stay_estimates_and_billing_needs_the_admin_k
 
 
 def test_reconcile_command_writes_the_reconciled_manifest_beside_the_old_one(
-    fal_emulator: FalEmulator,
-    local_s3: LocalS3Server,
-    s3_bucket: str,
-    unique: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    fal_emulator: FalEmulator, local_s3: LocalS3Server, estimated: RunSummary, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv("FAL_ADMIN_KEY", raising=False)
-    summary, _ = run(
-        prompt_file=str(write_rows(tmp_path / "p.jsonl", unique)),
-        bucket=s3_bucket,
-        output_dir=str(tmp_path / "o"),
-    )
-    assert summary.manifest_uri is not None and summary.costs == "estimated"
+    summary = estimated
+    assert summary.manifest_uri is not None
     env = {**os.environ, "FAL_ADMIN_KEY": ADMIN_KEY, "PREFECT_GPTIMAGE_BILLING_WAIT": "30"}
     done = run_cli_process(["reconcile", summary.manifest_uri, "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
@@ -131,7 +132,9 @@ def fetch_bill(
     )
 
 
-def reconcile_lines(lines: list[Line], key: str, *, wait: float | None = None) -> Reconciliation:
+def reconcile_lines(
+    lines: Sequence[Line], key: str, *, wait: float | None = None
+) -> Reconciliation:
     """``lines`` with ``billed_cost_usd`` filled in from fal's billing events (see the module
     docs)."""
     ids = [ln.request_id for ln in lines if ln.request_id]
