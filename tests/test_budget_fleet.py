@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import pytest
 from real_services import PrefectServer
 
 from prefect_gptimage.testing import FalEmulator
+from prefect_gptimage.testing.platform_api import ADMIN_KEY
 from prefect_gptimage.testing.s3 import LocalS3Server
 
 pytestmark = pytest.mark.timeout(900)  # two CLI processes, twice, on a loaded machine
@@ -160,7 +162,9 @@ def test_two_runs_on_one_budget_never_spend_more_than_it_together(
     assert sum(r["submitted"] for r in first) == sum(paid.values())
     assert update_limit(prefect_server, budget, 100000) == 9 * sum(paid.values())  # kept
 
-    second = both(commands)  # the same two commands
+    # the same two commands, now with fal's admin key: the bill is read back after each run
+    billed_env = {"FAL_ADMIN_KEY": ADMIN_KEY, "PREFECT_GPTIMAGE_BILLING_WAIT": "60"}
+    second = both([(c, {**e, **billed_env}) for c, e in commands])
     for run in second:
         assert run["returncode"] == 0, (run["failures"], run["stderr"][-3000:])
     again = accepted(fal_emulator, unique)
@@ -169,3 +173,45 @@ def test_two_runs_on_one_budget_never_spend_more_than_it_together(
     assert left >= 13
     assert sum(r["submitted"] for r in second) == left  # only what was left was paid
     assert update_limit(prefect_server, budget, 0) == 9 * 2 * ROWS
+
+    # batch.completed carries the estimate and fal's bill of what each run paid
+    bill = fal_emulator.bill()
+    for machine, run in zip(("a", "b"), second, strict=True):
+        paid_now = [
+            r.request_id
+            for r in fal_emulator.requests()
+            if f"{unique}:{machine}:" in str(r.arguments.get("prompt"))
+            and r.arguments["prompt"] not in paid
+        ]
+        assert len(paid_now) == run["submitted"]
+        expected = sum(bill[r] for r in paid_now)
+        assert run["costs"] == "billed"
+        assert run["billed_cost_usd"] == pytest.approx(expected, abs=1e-6)
+        event = completed_event(prefect_server, run["manifest_uri"])
+        assert event.payload["billed_cost_usd"] == pytest.approx(expected, abs=1e-6)
+        assert event.payload["cost_usd"] == pytest.approx(expected, abs=1e-6)
+
+
+def completed_event(server: PrefectServer, manifest_uri: str) -> Any:
+    """The reconciled run's ``prefect-gptimage.batch.completed`` (the persister flushes every
+    few seconds: waited for, generously)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    event_filter = EventFilter(
+        event=EventNameFilter(name=["prefect-gptimage.batch.completed"]),
+        resource=EventResourceFilter(id=[manifest_uri]),
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        with (
+            temporary_settings({PREFECT_API_URL: server.api_url}),
+            get_client(sync_client=True) as client,
+        ):
+            events = client.read_events(event_filter, limit=50).events
+        billed = [e for e in events if e.payload.get("costs") == "billed"]
+        if billed or time.monotonic() > deadline:
+            assert billed, [e.payload for e in events]
+            return billed[0]
+        time.sleep(1)

@@ -100,6 +100,7 @@ class RunReport:
         self._verdicts: dict[tuple[str, int], OcrVerdictRecord] = {}  # the table's, gated runs
         self._closed = False
         self._cached = 0  # requests served from the cache
+        self._paid: set[str] = set()  # request ids this run paid for (their bill: the summary's)
         self._events = events.events_enabled()
         self._manifest_uri = (
             f"s3://{target.bucket}/{manifest_key(target, run_key)}" if target is not None else None
@@ -144,6 +145,8 @@ class RunReport:
         for image, verdict in zip(outcome.images, verdicts, strict=True):
             self.gallery.add_image(image, prompt, outcome.request, ocr=verdict)
         self._cached += outcome.from_cache
+        if not outcome.from_cache:
+            self._paid.add(outcome.request_id)
         if outcome.staged and (self._events or self._assets is not None):
             self._announce(outcome, prompt)
 
@@ -179,6 +182,8 @@ class RunReport:
         failure = Failure.from_exception(exc, request, line)
         self.summary.failures.append(failure)
         if failure.paid:  # fal accepted (and bills) it before the row failed: still paid
+            if failure.request_id:
+                self._paid.add(failure.request_id)
             self.summary.submitted += 1
             self.summary.estimated_cost_usd = round(
                 self.summary.estimated_cost_usd + estimate_cost(request), 6
@@ -271,7 +276,10 @@ class RunReport:
         reconciled = Manifest(rec.lines)
         reconciled.write(path)
         summary = self.summary
-        summary.billed_cost_usd, summary.costs = rec.billed_total, "billed"
+        # what fal billed for what this run paid (as cost_usd is the estimate of that); the
+        # manifest's totals bill every row, earlier runs' too
+        summary.billed_cost_usd = round(sum(rec.billed.get(r, 0.0) for r in self._paid), 6)
+        summary.costs = "billed"
         summary.cost_differences = [str(d) for d in rec.differences]
         summary.not_billed_yet = list(rec.waiting)
         totals = reconciled.totals()

@@ -71,7 +71,8 @@ class RunSummary(BaseModel):
     )
     estimated_cost_usd: float = 0.0
     billed_cost_usd: float | None = Field(
-        default=None, description="What fal billed (with an admin key; None: not reconciled)."
+        default=None,
+        description="What fal billed for the requests this run paid (an admin key; else None).",
     )
     costs: str = Field(
         default="estimated",
