@@ -59,6 +59,21 @@ class FalCredentials(CredentialsBlock):
         ),
     )
 
+    admin_key: SecretStr | None = Field(
+        default=None,
+        title="Admin API key",
+        description=(
+            "fal admin API key, to read billing events and reconcile a run's bill. Empty: "
+            "FAL_ADMIN_KEY from the environment, else costs stay estimates."
+        ),
+    )
+
+    def get_admin_key(self) -> str | None:
+        """The admin key: the block's, else ``FAL_ADMIN_KEY``, else None."""
+        if self.admin_key is not None and self.admin_key.get_secret_value():
+            return self.admin_key.get_secret_value()
+        return os.environ.get("FAL_ADMIN_KEY") or None
+
     def get_key(self) -> str | None:
         """The key to use: the block's, else ``FAL_KEY``, else ``FAL_KEY_ID:FAL_KEY_SECRET``.
 

@@ -85,6 +85,11 @@ class ConfigurationError(GptImageError):
     """Something in the environment or a block is missing or wrong."""
 
 
+class BudgetExhausted(GptImageError):
+    """The fleet's spend budget (a Prefect global concurrency limit) cannot cover a request:
+    it was not submitted, nothing was paid, and a later run submits it."""
+
+
 class FalError(GptImageError):
     """A failure reported by fal or met on the way to it.
 

@@ -172,6 +172,32 @@ class GptImageSettings(PrefectBaseSettings):
         ),
     )
 
+    # -- budgets and the bill (issue 21) --
+    budget_limit_name: str = Field(
+        default="fal-gpt-image-budget",
+        description=(
+            "Prefect global concurrency limit that is the fleet's spend budget: 1 slot = $0.001, "
+            "the limit is the budget, the slot decay per second its refill rate. Each billable "
+            "submit takes its estimated price in slots, never handed back. No such limit: no "
+            "fleet budget."
+        ),
+    )
+    fal_api_url: str = Field(
+        default="https://api.fal.ai",
+        description=(
+            "fal's platform API: prices are read from it once per run (the built-in table is "
+            "the fallback), billing events with FAL_ADMIN_KEY."
+        ),
+    )
+    billing_wait: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "Seconds a run (with an admin key) waits at most for fal's billing events of its "
+            "requests to appear; rows still without one are reported as not yet billed."
+        ),
+    )
+
     @field_validator("allowed_media_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

@@ -217,6 +217,7 @@ def test_addresses_env_and_ca_bundle(server: FalEmulator) -> None:
         "SSL_CERT_FILE": server.ca_bundle,
         "REQUESTS_CA_BUNDLE": server.ca_bundle,
         "PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS": "localhost,127.0.0.1",
+        "PREFECT_GPTIMAGE_FAL_API_URL": f"https://localhost:{port}",  # pricing, billing events
     }
     bundle = Path(server.ca_bundle).read_text()
     assert bundle.count("BEGIN CERTIFICATE") > 50  # public CAs kept, so other HTTPS verifies

@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse the batch if its uncached rows would cost more (cached rows are free)",
     )
     batch.add_argument(
+        "--budget-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the fleet budget to refill before holding a row back",
+    )
+    batch.add_argument(
         "--dry-run", action="store_true", help="print the estimated cost and submit nothing"
     )
     batch.add_argument(
@@ -184,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt-file", metavar="FILE", help="default: the bundled sample")
     demo.add_argument("--latency", type=float, default=1.0, help="emulated generation seconds")
 
+    from prefect_gptimage.cli.reconcile import add_reconcile_parser
+
+    add_reconcile_parser(sub)
     emu = sub.add_parser(
         "emulator", help="run the bundled fal emulator (HTTPS) in the foreground", add_help=False
     )
@@ -345,6 +355,7 @@ def cmd_batch(args: argparse.Namespace, interrupts: Interrupts) -> int:
         resubmit_unknown=args.resubmit_unknown,
         lookahead=args.lookahead,
         cluster=args.cluster,
+        budget_wait=args.budget_wait,
         stop=interrupts.stop,
         return_state=True,
     )
@@ -361,6 +372,10 @@ def emit_batch_state(state: Any, as_json: bool) -> int:
         return _emit_or_fail(summary, as_json)
     if not state.is_completed():
         print(state.message, file=sys.stderr)
+    if summary.submitted:  # what the batch paid: fal's bill with an admin key, else estimates
+        from prefect_gptimage.reporting.billing import cost_words
+
+        print(f"cost: {cost_words(summary)}", file=sys.stderr)
     return _emit(summary, as_json, ok=state.is_completed())
 
 
@@ -419,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prefect_gptimage.cli.demo import run_demo
 
         return run_demo(args.output_dir, prompt_file=args.prompt_file, latency=args.latency)
+    if args.command == "reconcile":  # an admin key, no fal key, no server
+        from prefect_gptimage.cli.reconcile import cmd_reconcile
+
+        return cmd_reconcile(args)
     if getattr(args, "dry_run", False):  # no key, no flow, no server: an answer in a second
         return cmd_dry_run(args)
     if not fal_key_available():

@@ -59,6 +59,9 @@ class RunOptions(BaseModel):
         le=604800,
         description="Lifetime of the links to staged edit inputs, seconds (None: the setting).",
     )
+    budget_wait: float = Field(
+        default=0.0, ge=0, description="Seconds a submit may wait for the fleet budget to refill."
+    )
 
     def generation(self, output_dir: str, stop: Any = None) -> GenerationOptions:
         """The options of each row's request (its ``variant`` is set per row); ``stop``: the
@@ -74,4 +77,5 @@ class RunOptions(BaseModel):
             lookahead=self.lookahead,
             store_io=self.store_io,
             media_expires=self.media_expires,
+            budget_wait=self.budget_wait,
         )

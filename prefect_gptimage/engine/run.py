@@ -43,6 +43,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Failed
 from prefect.task_runners import TaskRunner
 
+from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.engine.cancel import CancelWatch, cancel_if_queued
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.settle import SettledRow, StartedRow, StartedRows, not_started
@@ -179,7 +180,9 @@ class RowEngine:
         with (
             use_s3_client(self.s3_client),
             use_request_id_ledger(ledger),
-            RunReport(self.out, self.run_key, self.target, self.summary) as report,
+            RunReport(
+                self.out, self.run_key, self.target, self.summary, admin_key=_admin_key(creds)
+            ) as report,
             StartedRows(self.stop, partial(cancel_if_queued, credentials=creds)) as started,
             CancelWatch(self.stop),
             self._running() as runner,
@@ -225,6 +228,11 @@ class RowEngine:
                 ).start()
             else:
                 runner.__exit__(None, None, None)
+
+
+def _admin_key(credentials: FalCredentials | None) -> str | None:
+    """fal's admin key of the run's block, else the environment's (the bill reconciled)."""
+    return (credentials or FalCredentials()).get_admin_key()
 
 
 def _duplicate(request_id: str, ledger: RequestIdLedger) -> DuplicateRequestId:

@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed
 from prefect_aws import S3Bucket
 
-from prefect_gptimage.engine.budget import refuse_over_budget
+from prefect_gptimage.engine.budget import held_back_message, refuse_over_budget
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_rows
 from prefect_gptimage.engine.run import RowEngine, stopped_state
@@ -33,6 +33,7 @@ from prefect_gptimage.reporting.wording import counted, dry_run_message
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.prices import load_prices
 from prefect_gptimage.tasks.rows import generate_and_stage
 
 __all__ = ["run_rows"]
@@ -53,6 +54,7 @@ def run_rows(
     state (see ``batch_to_s3``'s docs for what it carries). ``resolver``: signs each row's
     staged inputs anew as the row starts."""
     log = get_run_logger()
+    load_prices(options.credentials, log)  # fal's prices, once, before planning
     plan = plan_rows(rows, resubmit_unknown=options.resubmit_unknown, refresh=options.refresh)
     summary = RunSummary(estimated_cost_usd=plan.cost)
     engine = RowEngine(
@@ -83,8 +85,9 @@ def run_rows(
         return stopped_state(result)  # Failed, or Cancelled when Prefect cancelled the run
     if summary.ok:
         return state
+    message = held_back_message(summary) or state.message  # rows the fleet budget held back
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
-    return Failed(message=state.message, data=BatchIncomplete(summary, state.message))
+    return Failed(message=message, data=BatchIncomplete(summary, message))
 
 
 def _row_parameters(

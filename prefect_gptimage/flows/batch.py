@@ -83,6 +83,7 @@ def batch_to_s3(
     store_io: bool | None = None,
     media_expires: int | None = None,
     input_link_expires: int | None = None,
+    budget_wait: float = 0.0,
 ) -> State[RunSummary]:
     """Generate every row of ``prompt_file``; stage images and a JSONL manifest to ``bucket``.
 
@@ -119,6 +120,11 @@ def batch_to_s3(
     :mod:`prefect_gptimage.inputs`), their links valid ``input_link_expires`` seconds (None:
     ``PREFECT_GPTIMAGE_INPUT_LINK_EXPIRES``). ``store_io=False`` asks fal not to keep the
     requests' payloads; ``media_expires`` is how long fal keeps the images (None: the settings).
+
+    Prices are read from fal once, before planning (:mod:`prefect_gptimage.tasks.prices`). A
+    fleet budget (:mod:`prefect_gptimage.tasks.fleet_budget`) that cannot cover a row holds it
+    back unpaid (after waiting up to ``budget_wait`` seconds for it to refill); the run goes on
+    and ends Failed, listing the rows held back (see :mod:`prefect_gptimage.engine.budget`).
     """
     log = get_run_logger()
     max_cost = check_budget(max_cost)
@@ -142,6 +148,7 @@ def batch_to_s3(
         store_io=store_io,
         media_expires=media_expires,
         input_link_expires=input_link_expires,
+        budget_wait=budget_wait,
     )
     warn_retention(options, log)
     # edit inputs read, checked and staged before anything is paid: identity is their sha256

@@ -77,6 +77,7 @@ from prefect_gptimage.prompts import PromptRow, load_prompt_file, unique_rows
 from prefect_gptimage.quality.ocr import require_ocr
 from prefect_gptimage.quality.text import DEFAULT_MIN_SCORE, quoted_text
 from prefect_gptimage.s3 import slugify
+from prefect_gptimage.tasks.prices import load_prices
 
 __all__ = [
     "OCR_MISMATCH",
@@ -136,6 +137,7 @@ def ocr_gated_batch(
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
     log = get_run_logger()
     max_cost = check_budget(max_cost)
+    load_prices(credentials, log)  # fal's prices, once, before planning (issue 21)
     path = Path(prompt_file)
     rows = unique_rows(load_prompt_file(path, defaults))
     if any(quoted_text(row.request.prompt) for row in rows):

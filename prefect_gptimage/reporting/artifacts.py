@@ -121,6 +121,7 @@ def results_table(
     max_rows: int | None = None,
     prompt_chars: int = 60,
     verdicts: Verdicts | None = None,
+    billed: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for the table artifact: images first, then failures (``status`` tells them apart).
 
@@ -131,7 +132,8 @@ def results_table(
     ``cost_usd`` and ``status`` (``ok`` or ``failed: reason``; with ``verdicts``, a gated image's
     status is ``ok · OCR 1.00: GRAND OPENING (attempt 2/3)``). The Prefect UI renders each cell
     as markdown, so text is escaped (:func:`escape_text`). Everything else about an image is in
-    the run manifest.
+    the run manifest. With ``billed`` (request id -> what fal billed per image: a reconciled
+    run), a ``billed_usd`` column follows ``cost_usd``.
 
     Example:
         >>> from prefect_gptimage.reporting.manifest import FailureLine
@@ -155,6 +157,7 @@ def results_table(
                 "prompt": escape_text(prompt, prompt_chars, in_table=False),
                 "size": f"{image.width}x{image.height}{quality} {image.format}",
                 "cost_usd": cost_per_image(request),
+                **({"billed_usd": billed.get(image.request_id)} if billed is not None else {}),
                 "status": status,
             }
         )
@@ -165,6 +168,7 @@ def results_table(
                 "prompt": escape_text(failure.prompt, prompt_chars, in_table=False),
                 "size": "",
                 "cost_usd": None,
+                **({"billed_usd": None} if billed is not None else {}),
                 "status": f"failed: {escape_text(failure.reason, 80, in_table=False)}",
             }
         )
@@ -197,6 +201,7 @@ def publish_results(
     manifest_uri: str | None = None,
     verdicts: Verdicts | None = None,
     note: str | None = None,
+    billed: Mapping[str, float] | None = None,
 ) -> PublishedArtifacts:
     """Create the table and gallery artifacts of a batch (in the current flow run).
 
@@ -222,6 +227,8 @@ def publish_results(
             table's status column and the gallery (a gated run).
         note: one sentence of plain text added (escaped) to the table's description and under
             the gallery's counts, e.g. the gate's regenerations and cost.
+        billed: request id -> what fal billed per image (a reconciled run): a ``billed_usd``
+            column, and the billed total beside the estimate (from ``totals``).
 
     Example:
         >>> @flow  # doctest: +SKIP
@@ -250,12 +257,16 @@ def publish_results(
         requests=requests,
         max_rows=max_table_rows,
         verdicts=verdicts,
+        billed=billed,
     )
     n_images = len(staged) if totals is None else totals.images
     total_rows = n_images + len(failures)
     table_desc = f"{counted(n_images, 'image')}, {counted(len(failures), 'failure')}"
     if total_rows > len(rows):
         table_desc += f"; first {len(rows)} rows shown, the run manifest has all {total_rows}"
+    if billed is not None and totals is not None and totals.billed_cost_usd is not None:
+        estimated, paid = totals.estimated_cost_usd, totals.billed_cost_usd
+        table_desc += f"; estimated ${estimated:.3f}, fal billed ${paid:.3f}"
     if note:
         table_desc += f". {escape_text(note.rstrip('.'), 500, in_table=False)}"
     table_desc += (
@@ -277,6 +288,7 @@ def publish_results(
             totals=totals,
             verdicts=verdicts,
             note=note,
+            billed=billed,
         ),
         key=gallery_key,
         description=f"Thumbnail gallery of {counted(n_images, 'image')}"

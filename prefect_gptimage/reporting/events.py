@@ -17,7 +17,8 @@ the run's manifest (role ``manifest``), so "every image of manifest M" is one ev
 (``related.id = M``) however large the batch. Prefect's events worker adds the flow, deployment,
 work pool and tags of the run as further related resources.
 
-Payloads (all costs in USD from fal's price table; fal reports no bill per request):
+Payloads (costs in USD from the price table, fal's when it answered; what fal billed only
+with an admin key, see :mod:`prefect_gptimage.reporting.billing`):
 
 * ``image.staged``: ``endpoint``, ``request_id``, ``index``, ``sha256``, ``bytes``, ``format``,
   ``width``, ``height``, ``estimated_cost_usd`` (per image), ``cached`` (the request was served
@@ -27,7 +28,8 @@ Payloads (all costs in USD from fal's price table; fal reports no bill per reque
   (requests that produced no image), ``submitted`` (requests paid for by this run), ``cached``
   (requests served from the cache), ``estimated_cost_usd`` (the estimate made before
   submitting, when the flow made one, else null), ``cost_usd`` (the price of what this run
-  submitted), ``ok``.
+  submitted), ``billed_cost_usd`` (what fal billed for it; null without an admin key),
+  ``costs`` (``billed`` or ``estimated``), ``ok``.
 * ``spend.refused``: ``run_key``, ``estimated_cost_usd``, ``max_cost_usd``, ``requests``,
   ``cached``, ``uncached``.
 

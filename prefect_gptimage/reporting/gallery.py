@@ -166,8 +166,12 @@ def gallery_markdown(
     prompt_chars: int = 60,
     verdicts: Verdicts | None = None,
     note: str | None = None,
+    billed: Mapping[str, float] | None = None,
 ) -> str:
     """The markdown gallery: a table of linked thumbnails with escaped prompts, then failures.
+
+    ``billed``: request id -> what fal billed per image (a reconciled run), shown beside the
+    estimate per image and, from ``totals``, in total.
 
     Three narrow columns (image, prompt cut to ``prompt_chars``, size/format/cost and, with
     ``verdicts``, the OCR verdict), readable at 1400 px; request ids, ``s3://`` URIs and checksums
@@ -187,7 +191,12 @@ def gallery_markdown(
         f"# {escape_text(title, 200)}",
         "",
         f"**{n_images}** {plural(n_images, 'image')}, **{len(failures)}** "
-        f"{plural(len(failures), 'failure')}, estimated cost **${cost:.3f}**.",
+        f"{plural(len(failures), 'failure')}, estimated cost **${cost:.3f}**"
+        + (
+            f", fal billed **${totals.billed_cost_usd:.3f}**."
+            if totals is not None and totals.billed_cost_usd is not None
+            else "."
+        ),
     ]
     if note:
         out += ["", escape_text(note, 500)]  # "$" escaped: never read as a math delimiter
@@ -209,6 +218,8 @@ def gallery_markdown(
             details = f"{image.width}x{image.height} {escape_text(image.format, 10)}" + (
                 f" · ${price:.3f}" if price is not None else ""
             )
+            if billed is not None and image.request_id in billed:
+                details += f" (billed ${billed[image.request_id]:.3f})"
             verdict = (verdicts or {}).get((image.request_id, image.index))
             if verdict is not None:
                 details += f" · {escape_text(verdict.label(), 60)}"

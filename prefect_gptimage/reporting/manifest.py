@@ -103,9 +103,9 @@ class _Line(BaseModel):
     @model_serializer(mode="wrap")
     def _without_absent_ocr(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
-        for optional in ("inputs", "ocr"):
-            if isinstance(data, dict) and data.get(optional, 0) is None:
-                del data[optional]  # other lines read as before edits and the gate existed
+        for key in ("inputs", "ocr", "billed_cost_usd"):  # absent: reads as before they existed
+            if isinstance(data, dict) and data.get(key, 0) is None:
+                del data[key]
         return data
 
 
@@ -126,6 +126,9 @@ class ImageLine(_Line):
     content_type: str
     estimated_cost_usd: float | None = Field(description="Per image, from fal's price table.")
     inputs: list[InputSource] | None = Field(default=None, description=_INPUTS)
+    billed_cost_usd: float | None = Field(
+        default=None, description="Per image, what fal billed (reconciled runs only)."
+    )
     ocr: OcrVerdictRecord | None = Field(default=None, description="The OCR gate's verdict.")
 
 
@@ -140,6 +143,9 @@ class FailureLine(_Line):
     reason: str
     error_type: str | None = None
     inputs: list[InputSource] | None = Field(default=None, description=_INPUTS)
+    billed_cost_usd: float | None = Field(
+        default=None, description="What fal billed for its request (reconciled runs only)."
+    )
     ocr: OcrVerdictRecord | None = Field(default=None, description="A gated row's last verdict.")
 
 
@@ -152,6 +158,7 @@ class ManifestTotals(BaseModel):
     failures: int = 0
     estimated_cost_usd: float = 0.0
     bytes: int = 0
+    billed_cost_usd: float | None = None  # reconciled manifests only
 
 
 def cost_per_image(request: AnyRequest | None) -> float | None:
@@ -167,7 +174,7 @@ def cost_per_image(request: AnyRequest | None) -> float | None:
     if request is None:
         return None
     try:
-        return price_per_image(request.quality, request.image_size)
+        return price_per_image(request.quality, request.image_size, request.endpoint)
     except (KeyError, ValueError, TypeError):
         return None
 
@@ -401,7 +408,15 @@ def _count(totals: ManifestTotals, line: ImageLine | FailureLine) -> None:
         totals.estimated_cost_usd += line.estimated_cost_usd or 0.0
     else:
         totals.failures += 1
+    if line.billed_cost_usd is not None:
+        totals.billed_cost_usd = (totals.billed_cost_usd or 0.0) + line.billed_cost_usd
 
 
 def _rounded(totals: ManifestTotals) -> ManifestTotals:
-    return totals.model_copy(update={"estimated_cost_usd": round(totals.estimated_cost_usd, 6)})
+    billed = totals.billed_cost_usd
+    return totals.model_copy(
+        update={
+            "estimated_cost_usd": round(totals.estimated_cost_usd, 6),
+            "billed_cost_usd": None if billed is None else round(billed, 6),
+        }
+    )

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -35,16 +36,27 @@ from types import TracebackType
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from prefect_gptimage._run_context import run_logger
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.reporting import events
 from prefect_gptimage.reporting.artifacts import publish_results
 from prefect_gptimage.reporting.assets import ImageAssets, assets_enabled
+from prefect_gptimage.reporting.billing import admin_key, reconcile_lines, summary_line
 from prefect_gptimage.reporting.gallery import HtmlGallery
-from prefect_gptimage.reporting.manifest import ManifestWriter, OcrVerdictRecord, cost_per_image
+from prefect_gptimage.reporting.manifest import (
+    ImageLine,
+    Manifest,
+    ManifestTotals,
+    ManifestWriter,
+    OcrVerdictRecord,
+    cost_per_image,
+)
 from prefect_gptimage.reporting.summary import Failure, RunSummary
 from prefect_gptimage.s3 import S3Target, StagedImage, manifest_key, stage_file
 from prefect_gptimage.schemas import AnyRequest
 from prefect_gptimage.tasks.rows import RowOutcome
+
+logger = logging.getLogger(__name__)
 
 #: The summary lists at most this many images (the manifest lists them all).
 SUMMARY_IMAGES = 1000
@@ -73,8 +85,10 @@ class RunReport:
         run_key: str,
         target: S3Target | None,
         summary: RunSummary | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.out, self.run_key, self.target = out, run_key, target
+        self.admin_key = admin_key  # fal's admin key (else FAL_ADMIN_KEY): the bill reconciled
         # the estimate made before submitting (a batch's plan), for batch.completed
         self._planned = summary.estimated_cost_usd if summary is not None else None
         self.summary = summary or RunSummary()
@@ -86,6 +100,7 @@ class RunReport:
         self._verdicts: dict[tuple[str, int], OcrVerdictRecord] = {}  # the table's, gated runs
         self._closed = False
         self._cached = 0  # requests served from the cache
+        self._paid: set[str] = set()  # request ids this run paid for (their bill: the summary's)
         self._events = events.events_enabled()
         self._manifest_uri = (
             f"s3://{target.bucket}/{manifest_key(target, run_key)}" if target is not None else None
@@ -130,6 +145,8 @@ class RunReport:
         for image, verdict in zip(outcome.images, verdicts, strict=True):
             self.gallery.add_image(image, prompt, outcome.request, ocr=verdict)
         self._cached += outcome.from_cache
+        if not outcome.from_cache:
+            self._paid.add(outcome.request_id)
         if outcome.staged and (self._events or self._assets is not None):
             self._announce(outcome, prompt)
 
@@ -165,6 +182,8 @@ class RunReport:
         failure = Failure.from_exception(exc, request, line)
         self.summary.failures.append(failure)
         if failure.paid:  # fal accepted (and bills) it before the row failed: still paid
+            if failure.request_id:
+                self._paid.add(failure.request_id)
             self.summary.submitted += 1
             self.summary.estimated_cost_usd = round(
                 self.summary.estimated_cost_usd + estimate_cost(request), 6
@@ -189,6 +208,7 @@ class RunReport:
         summary.gallery = str(self.gallery.close())
         manifest_path = self.manifest.close()
         self._closed = True
+        totals, billed = self._reconcile(manifest_path)
         if self.target is None:
             summary.manifest_uri = str(manifest_path)
             self._completed(manifest_path.resolve().as_uri())
@@ -205,14 +225,15 @@ class RunReport:
             summary.failures,
             key_prefix=self.run_key,
             requests=self._requests,
-            totals=self.manifest.totals(),
+            totals=totals,
             manifest_uri=staged_manifest.s3_uri,
             verdicts=self._verdicts,
             note=note,
+            billed=billed,
         )
         if self._assets is not None:
-            totals = self.manifest.totals().model_dump()
-            self._assets.manifest(staged_manifest.s3_uri, {**totals, "staged": summary.staged})
+            counts = totals.model_dump()
+            self._assets.manifest(staged_manifest.s3_uri, {**counts, "staged": summary.staged})
         self._completed(staged_manifest.s3_uri)
         return finish(summary)
 
@@ -232,9 +253,47 @@ class RunReport:
                 "cached": self._cached,
                 "estimated_cost_usd": self._planned,
                 "cost_usd": summary.estimated_cost_usd,
+                "billed_cost_usd": summary.billed_cost_usd,  # None: no admin key, estimates
+                "costs": summary.costs,
                 "ok": summary.ok,
             },
         )
+
+    def _reconcile(self, path: Path) -> tuple[ManifestTotals, dict[str, float] | None]:
+        """With an admin key: fal's bill into the manifest at ``path`` and the summary (see
+        :mod:`~prefect_gptimage.reporting.billing`); the totals, and each request's billed cost
+        per image. Without one, or when fal's billing events cannot be read: the estimates."""
+        key = admin_key(self.admin_key)
+        if key is None:
+            return self.manifest.totals(), None
+        try:
+            rec = reconcile_lines(Manifest.from_jsonl(path).lines, key)
+        except Exception as exc:  # the images are made: a bill unread fails no run
+            run_logger(logger).warning(
+                "fal's billing events not read (%s): costs are estimates", exc
+            )
+            return self.manifest.totals(), None
+        reconciled = Manifest(rec.lines)
+        reconciled.write(path)
+        summary = self.summary
+        # what fal billed for what this run paid (as cost_usd is the estimate of that); the
+        # manifest's totals bill every row, earlier runs' too
+        summary.billed_cost_usd = round(sum(rec.billed.get(r, 0.0) for r in self._paid), 6)
+        summary.costs = "billed"
+        summary.cost_differences = [str(d) for d in rec.differences]
+        summary.not_billed_yet = list(rec.waiting)
+        totals = reconciled.totals()
+        run_logger(logger).info(
+            "%s: %s", self.run_key, summary_line(rec, totals.estimated_cost_usd)
+        )
+        for difference in rec.differences[:20]:
+            run_logger(logger).warning("bill differs from the estimate: %s", difference)
+        per_image = {
+            ln.request_id: ln.billed_cost_usd
+            for ln in rec.lines
+            if isinstance(ln, ImageLine) and ln.billed_cost_usd is not None
+        }
+        return totals, per_image
 
     def __enter__(self) -> RunReport:
         return self

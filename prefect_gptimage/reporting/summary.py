@@ -70,6 +70,20 @@ class RunSummary(BaseModel):
         "failed after fal accepted them.",
     )
     estimated_cost_usd: float = 0.0
+    billed_cost_usd: float | None = Field(
+        default=None,
+        description="What fal billed for the requests this run paid (an admin key; else None).",
+    )
+    costs: str = Field(
+        default="estimated",
+        description="'billed' when fal's billing events reconciled the run, else 'estimated'.",
+    )
+    cost_differences: list[str] = Field(
+        default_factory=list, description="Requests whose bill differs from the estimate."
+    )
+    not_billed_yet: list[str] = Field(
+        default_factory=list, description="Requests with images but no billing event yet."
+    )
     manifest_uri: str | None = None
     gallery: str | None = None
 

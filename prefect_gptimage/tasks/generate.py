@@ -141,6 +141,11 @@ class GenerationOptions(BaseModel):
             "requested, a request not yet submitted is not submitted (fails 'not started')."
         ),
     )
+    budget_wait: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a submit may wait for the fleet budget to refill (0: fail at once).",
+    )
     download_tasks: bool = Field(
         default=False,
         description="Download each image as its own task run (default: plain calls, one task "
@@ -239,6 +244,7 @@ def _submit_and_fetch(
                 resubmit_unknown=options.resubmit_unknown,
                 refresh=refresh,
                 retention=options.retention(),
+                budget_wait=options.budget_wait,
             )
             if accepted is not None:
                 accepted.note(handle, cached)

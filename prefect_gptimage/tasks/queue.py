@@ -47,6 +47,7 @@ from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.fal.retention import Retention
+from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks import cache
@@ -59,6 +60,7 @@ from prefect_gptimage.tasks.cache import (
     submit_cache_key,
 )
 from prefect_gptimage.tasks.concurrency import fal_completed
+from prefect_gptimage.tasks.fleet_budget import take_budget
 from prefect_gptimage.tasks.intents import guarded_submit
 from prefect_gptimage.tasks.policies import body_limits, retry_policy
 
@@ -163,17 +165,22 @@ def _submit(
     refresh: bool,
     on_send: Callable[[], None] | None = None,
     retention: Retention | None = None,
+    budget_wait: float = 0.0,
 ) -> RequestHandle:
     """The submit itself, under the intent protocol (the task's body and the plain call's).
 
     ``on_send`` is called when a submit is really sent to fal (not when a recorded one is
     resumed): what this call paid for. ``retention``: what fal may keep of it (None: the
     settings ``PREFECT_GPTIMAGE_STORE_IO`` and ``PREFECT_GPTIMAGE_MEDIA_EXPIRES``).
+    resumed): what this call paid for. Right before, the request takes its price from the fleet
+    budget (:func:`~prefect_gptimage.tasks.fleet_budget.take_budget`, waiting up to
+    ``budget_wait`` s): a :class:`~prefect_gptimage.errors.BudgetExhausted` sends nothing.
     """
     client = sync_client(credentials)
     headers = (retention or default_retention()).headers()
 
     def send() -> RequestHandle:
+        take_budget(estimate_cost(request), wait=budget_wait)
         if on_send is not None:
             on_send()
         return client.submit(request, start_timeout=start_timeout, headers=headers or None)
@@ -285,6 +292,7 @@ def submit_recorded(
     refresh: bool = False,
     start_timeout: float | None = None,
     retention: Retention | None = None,
+    budget_wait: float = 0.0,
 ) -> tuple[RequestHandle, bool]:
     """:func:`submit_request` as a plain call: (handle, not paid by this call).
 
@@ -308,6 +316,7 @@ def submit_recorded(
             refresh,
             on_send=lambda: sent.append(True),
             retention=retention,
+            budget_wait=budget_wait,
         ),
         refresh=refresh,
         locked=True,

@@ -7,6 +7,8 @@ GET       ``/_emulator`` or ``/config``    current config
 POST      ``/_emulator/config``            ``latency``, ``concurrency_limit``, ``misspell_rate``
 GET       ``/_emulator/stats``             counters (see :class:`EmulatorStats`)
 POST      ``/_emulator/reset``             forget requests, counters and faults
+GET       ``/_emulator/platform``          prices, billing switches and counters
+POST      ``/_emulator/platform``          ``unit_prices``, ``billing_delay``, ``billing_500``
 GET       ``/_emulator/faults``            fault rules, with how often each fired
 POST      ``/_emulator/faults``            add a rule: a :class:`Fault` as JSON, or a spec
                                            ``{"spec": "status:503_json:3"}``
@@ -68,6 +70,10 @@ def handle_admin(core: EmulatorCore, method: str, path: str, payload: Any) -> tu
                     time.monotonic(), data.get("latency"), data.get("concurrency_limit")
                 )
             return 200, config_of(core)
+        if route == "platform":  # fal's platform API: prices, billing delay and 500s
+            if method == "POST":
+                core.platform.configure(payload or {})
+            return 200, core.platform.to_dict()
         if route == "stats" and method == "GET":
             return 200, core.stats().to_dict()
         if route == "reset" and method == "POST":

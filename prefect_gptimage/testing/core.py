@@ -27,6 +27,7 @@ from prefect_gptimage.testing.images import (
     variant_for,
 )
 from prefect_gptimage.testing.inputs import InputFetcher
+from prefect_gptimage.testing.platform_api import PlatformState
 from prefect_gptimage.testing.records import COMPLETED, EmulatedRequest, EmulatorStats, Failure
 from prefect_gptimage.testing.state import QueueModel
 
@@ -58,6 +59,7 @@ class EmulatorCore:
         # misspellings are a hash of this, the quoted text, the submission and the image index
         self.text_seed = str(seed) if seed is not None else secrets.token_hex(8)
         self.require_key = require_key
+        self.platform = PlatformState()  # fal's platform API: prices, billing events
         self.base_url = ""
         self.own_netlocs: set[str] = set()
         self.fetcher: InputFetcher | None = None

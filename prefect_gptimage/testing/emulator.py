@@ -30,6 +30,7 @@ from prefect_gptimage.testing.certs import shared_tls
 from prefect_gptimage.testing.core import EmulatorCore, check_rate
 from prefect_gptimage.testing.faults import Fault
 from prefect_gptimage.testing.inputs import InputFetcher
+from prefect_gptimage.testing.platform_api import PlatformState
 from prefect_gptimage.testing.records import EmulatorStats, RequestInfo
 from prefect_gptimage.testing.server import EmulatorHTTPServer
 
@@ -192,6 +193,7 @@ class FalEmulator:
             "SSL_CERT_FILE": self.ca_bundle,
             "REQUESTS_CA_BUNDLE": self.ca_bundle,
             "PREFECT_GPTIMAGE_ALLOWED_MEDIA_HOSTS": "localhost,127.0.0.1",
+            "PREFECT_GPTIMAGE_FAL_API_URL": self.base_url,  # pricing, billing events
         }
 
     # -- configuration -----------------------------------------------------------------------
@@ -286,10 +288,21 @@ class FalEmulator:
                 model.cond.wait(min(0.05, deadline - now))
 
     def reset(self) -> None:
-        """Forget every request, counter and fault rule (config is kept)."""
+        """Forget every request, counter and fault rule (config is kept); built-in prices."""
         with self._core.model.cond:
             self._core.model.reset_locked()
         self._core.faults.reset()
+        self._core.platform.reset()
+
+    @property
+    def platform(self) -> PlatformState:
+        """fal's platform API here: change a price, delay billing events, answer 500s, and
+        read what was billed (``platform.bill(...)``: see :meth:`bill`)."""
+        return self._core.platform
+
+    def bill(self) -> dict[str, float]:
+        """What the emulator charged (USD) per request id: succeeded requests only."""
+        return self._core.platform.bill(self._core)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -29,6 +29,7 @@ from prefect_gptimage.testing._queue_answers import APP, QueueAnswers
 from prefect_gptimage.testing.admin import handle_admin
 from prefect_gptimage.testing.core import EmulatorCore
 from prefect_gptimage.testing.images import OTHER_FORMAT
+from prefect_gptimage.testing.platform_api import PLATFORM_PREFIX, answer_platform
 
 __all__ = ["APP", "EmulatorHTTPServer", "FalRequestHandler"]
 
@@ -125,6 +126,8 @@ class FalRequestHandler(QueueAnswers):
                 self._admin(method, url.path, body)
             elif url.path.startswith("/files/"):
                 self._media(method, url.path)
+            elif url.path.startswith(PLATFORM_PREFIX):  # fal's platform API (pricing, billing)
+                self._platform(method, url.path, parse_qs(url.query), body)
             else:
                 self._queue(method, url.path, parse_qs(url.query), body)
         except Dropped:
@@ -174,6 +177,15 @@ class FalRequestHandler(QueueAnswers):
                 self.wfile.write(data[: len(data) // 2])
             self._drop()
         self._send(200, data, CONTENT_TYPES[fmt], headers)
+
+    def _platform(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> None:
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None
+        auth = self.headers.get("Authorization", "")
+        code, answer = answer_platform(self.core, method, path, query, payload, auth)
+        self._json(code, answer, fal=False)
 
     # -- admin -------------------------------------------------------------------------------
 
