@@ -386,7 +386,8 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
             )
     api = ApiStart(args.verbose).begin()  # Prefect's temporary server starts meanwhile ...
-    importlib.import_module(FLOW_MODULES[args.command])  # ... while this imports the flow
+    if args.command in FLOW_MODULES:
+        importlib.import_module(FLOW_MODULES[args.command])  # ... while this imports the flow
     api.wait()  # the API answers before the flow run is created
     commands = {"generate": cmd_generate, "batch": cmd_batch}
     return commands[args.command](args, interrupts)
