@@ -20,9 +20,23 @@ calls its flow, for two reasons:
 
 Prefect's server process writes to the stdout and stderr it inherits: a traceback when it fails,
 warnings while it runs. So that neither lands in the command's output (``--json`` is read from
-stdout), the server is started with this process's descriptors 1 and 2 pointing, for that moment
-only, at a log file whose name is removed at once (nothing is left behind, even after
-``kill -9``); a failure's last line is read back from it. ``--verbose`` lets it through.
+stdout), the server is spawned with this process's descriptors 1 and 2 pointing, until the
+server process exists, at a log file whose name is removed at once (nothing is left behind, even
+after ``kill -9``); a failure's last line is read back from it. ``--verbose`` lets it through.
+
+**Start-up in the background.** :class:`ApiStart` starts the server in a thread, so the command
+imports its flow module (Prefect's engine, prefect-aws, boto3: several seconds of one core)
+while the server process imports Prefect's server and migrates its database on the other core.
+The command waits for it (:meth:`ApiStart.wait`) before it calls its flow: nothing is created
+or submitted before the API answers. The temporary server serves this one command and has no
+UI, so unless the user set them it starts with Prefect's public settings
+:data:`TEMPORARY_SERVER_DEFAULTS`: it does not register every installed block type, which made
+each server start import every Prefect integration installed (prefect-aws with its ECS worker,
+prefect-dask with distributed, ...) and, on a fresh home, write their schemas first. Block types
+are still registered by ``Block.save`` and by any other server start. Nor does it run
+automations (Prefect's triggers and actions services, whose start built a second copy of the
+server's app while the server could not yet answer): a server that lives for one command is no
+place for them; run a server (``prefect server start``) to use automations.
 """
 
 from __future__ import annotations
@@ -33,10 +47,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-__all__ = ["GUARD", "ApiUnavailable", "start_api"]
+__all__ = ["GUARD", "TEMPORARY_SERVER_DEFAULTS", "ApiStart", "ApiUnavailable", "start_api"]
 
 #: The guard's program (``python -c``): argv[1] is the server's pidfd, stdin the CLI's pipe.
 GUARD = """\
@@ -56,6 +70,15 @@ except ProcessLookupError:
 """
 
 
+#: Prefect settings (public, documented) the CLI's temporary server starts with unless the user
+#: set them: no block type registration at start, no automations (see the module docs).
+TEMPORARY_SERVER_DEFAULTS: dict[str, Any] = {
+    "server.register_blocks_on_start": False,
+    "server.memoize_block_auto_registration": False,
+    "server.services.triggers.enabled": False,
+}
+
+
 class ApiUnavailable(Exception):
     """Prefect's temporary API server did not start, or did not answer in time."""
 
@@ -67,34 +90,83 @@ def start_api(verbose: bool = False) -> int | None:
     ephemeral mode is off (the flow then fails as Prefect says). Raises :class:`ApiUnavailable`
     when the temporary server does not answer within Prefect's start-up timeout.
     """
-    from prefect.settings import get_current_settings
+    return ApiStart(verbose).begin().wait()
 
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
-        return None
-    from prefect_gptimage._compat import server_dependency_problem
 
-    problem = server_dependency_problem()  # Prefect 3.6 beside a fastapi its server cannot use
-    if problem is not None:
-        raise ApiUnavailable(problem)
-    from prefect.server.api.server import SubprocessASGIServer
+class ApiStart:
+    """Prefect's temporary API server, started in a background thread (see the module docs).
 
-    server = SubprocessASGIServer()  # the instance prefect.get_client() uses (port None)
-    with _server_output(verbose) as log, _guarding(server):
+    Example:
+        >>> api = ApiStart(verbose=False).begin()  # doctest: +SKIP
+        >>> import prefect_gptimage.flows.batch  # doctest: +SKIP
+        >>> pid = api.wait()  # None when a server is configured  # doctest: +SKIP
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._error: str | None = None
+
+    def begin(self) -> ApiStart:
+        """Start the server's start-up if Prefect would use a temporary server; return at once."""
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        if settings.api.url or not settings.server.ephemeral.enabled:
+            return self
+        from prefect_gptimage._compat import server_dependency_problem
+
+        problem = server_dependency_problem()  # Prefect 3.6 beside a fastapi its server cannot use
+        if problem is not None:
+            self._error = problem
+            return self
+        self._thread = threading.Thread(
+            target=self._start, name="prefect-gptimage-api-start", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def wait(self) -> int | None:
+        """The server's process id once it answers (None: no temporary server is used), or
+        :class:`ApiUnavailable` when it failed or did not answer in Prefect's start-up timeout."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise ApiUnavailable(self._error)
+        return self._pid
+
+    def _start(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import temporary_settings
+
+        server = SubprocessASGIServer()  # the instance prefect.get_client() uses (port None)
         try:
-            server.start()
-        except Exception as exc:  # a timeout, a crashed server, no free port
-            raise ApiUnavailable(_why(exc, log)) from None
-    process = server.server_process
-    if process is None:
-        raise ApiUnavailable("Prefect's temporary API server did not start")
-    return process.pid
+            with (
+                temporary_settings(set_defaults=TEMPORARY_SERVER_DEFAULTS),  # type: ignore[arg-type]
+                _server_output(self.verbose) as (log, spawned),
+                _guarding(server, spawned),
+            ):
+                try:
+                    server.start()
+                except Exception as exc:  # a timeout, a crashed server, no free port
+                    self._error = _why(exc, log)
+                    return
+        except Exception as exc:  # the settings, the log file: nothing was started
+            self._error = str(exc) or type(exc).__name__
+            return
+        process = server.server_process
+        if process is None:
+            self._error = "Prefect's temporary API server did not start"
+            return
+        self._pid = process.pid
 
 
 @contextlib.contextmanager
-def _guarding(server: Any) -> Iterator[None]:
+def _guarding(server: Any, spawned: Callable[[], None]) -> Iterator[None]:
     """While ``server`` starts, guard each server process it spawns as soon as it exists (a
-    server still booting is as orphaned by a ``kill -9`` as one that answers)."""
+    server still booting is as orphaned by a ``kill -9`` as one that answers), then call
+    ``spawned()``."""
     done = threading.Event()
     guarded: set[int] = set()
 
@@ -104,6 +176,7 @@ def _guarding(server: Any) -> Iterator[None]:
             if process is not None and process.pid not in guarded and process.returncode is None:
                 guarded.add(process.pid)
                 _guard(process.pid)
+                spawned()
             if done.wait(0.01):
                 return
 
@@ -117,22 +190,23 @@ def _guarding(server: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _server_output(verbose: bool) -> Iterator[BinaryIO | None]:
-    """Descriptors 1 and 2 on an unlinked log file while the server starts (it inherits them);
-    the file, to read back, or None with ``verbose`` (the server writes to the terminal)."""
+def _server_output(verbose: bool) -> Iterator[tuple[BinaryIO | None, Callable[[], None]]]:
+    """Descriptors 1 and 2 on an unlinked log file until the server process exists (it inherits
+    them): the file, to read back (None with ``verbose``: the server writes to the terminal),
+    and the call that points 1 and 2 back at the terminal once the server is spawned."""
     if verbose:
-        yield None
+        yield None, lambda: None
         return
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    with tempfile.TemporaryFile() as log:  # unlinked at once on POSIX
-        saved = [os.dup(1), os.dup(2)]
-        try:
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            yield log  # type: ignore[misc]
-        finally:
+    lock = threading.Lock()
+    saved: list[int] = []
+
+    def restore() -> None:
+        with lock:
+            if not saved:
+                return
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
@@ -140,6 +214,16 @@ def _server_output(verbose: bool) -> Iterator[BinaryIO | None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+            saved.clear()
+
+    with tempfile.TemporaryFile() as log:  # unlinked at once on POSIX
+        saved.extend([os.dup(1), os.dup(2)])
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield log, restore  # type: ignore[misc]
+        finally:
+            restore()
 
 
 def _why(exc: BaseException, log: BinaryIO | None) -> str:

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,13 @@ DESCRIPTION = (
     "file, the bundled fal emulator, or an offline demo. Configured by FAL_KEY, AWS_* and "
     "Prefect's own settings."
 )
+
+#: The module of each command's flow (imported while Prefect's temporary server starts).
+FLOW_MODULES = {
+    "generate": "prefect_gptimage.flows.generate",
+    "batch": "prefect_gptimage.flows.batch",
+    "edit": "prefect_gptimage.flows.edit_batch",
+}
 
 #: The one line a user without a fal key reads (nothing was started, submitted or written).
 MISSING_KEY = (
@@ -406,7 +414,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     """Quiet the console, start Prefect's temporary API if it is used, run the command."""
     from prefect_gptimage.cli._console import quiet_console
-    from prefect_gptimage.cli._server import start_api
+    from prefect_gptimage.cli._server import ApiStart
 
     quiet_console(args.verbose)
     if getattr(args, "cluster", None):
@@ -416,7 +424,10 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
             return _fail_usage(
                 "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
             )
-    start_api(args.verbose)
+    api = ApiStart(args.verbose).begin()  # Prefect's temporary server starts meanwhile ...
+    if args.command in FLOW_MODULES:
+        importlib.import_module(FLOW_MODULES[args.command])  # ... while this imports the flow
+    api.wait()  # the API answers before the flow run is created
     from prefect_gptimage.cli.edit import cmd_edit
 
     commands = {"generate": cmd_generate, "batch": cmd_batch, "edit": cmd_edit}

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow
-from prefect_gptimage.tasks.intents import NEEDS_SLOT, Fate, submit_fate
+from prefect_gptimage.tasks.intents import NEEDS_SLOT, Fate, FateStores, fate_stores, submit_fate
 
 __all__ = ["Fate", "Plan", "RowPlan", "plan_cost", "plan_row", "plan_rows"]
 
@@ -38,12 +38,21 @@ class Plan(NamedTuple):
     at_fal: int  # rows whose submit is recorded but not cached: resumed, nothing paid again
 
 
-def plan_row(row: PromptRow, *, resubmit_unknown: bool = False, refresh: bool = False) -> RowPlan:
+def plan_row(
+    row: PromptRow,
+    *,
+    resubmit_unknown: bool = False,
+    refresh: bool = False,
+    stores: FateStores | None = None,
+) -> RowPlan:
     """The :class:`RowPlan` of ``row``: its fate, and its estimated cost if it runs at fal.
 
     A row resumed at fal counts its cost (this run reports it as paid), as a row to be paid does.
+    ``stores``: the result stores, resolved once for all rows (:func:`fate_stores`).
     """
-    fate = submit_fate(row.request, row.variant, resubmit_unknown=resubmit_unknown, refresh=refresh)
+    fate = submit_fate(
+        row.request, row.variant, resubmit_unknown=resubmit_unknown, refresh=refresh, stores=stores
+    )
     return RowPlan(row, fate, estimate_cost(row.request) if fate in NEEDS_SLOT else 0.0)
 
 
@@ -53,8 +62,9 @@ def plan_rows(
     """The :class:`Plan` of ``rows``. A row whose earlier submit's outcome is unknown is not
     submitted (so free) unless ``resubmit_unknown``; with ``refresh`` every row is paid anew."""
     cost, cached, at_fal = 0.0, 0, 0
+    stores = fate_stores() if rows and not refresh else None
     for row in rows:
-        planned = plan_row(row, resubmit_unknown=resubmit_unknown, refresh=refresh)
+        planned = plan_row(row, resubmit_unknown=resubmit_unknown, refresh=refresh, stores=stores)
         cost += planned.cost
         cached += planned.fate in ("cached", "unknown")
         at_fal += planned.fate == "at_fal"

@@ -116,11 +116,15 @@ def _upload(
     extra_args: dict[str, Any],
     target: S3Target,
 ) -> None:
-    """Managed, streamed (multipart when large) upload; failures become S3StagingErrors."""
+    """Managed, streamed (multipart when large) upload; failures become S3StagingErrors.
+
+    A file below the multipart threshold is one PutObject: it is sent from this thread
+    (``use_threads=False``), not through a transfer thread pool started for each image."""
+    config = target.transfer_config()
     try:
-        s3.upload_file(
-            os.fspath(path), bucket, key, ExtraArgs=extra_args, Config=target.transfer_config()
-        )
+        if os.path.getsize(path) < target.multipart_threshold:
+            config.use_threads = False
+        s3.upload_file(os.fspath(path), bucket, key, ExtraArgs=extra_args, Config=config)
     except Exception as exc:
         raise s3_error(exc, bucket=bucket, key=key, operation="upload") from exc
 

@@ -189,9 +189,12 @@ def cached_value(key: str) -> Any | None:
     return read_record(_store(), key)
 
 
-def is_submit_cached(request: AnyRequest, variant: int = 0) -> bool:
-    """Whether this request was already submitted (and cached): re-running it is free."""
-    return _store().exists(submit_cache_key(request, variant))
+def is_submit_cached(
+    request: AnyRequest, variant: int = 0, *, store: ResultStore | None = None
+) -> bool:
+    """Whether this request was already submitted (and cached): re-running it is free.
+    ``store``: the records' store when it is resolved already (see ``intents.fate_stores``)."""
+    return (store or _store()).exists(submit_cache_key(request, variant))
 
 
 def cached_generation(
