@@ -20,15 +20,10 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect_gptimage.reporting.billing import (
-    Reconciliation,
-    admin_key,
-    reconcile_lines,
-    summary_line,
-)
-from prefect_gptimage.reporting.manifest import Manifest
+if TYPE_CHECKING:  # the parser is built before Prefect may be imported: these load on use
+    from prefect_gptimage.reporting.billing import Reconciliation
 
 __all__ = ["add_reconcile_parser", "cmd_reconcile", "reconcile_uri", "reconciled_uri"]
 
@@ -72,6 +67,9 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 def reconcile_uri(uri: str, key: str, *, wait: float | None = None) -> tuple[str, Reconciliation]:
     """Reconcile the manifest at ``uri`` (local or ``s3://``); (where it was written, result)."""
+    from prefect_gptimage.reporting.billing import reconcile_lines
+    from prefect_gptimage.reporting.manifest import Manifest
+
     out = reconciled_uri(uri)
     if not uri.startswith("s3://"):
         rec = reconcile_lines(Manifest.from_jsonl(uri).lines, key, wait=wait)
@@ -95,6 +93,9 @@ def reconcile_uri(uri: str, key: str, *, wait: float | None = None) -> tuple[str
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Run ``reconcile`` (see the module docs); the exit code."""
+    from prefect_gptimage.reporting.billing import admin_key, summary_line
+    from prefect_gptimage.reporting.manifest import Manifest
+
     key = admin_key()
     if key is None:
         print(
