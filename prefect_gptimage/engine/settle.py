@@ -61,7 +61,7 @@ __all__ = [
 STOP_SUBMIT_WAIT_S = 3.0
 #: After a stop, a started row with no submit recorded is settled "not started" after this long
 #: (seconds): it waits for a fal slot, and its generate path checks the stop before submitting.
-ROW_START_WAIT_S = 1.0
+ROW_START_WAIT_S = 0.5
 #: ``error_type`` of a row whose request a cancel removed from fal's queue: nothing was paid.
 CANCELLED_QUEUED = "cancelled_queued"
 

@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["CANCELLED", "STOP_GRACE_S", "Stop"]
@@ -46,6 +48,7 @@ class Stop:
         self.summary: Any = None
         self._event = threading.Event()
         self._delivering: set[str] = set()
+        self._salvage: list[Callable[[], object]] = []
 
     def request(self, reason: str = "interrupted") -> None:
         """Ask the run to stop (idempotent: the first reason is kept)."""
@@ -73,6 +76,18 @@ class Stop:
     def delivering(self, key: str) -> bool:
         """Whether the row ``key`` noted it has its result (:meth:`note_delivering`)."""
         return key in self._delivering
+
+    def on_hard_exit(self, salvage: Callable[[], object]) -> None:
+        """Register what to save if the process must leave before the run closes its report
+        (the engine registers putting the manifest in place)."""
+        self._salvage.append(salvage)
+
+    def salvage(self) -> None:
+        """Run what :meth:`on_hard_exit` registered (each failure ignored): called by a process
+        that leaves before the run ended (the CLI's watchdog)."""
+        for fn in self._salvage:
+            with contextlib.suppress(Exception):
+                fn()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a stop is requested or ``timeout`` passes; True if requested."""
