@@ -379,6 +379,13 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 "--cluster: needs a Prefect server every worker reaches: set PREFECT_API_URL"
             )
     start_api(args.verbose)
+    from prefect_gptimage.flows._preflight import check_prefect_api
+
+    try:  # an API that is not there: one line naming PREFECT_API_URL, before any flow
+        check_prefect_api()
+    except ConfigurationError as exc:
+        print(f"prefect-gptimage: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     commands = {"generate": cmd_generate, "batch": cmd_batch}
     return commands[args.command](args, interrupts)
 

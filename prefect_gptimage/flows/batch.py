@@ -59,7 +59,7 @@ from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.flows._fanout import check_cluster, row_runner
-from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
+from prefect_gptimage.flows._preflight import check_budget, check_lock_service, preflight_bucket
 from prefect_gptimage.prompts import PromptRow, load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.reporting.wording import counted, dry_run_message
@@ -126,6 +126,7 @@ def batch_to_s3(
     target, s3_client = preflight_bucket(
         bucket, prefix, presign_expires=presign_expires, probe=False
     )
+    check_lock_service()  # a Redis lock that refuses us: one line, before anything is paid
     options = RunOptions(
         bucket=bucket,
         prefix=prefix,
