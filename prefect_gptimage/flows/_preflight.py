@@ -29,6 +29,7 @@ from prefect_gptimage.s3.clients import bucket_target
 from prefect_gptimage.s3.models import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket, validate_bucket_name
 from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks.locks import without_credentials
 from prefect_gptimage.tasks.policies import media_policy
 
 if TYPE_CHECKING:
@@ -83,17 +84,6 @@ def check_fal_media_host() -> None:
 SERVICE_CHECK_TIMEOUT_S = 10.0
 
 
-def _without_credentials(url: str) -> str:
-    """``url`` fit for a message: a ``user:password@`` part is cut out.
-
-    Example:
-        >>> _without_credentials("redis://:s3cret@redis-host:6379/0")
-        'redis://redis-host:6379/0'
-    """
-    scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2] if sep else url
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
@@ -114,7 +104,7 @@ def check_prefect_api() -> None:
         problem = client.api_healthcheck()
     if problem is not None:
         raise ConfigurationError(
-            f"PREFECT_API_URL={_without_credentials(url)} does not answer as a Prefect API "
+            f"PREFECT_API_URL={without_credentials(url)} does not answer as a Prefect API "
             f"({_first_line(problem)}): start the server or fix the setting; nothing was submitted"
         )
 
@@ -128,7 +118,7 @@ def check_lock_service() -> None:
     url = get_settings().lock_url
     if not url:
         return
-    shown = _without_credentials(url)
+    shown = without_credentials(url)
     try:
         from redis import Redis
     except ImportError:
