@@ -131,6 +131,14 @@ class GenerationResult(BaseModel):
     from_cache: bool = Field(
         default=False, description="True when no submit was paid for: the request was cached."
     )
+    also_paid: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Requests this row paid for besides this one: an earlier submit of it whose outcome "
+            "was unknown, sent again with resubmit_unknown, or one whose result fal expired."
+        ),
+    )
 
 
 # -- what came back must add up ------------------------------------------------------------------

@@ -99,6 +99,8 @@ class FalError(GptImageError):
             e.g. ``runner_server_error``.
         request_id: the fal request concerned, when known.
         detail: fal's ``detail`` (a string, or the list of validation errors).
+        paid: fal accepted (and bills) the request before this error (a wrong image count, a
+            request id answered twice): the run summary counts it in ``submitted`` and the cost.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class FalError(GptImageError):
         self.error_type = error_type
         self.request_id = request_id
         self.detail = detail
+        self.paid = False
 
 
 class TransientFalError(FalError):

@@ -128,6 +128,25 @@ class GptImageSettings(PrefectBaseSettings):
             "trickled slower fails as transient and is retried within the retry budget."
         ),
     )
+    # -- link lifetimes (issue 18) --
+    public_base_url: str | None = Field(
+        default=None,
+        description=(
+            "A CDN or public-bucket URL serving the bucket's objects (https://cdn.example.com): "
+            "artifacts, galleries and manifests then link <base>/<key>, links that do not "
+            "expire, instead of presigned S3 links (valid presign_expires, 1 day by default)."
+        ),
+    )
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("https://", "http://")) or "?" in value or "#" in value:
+            raise ValueError(f"must be an http(s) URL without query or fragment, got {value!r}")
+        return value
 
     # -- edit inputs and retention at fal (issue 19) ---------------------------------------
     input_max_bytes: int = Field(

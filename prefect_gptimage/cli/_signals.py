@@ -8,8 +8,10 @@ flow. On the first signal:
   once: nothing was submitted;
 * during a batch, the handler calls ``stop.request("SIGTERM")`` (or ``"SIGINT"``), nothing
   more: the engine starts no new row (rows not started are reported "not started
-  (interrupted)"), gives rows already at fal ``stop.grace`` seconds, then reports those still
-  running "in flight (interrupted)" once their submit is recorded. Nothing is cancelled at fal:
+  (interrupted)"), reports rows waiting at fal "in flight (interrupted)" at once (their submit
+  recorded, never cut in the middle), and gives rows that are staging their images
+  ``stop.grace`` seconds (:mod:`prefect_gptimage.engine.settle`). A batch of any size so ends
+  within seconds: the wait no longer grows with the rows queued at fal. Nothing is cancelled at fal:
   every submit's intent and handle are on disk, so a re-run resumes those requests and pays for
   nothing twice. The command prints its summary (what was staged) as usual;
 * during ``generate``, the request gets the same ``stop.grace`` seconds, then is left running at
@@ -38,6 +40,9 @@ __all__ = ["HARD_EXIT_S", "Interrupts", "submit_in_progress"]
 
 #: How long (seconds) after the grace a submit in progress may take to be recorded.
 SUBMIT_RECORD_S = 3.0
+#: After a stop, how long (seconds) Prefect's log and event workers may take to send what they
+#: hold before the process leaves.
+DRAIN_S = 2.0
 #: The process is gone this many seconds after the first signal at the latest (the grace, a
 #: submit's recording, and the summary's writing).
 HARD_EXIT_S = Stop().grace + SUBMIT_RECORD_S + 2.0
@@ -146,7 +151,11 @@ class Interrupts:
                 "twice)"
             )
         else:
-            self._say("interrupted: exiting before the run finished its summary")
+            self._say(
+                "interrupted: exiting before the run finished its summary; the manifest so far "
+                "is in the run's folder, not staged"
+            )
+            self.stop.salvage()
             if self.print_summary is not None and self.stop.summary is not None:
                 with contextlib.suppress(Exception):
                     self.print_summary(self.stop.summary)
@@ -163,19 +172,37 @@ class Interrupts:
     def finish(self, code: int) -> int:
         """The command's exit status once it returned: the signal's, if one came.
 
-        Worker threads still waiting on fal would hold the interpreter's exit until they end:
-        after a signal, or a cancel through Prefect, the process leaves without them (what they
-        paid for is recorded, and a re-run collects it).
+        Worker threads still waiting on fal would hold the interpreter's exit until they end
+        (the interpreter joins every executor thread at exit, daemon or not: with requests
+        queued at fal for minutes, a stopped batch lived on that long). So after a signal, or a
+        cancel through Prefect, the process leaves without them once Prefect's log and event
+        workers have sent what they hold (:data:`DRAIN_S` at most): what the rows paid for is
+        recorded, and a re-run collects it. Prefect's temporary API server is stopped by the
+        CLI's guard (:mod:`prefect_gptimage.cli._server`).
         """
         if self.signum is None and not self.stop.requested:
             return code
         if self.signum is not None:
             code = self.exit_code
-        others = [
-            t
-            for t in threading.enumerate()
-            if t is not threading.main_thread() and t.is_alive() and not t.daemon
-        ]
-        if others:
-            self.leave(code)
-        return code
+        _drain_prefect(DRAIN_S)
+        self.leave(code)
+        return code  # pragma: no cover - leave() does not return
+
+
+def _drain_prefect(timeout: float) -> None:
+    """Send what Prefect's log and event workers still hold, waiting ``timeout`` s at most
+    (nothing to do when Prefect was never imported)."""
+    if "prefect" not in sys.modules:
+        return
+
+    def drain() -> None:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=timeout)
+
+    worker = threading.Thread(target=drain, name="prefect-gptimage-drain", daemon=True)
+    worker.start()
+    worker.join(timeout)

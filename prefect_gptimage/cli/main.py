@@ -428,6 +428,13 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     if args.command in FLOW_MODULES:
         importlib.import_module(FLOW_MODULES[args.command])  # ... while this imports the flow
     api.wait()  # the API answers before the flow run is created
+    from prefect_gptimage.flows._preflight import check_prefect_api
+
+    try:  # an API that is not there: one line naming PREFECT_API_URL, before any flow
+        check_prefect_api()
+    except ConfigurationError as exc:
+        print(f"prefect-gptimage: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     from prefect_gptimage.cli.edit import cmd_edit
 
     commands = {"generate": cmd_generate, "batch": cmd_batch, "edit": cmd_edit}

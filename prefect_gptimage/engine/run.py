@@ -125,7 +125,9 @@ def report_outcome(
     with contextlib.suppress(DuplicateRequestId):
         ledger.claim(result.request_id, row.request, row.variant)
     if ledger.conflicted(result.request_id):
-        report.fail(_duplicate(result.request_id, ledger), row.request, row.line)
+        error = _duplicate(result.request_id, ledger)
+        error.paid = not result.from_cache  # fal accepted this row's request: still paid
+        report.fail(error, row.request, row.line)
         return []
     report.add(result, row.request.prompt)
     return [result.request_id]
@@ -187,6 +189,7 @@ class RowEngine:
             CancelWatch(self.stop),
             self._running() as runner,
         ):
+            self.stop.on_hard_exit(report.salvage)  # the manifest so far, on a hard exit
 
             def submit(row: PromptRow) -> Any:
                 if self.stop.requested:  # a stop: nothing new is started (nor paid)
@@ -206,7 +209,7 @@ class RowEngine:
             log.info("%s: %s", self.run_key, progress.status())
             _flag_duplicates(ledger, reported, report)
             note = finish() if finish is not None else None
-            state = report.close(note=note)
+            state = report.close(note=note, stopped=self.stop.requested)
         return RunResult(state, report.summary, self.stop.requested, self.stop.cancelled)
 
     @contextlib.contextmanager

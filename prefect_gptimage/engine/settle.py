@@ -1,21 +1,28 @@
-"""Rows on a stop: the ones not started are settled at once, the ones in flight after a grace.
+"""Rows on a stop: settled as soon as waiting for them is pointless, never mid-submit.
 
 After :meth:`Stop.request <prefect_gptimage.engine.stop.Stop.request>` the engine starts no new
-row; each is reported "not started (interrupted)" (:data:`NOT_STARTED`, nothing paid). Rows
-already started get :attr:`Stop.grace` seconds to finish; those still waiting on fal then are
-reported "in flight (interrupted)" (:data:`IN_FLIGHT`) once their submit has been recorded
-(never in the middle of one: that waits up to :data:`STOP_SUBMIT_WAIT_S` more), and left
-running at fal: nothing is cancelled, and a re-run resumes them from the cache without paying
-again. A started row whose submit was never sent (it waited for a fal slot) is reported "not
-started": its generate path checks the stop before submitting (``GenerationOptions.stop``),
-so it never will. :class:`StartedRow` is the future the engine waits on, which
-:class:`StartedRows` (the run's watcher) can settle before the row's task run ends.
+row; each is reported "not started (interrupted)" (:data:`NOT_STARTED`, nothing paid). Of the
+rows already started (see :meth:`StartedRows._watch`):
+
+* a row waiting at fal (its submit recorded) is reported "in flight (interrupted)"
+  (:data:`IN_FLIGHT`, paid, with its request id) at once and left running at fal: a re-run
+  resumes it from the cache without paying again. Waiting for it would not make it end sooner,
+  and with many rows queued at fal that wait was what kept a stopped batch alive for 40 s;
+* a row that has its result (downloading and staging) gets :attr:`Stop.grace` seconds;
+* a row in the middle of its submit is waited for until its submit is recorded (at most the
+  grace plus :data:`STOP_SUBMIT_WAIT_S`);
+* a row whose submit was never sent (it waits for a fal slot) is reported "not started" after
+  :data:`ROW_START_WAIT_S`: its generate path checks the stop before submitting
+  (``GenerationOptions.stop``), so it never will.
+
+:class:`StartedRow` is the future the engine waits on, which :class:`StartedRows` (the run's
+watcher) can settle before the row's task run ends.
 
 On a cancel through Prefect (:attr:`Stop.cancelled <prefect_gptimage.engine.stop.Stop.cancelled>`)
-the watcher also asks fal, at once and again when the grace ends, about each started row whose
-submit is recorded: a request still waiting in fal's queue is cancelled there (it cost nothing)
-and its row reported "cancelled at fal while queued" (:data:`CANCELLED_QUEUED`, nothing paid; a
-re-run submits it). Requests already running are left to the grace, then reported in flight.
+fal is asked about each row waiting there before it is settled: a request still waiting in
+fal's queue is cancelled there (it cost nothing) and its row reported "cancelled at fal while
+queued" (:data:`CANCELLED_QUEUED`, nothing paid; a re-run submits it). Requests already running
+are reported in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from prefect.states import Failed
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.errors import GptImageError, PaidRequestFailed
 from prefect_gptimage.prompts import PromptRow
+from prefect_gptimage.tasks.cache import request_fingerprint
 from prefect_gptimage.tasks.generate import IN_FLIGHT, NOT_STARTED, RowInterrupted, not_started
 from prefect_gptimage.tasks.intents import read_intent, submit_state
 
@@ -40,6 +48,7 @@ __all__ = [
     "CANCELLED_QUEUED",
     "IN_FLIGHT",
     "NOT_STARTED",
+    "ROW_START_WAIT_S",
     "STOP_SUBMIT_WAIT_S",
     "RowInterrupted",
     "SettledRow",
@@ -50,8 +59,9 @@ __all__ = [
 
 #: A row in the middle of its submit when the grace ends is waited for this long (seconds).
 STOP_SUBMIT_WAIT_S = 3.0
-#: During the grace of a cancel, fal is asked this often (seconds) about rows newly submitted.
-CANCEL_SWEEP_S = 1.0
+#: After a stop, a started row with no submit recorded is settled "not started" after this long
+#: (seconds): it waits for a fal slot, and its generate path checks the stop before submitting.
+ROW_START_WAIT_S = 0.5
 #: ``error_type`` of a row whose request a cancel removed from fal's queue: nothing was paid.
 CANCELLED_QUEUED = "cancelled_queued"
 
@@ -199,48 +209,58 @@ class StartedRows:
             return [r for r in self._rows.values() if not r.done.is_set()]
 
     def _watch(self) -> None:
-        """On a stop: give started rows their grace, then settle the rest as in flight (on a
-        cancel, requests still queued at fal are cancelled there first)."""
+        """On a stop, settle each started row as soon as waiting for it is pointless:
+
+        * a row that has its result (downloading, staging: ``Stop.delivering``) gets the grace;
+        * a row whose request is at fal (its submit recorded) is settled in flight at once (on a
+          cancel, its request is cancelled at fal first if still queued there);
+        * a row in the middle of its submit is waited for until the submit is recorded (up to
+          the grace plus :data:`STOP_SUBMIT_WAIT_S`), never cut in the middle;
+        * a row with no submit (waiting for a fal slot: its generate path checks the stop before
+          it submits) is settled "not started" after :data:`ROW_START_WAIT_S`.
+        """
         while not self.stop.wait(0.2):
             if self._over.is_set():
                 return
-        deadline = time.monotonic() + self.stop.grace
-        sweep = 0.0
-        while time.monotonic() < deadline and not self._over.is_set():
-            if not self._pending():
-                return
-            if time.monotonic() >= sweep:
-                self._sweep_queued()
-                sweep = time.monotonic() + CANCEL_SWEEP_S
-            time.sleep(0.1)
-        deadline = time.monotonic() + STOP_SUBMIT_WAIT_S
+        start = time.monotonic()
+        grace_end = start + self.stop.grace
+        start_end = start + min(self.stop.grace, ROW_START_WAIT_S)
+        submit_end = grace_end + STOP_SUBMIT_WAIT_S
         while not self._over.is_set():
             pending = self._pending()
             if not pending:
                 return
-            states = [submit_state(r.row.request, r.row.variant) for r in pending]
-            if time.monotonic() >= deadline or "submitting" not in states:
-                self._sweep_queued()
-                for r, state in zip(pending, states, strict=True):
-                    r.abandon(submitted=state is not None)
-                return
+            now = time.monotonic()
+            for r in pending:
+                if r.done.is_set():
+                    continue
+                state = submit_state(r.row.request, r.row.variant)
+                if self.stop.delivering(request_fingerprint(r.row.request, r.row.variant)):
+                    if now >= grace_end:
+                        r.abandon(submitted=True)
+                elif state == "submitting":
+                    if now >= submit_end:
+                        r.abandon(submitted=True)
+                elif state is None:
+                    if now >= start_end:
+                        r.abandon(submitted=False)
+                else:
+                    self._at_fal(r)
             time.sleep(0.1)
 
-    def _sweep_queued(self) -> None:
-        """On a cancel: cancel at fal the started rows' requests still queued there."""
-        if self._cancel_queued is None or not self.stop.cancelled:
-            return
-        for r in self._pending():
-            if submit_state(r.row.request, r.row.variant) != "submitted" or not r.claim():
-                continue
+    def _at_fal(self, r: StartedRow) -> None:
+        """Settle a row whose request is at fal: cancelled there if still queued (on a cancel),
+        else in flight."""
+        if self._cancel_queued is not None and self.stop.cancelled and r.claim():
             try:
                 request_id = self._cancel_queued(r.row)
             except Exception:
                 request_id = None
             if request_id is not None:
                 r.cancelled_at_fal(request_id)
-            else:
-                r.release()
+                return
+            r.release()
+        r.abandon(submitted=True)
 
     def __enter__(self) -> StartedRows:
         self._watcher.start()

@@ -24,15 +24,25 @@ from pydantic import ValidationError
 from prefect_gptimage.errors import ConfigurationError, InvalidRequestError
 from prefect_gptimage.fal.hosts import DEFAULT_QUEUE_HOST, custom_queue_host
 from prefect_gptimage.fal.media import host_allowed
+from prefect_gptimage.retry import is_transient_redis_error
 from prefect_gptimage.s3.clients import bucket_target
 from prefect_gptimage.s3.models import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket, validate_bucket_name
+from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks.locks import without_credentials
 from prefect_gptimage.tasks.policies import media_policy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["FAL_DEFAULT_QUEUE_HOST", "check_budget", "check_fal_media_host", "preflight_bucket"]
+__all__ = [
+    "FAL_DEFAULT_QUEUE_HOST",
+    "check_budget",
+    "check_fal_media_host",
+    "check_lock_service",
+    "check_prefect_api",
+    "preflight_bucket",
+]
 
 #: fal_client's default queue host (its media come from ``*.fal.media``, not from here).
 FAL_DEFAULT_QUEUE_HOST = DEFAULT_QUEUE_HOST
@@ -70,6 +80,77 @@ def check_fal_media_host() -> None:
         )
 
 
+#: Seconds the start-up checks wait for a service's first answer.
+SERVICE_CHECK_TIMEOUT_S = 10.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def check_prefect_api() -> None:
+    """ConfigurationError naming ``PREFECT_API_URL`` when the configured Prefect API does not
+    answer its health check (nothing listening, or not a Prefect API). No URL configured
+    (Prefect's temporary server): nothing to check here (the CLI starts that one itself)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return
+    settings = {"timeout": SERVICE_CHECK_TIMEOUT_S}
+    with get_client(sync_client=True, httpx_settings=settings) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise ConfigurationError(
+            f"PREFECT_API_URL={without_credentials(url)} does not answer as a Prefect API "
+            f"({_first_line(problem)}): start the server or fix the setting; nothing was submitted"
+        )
+
+
+def check_lock_service() -> None:
+    """ConfigurationError naming ``PREFECT_GPTIMAGE_LOCK_URL`` when its Redis refuses this
+    process (a wrong password, none given where one is required, a database it does not have,
+    not a Redis at all). Redis unreachable or restarting is left to the lock itself, which
+    rides it out under the retry policy and reports it per row
+    (:class:`~prefect_gptimage.errors.LockServiceUnavailable`). Unset: nothing to check."""
+    url = get_settings().lock_url
+    if not url:
+        return
+    shown = without_credentials(url)
+    try:
+        from redis import Redis
+    except ImportError:
+        raise ConfigurationError(
+            "PREFECT_GPTIMAGE_LOCK_URL needs redis-py: pip install 'prefect-gptimage[redis]'; "
+            "nothing was submitted"
+        ) from None
+    try:
+        client = Redis.from_url(
+            url,
+            socket_connect_timeout=SERVICE_CHECK_TIMEOUT_S,
+            socket_timeout=SERVICE_CHECK_TIMEOUT_S,
+        )
+    except ValueError as exc:  # not a redis:// URL redis-py can read
+        raise ConfigurationError(
+            f"PREFECT_GPTIMAGE_LOCK_URL={shown!r} is not a Redis URL ({_first_line(exc)}); "
+            "nothing was submitted"
+        ) from None
+    try:
+        client.ping()
+    except Exception as exc:
+        if is_transient_redis_error(exc):
+            return  # unreachable for now: the lock's own retries decide
+        raise ConfigurationError(
+            f"PREFECT_GPTIMAGE_LOCK_URL={shown}: the Redis lock service refused this process "
+            f"({_first_line(exc)}): fix the password or database in the URL; nothing was "
+            "submitted"
+        ) from None
+    finally:
+        client.close()
+
+
 def bucket_name(bucket: Any) -> str | None:
     """The bucket name of a flow's ``bucket`` parameter (a name or an ``S3Bucket`` block)."""
     if bucket is None or bucket == "":
@@ -92,9 +173,12 @@ def preflight_bucket(
 
     The name is checked locally first (so ``Bad_Bucket!`` or ``b`` never reach the network nor
     pydantic), then, with ``probe``, the bucket must take a write with the credentials the run
-    will stage with (an ``S3Bucket`` block's own).
+    will stage with (an ``S3Bucket`` block's own), and the Redis lock, if one is set, must let
+    this process in (:func:`check_lock_service`).
     """
     check_fal_media_host()
+    if probe:  # a dry run does not ask Redis; batch_to_s3 probes later, and asks it itself
+        check_lock_service()
     name = bucket_name(bucket)
     if name is not None:
         validate_bucket_name(name)

@@ -54,7 +54,7 @@ from prefect_gptimage.engine.plan import plan_cost as plan_cost  # re-exported
 from prefect_gptimage.engine.plan import plan_rows as plan_rows  # re-exported
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.flows._edit_inputs import prepare_inputs, warn_retention
-from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
+from prefect_gptimage.flows._preflight import check_budget, check_lock_service, preflight_bucket
 from prefect_gptimage.flows._row_batch import run_rows
 from prefect_gptimage.prompts import load_prompt_file, run_key_for, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
@@ -132,6 +132,7 @@ def batch_to_s3(
     target, s3_client = preflight_bucket(
         bucket, prefix, presign_expires=presign_expires, probe=False
     )
+    check_lock_service()  # a Redis lock that refuses us: one line, before anything is paid
     options = RunOptions(
         bucket=bucket,
         prefix=prefix,

@@ -36,7 +36,7 @@ from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.stop import Stop
 from prefect_gptimage.errors import InputImageError, InvalidRequestError
 from prefect_gptimage.flows._edit_inputs import prepare_inputs, warn_retention
-from prefect_gptimage.flows._preflight import check_budget, preflight_bucket
+from prefect_gptimage.flows._preflight import check_budget, check_lock_service, preflight_bucket
 from prefect_gptimage.flows._row_batch import run_rows
 from prefect_gptimage.prompts import PromptRow, unique_rows
 from prefect_gptimage.reporting.summary import RunSummary
@@ -162,6 +162,7 @@ def edit_folder_to_s3(
     target, s3_client = preflight_bucket(
         bucket, prefix, presign_expires=presign_expires, probe=False
     )
+    check_lock_service()  # a Redis lock that refuses us: one line, before anything is paid
     run_options = RunOptions(
         bucket=bucket,
         prefix=prefix,

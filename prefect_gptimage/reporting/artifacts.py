@@ -26,7 +26,10 @@ of it: the gallery writers (:mod:`prefect_gptimage.reporting.gallery`), progress
 (:mod:`prefect_gptimage.reporting.artifact_keys`) are re-exported here.
 
 The images are shown through presigned S3 URLs, which the viewer's browser fetches directly;
-they stop working when the URLs expire (``S3Target.presign_expires``); the gallery states when.
+they stop working when the URLs expire (``S3Target.presign_expires``); the table, the gallery and
+each link artifact state when (:func:`~prefect_gptimage.reporting.gallery.links_lifetime`). With
+``PREFECT_GPTIMAGE_PUBLIC_BASE_URL`` set they are ``<base>/<key>`` links that do not expire, and
+say so.
 
 Artifact keys may hold only lowercase letters, digits and dashes: build them with
 :func:`artifact_key`. Creating artifacts needs a Prefect API; inside a flow run they are attached
@@ -55,7 +58,7 @@ from prefect_gptimage.reporting.gallery import (
     Verdicts,
     escape_text,
     gallery_markdown,
-    links_valid_until,
+    links_lifetime,
     lookup_request,
     safe_url,
     write_html_gallery,
@@ -274,7 +277,9 @@ def publish_results(
         if manifest_uri
         else ". Request ids, s3:// URIs, bytes and checksums: the run manifest"
     )
-    until = links_valid_until(staged[:max_gallery])
+    lifetime = links_lifetime(staged[:max_gallery])
+    if lifetime:
+        table_desc += f". Image links: {lifetime}"
     table_id = call_sync(acreate_table_artifact, table=rows, key=table_key, description=table_desc)
     gallery_id = call_sync(
         acreate_markdown_artifact,
@@ -292,7 +297,7 @@ def publish_results(
         ),
         key=gallery_key,
         description=f"Thumbnail gallery of {counted(n_images, 'image')}"
-        + (f" (presigned links valid until {until})" if until else ""),
+        + (f" ({lifetime})" if lifetime else ""),
     )
     link_ids: list[UUID] = []
     for image in staged[:max_links]:
@@ -306,9 +311,7 @@ def publish_results(
                     f"({image.width}x{image.height})"
                 ),
                 key=artifact_key(key_prefix, "image", image.request_id, image.index),
-                description=(
-                    f"{image.s3_uri} (presigned link, valid until {links_valid_until([image])})"
-                ),
+                description=(f"{image.s3_uri} ({links_lifetime([image])})"),
             )
         )
     omitted = max(0, n_images - max_links) if max_links > 0 else 0

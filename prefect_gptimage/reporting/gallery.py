@@ -16,6 +16,8 @@ and index): it is shown beside the size and cost, in one short line
 until when. After that each thumbnail is drawn as a broken image with its prompt as alt text, and
 its link answers 403; the ``s3://`` URIs in the run manifest stay valid, and re-running the batch
 (served from the cache: nothing is paid again) publishes the gallery again with fresh links.
+With ``PREFECT_GPTIMAGE_PUBLIC_BASE_URL`` set (a CDN or a public bucket) the links are
+``<base>/<key>`` and do not expire: :func:`links_lifetime` says which, in one place.
 
 **Escaping for the Prefect UI.** Every character of a prompt shows as itself. The V1 UI's
 markdown renderer decodes only ``&amp;``, ``&lt;``, ``&gt;`` and ``&quot;``; any other entity
@@ -59,6 +61,7 @@ __all__ = [
     "escape_attr",
     "escape_text",
     "gallery_markdown",
+    "links_lifetime",
     "links_valid_until",
     "lookup_request",
     "safe_url",
@@ -144,13 +147,32 @@ def lookup_request(
 
 
 def links_valid_until(staged: Sequence[StagedImage]) -> str | None:
-    """When the first of these presigned links expires, in UTC (``'2026-12-01 17:35 UTC'``)."""
-    if not staged:
+    """When the first of these presigned links expires, in UTC (``'2026-12-01 17:35 UTC'``);
+    None when none expires (public links, see :func:`links_lifetime`) or there are none."""
+    expiring = [s.url_expires_at for s in staged if s.url_expires_at is not None]
+    if not expiring:
         return None
-    first = min(s.url_expires_at for s in staged)
+    first = min(expiring)
     if first.tzinfo is not None:
         first = first.astimezone(dt.timezone.utc)
     return f"{first:%Y-%m-%d %H:%M} UTC"
+
+
+def links_lifetime(staged: Sequence[StagedImage]) -> str | None:
+    """How long these images' links work, in words for an artifact: ``'presigned links valid
+    until 2026-12-01 17:35 UTC'``, or ``'public links (PREFECT_GPTIMAGE_PUBLIC_BASE_URL), they
+    do not expire'``; None when there are no links.
+
+    Example:
+        >>> links_lifetime([]) is None
+        True
+    """
+    if not staged:
+        return None
+    until = links_valid_until(staged)
+    if until is not None:
+        return f"presigned links valid until {until}"
+    return "public links (PREFECT_GPTIMAGE_PUBLIC_BASE_URL), they do not expire"
 
 
 def gallery_markdown(
@@ -208,6 +230,8 @@ def gallery_markdown(
             "thumbnails show as broken images; the s3:// URIs in the run manifest stay valid, and "
             "re-running the batch (from the cache, at no cost) publishes fresh links.",
         ]
+    elif staged:
+        out += ["", f"Thumbnails and links are {links_lifetime(staged[:max_images])}."]
     out.append("")
     if staged:
         out += ["| Image | Prompt | Size · cost |", "|---|---|---|"]

@@ -5,7 +5,8 @@ Lines are :class:`ImageLine` (``"kind": "image"``) or :class:`FailureLine` (``"k
 "failure"``). ``parameters`` is the normalized request minus the prompt; inline ``data:`` URIs
 are replaced by a short digest and the query string of presigned input URLs is dropped, so a
 manifest never carries megabytes of base64 or a live signature. Presigned *output* URLs are not
-stored either: they expire; the ``s3_uri`` does not.
+stored either: they expire; the ``s3_uri`` does not. A link that does not expire (with
+``PREFECT_GPTIMAGE_PUBLIC_BASE_URL`` set: ``<base>/<key>``) is stored as the line's ``url``.
 
 An edit whose inputs the package read (local files, ``s3://`` objects, ``data:`` URIs: see
 :mod:`prefect_gptimage.inputs`) adds ``"inputs"``, its lineage: one
@@ -98,12 +99,13 @@ _INPUTS = "An edit's inputs: where each came from, its sha256."
 
 
 class _Line(BaseModel):
-    """A manifest line: its ``ocr`` verdict (the last field) is written only when there is one."""
+    """A manifest line: its ``ocr`` verdict (the last field), a public ``url`` and a ``note``
+    are written only when there is one."""
 
     @model_serializer(mode="wrap")
     def _without_absent_ocr(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
-        for key in ("inputs", "ocr", "billed_cost_usd"):  # absent: reads as before they existed
+        for key in ("inputs", "ocr", "billed_cost_usd", "url", "note"):  # absent: read as before
             if isinstance(data, dict) and data.get(key, 0) is None:
                 del data[key]
         return data
@@ -119,6 +121,9 @@ class ImageLine(_Line):
     request_id: str
     index: int
     s3_uri: str
+    url: str | None = Field(
+        default=None, description="A link that does not expire (PREFECT_GPTIMAGE_PUBLIC_BASE_URL)."
+    )
     sha256: str
     width: int
     height: int
@@ -129,6 +134,7 @@ class ImageLine(_Line):
     billed_cost_usd: float | None = Field(
         default=None, description="Per image, what fal billed (reconciled runs only)."
     )
+    note: str | None = Field(default=None, description="E.g. that the row paid for two requests.")
     ocr: OcrVerdictRecord | None = Field(default=None, description="The OCR gate's verdict.")
 
 
@@ -227,8 +233,11 @@ class _Lines:
         prompt: str,
         request: AnyRequest,
         ocr: OcrVerdictRecord | None = None,
+        note: str | None = None,
     ) -> ImageLine:
         """Record a staged image; the cost is fal's per-image price for the request's settings.
+
+        ``note``: what else to know about the row (e.g. that it paid for two requests).
 
         ``ocr``: the OCR gate's verdict on it, for a gated run.
         """
@@ -239,6 +248,7 @@ class _Lines:
             request_id=staged.request_id,
             index=staged.index,
             s3_uri=staged.s3_uri,
+            url=staged.url if staged.url_expires_at is None else None,
             sha256=staged.sha256,
             width=staged.width,
             height=staged.height,
@@ -246,6 +256,7 @@ class _Lines:
             content_type=staged.content_type,
             estimated_cost_usd=cost_per_image(request),
             inputs=input_lineage(request),
+            note=note,
             ocr=ocr,
         )
         self._append(line)
@@ -381,10 +392,12 @@ class ManifestWriter(_Lines):
             return _rounded(self._totals)
 
     def close(self) -> Path:
-        """Finish the file and move it into place. Returns its path."""
+        """Finish the file and move it into place (once: a second call does nothing). Returns
+        its path."""
         with self._lock:
-            self._fh.close()
-            os.replace(self._tmp, self.path)
+            if not self._fh.closed:
+                self._fh.close()
+                os.replace(self._tmp, self.path)
         return self.path
 
     def discard(self) -> None:

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,17 @@ def finish(summary: RunSummary) -> State[RunSummary]:
     if summary.ok:
         return Completed(data=summary)
     return Failed(message=f"{len(summary.failures)} request(s) failed", data=summary)
+
+
+def paid_note(outcome: RowOutcome) -> str | None:
+    """What a row that paid for more than one request says (manifest line, summary image)."""
+    if not outcome.also_paid:
+        return None
+    return (
+        f"paid for {outcome.paid_requests} requests: an earlier submit of this request (its "
+        "outcome unknown, sent again with resubmit_unknown, or its result expired at fal) is "
+        "counted as paid too"
+    )
 
 
 class RunReport:
@@ -126,15 +138,17 @@ class RunReport:
             raise ValueError(f"{len(ocr)} OCR verdicts for {len(outcome.images)} images")
         verdicts = list(ocr) if ocr is not None else [None] * len(outcome.images)
         summary = self.summary
-        summary.submitted += not outcome.from_cache
+        summary.submitted += outcome.paid_requests
         summary.images_total += len(outcome.images)
         summary.staged += len(outcome.staged)
         summary.estimated_cost_usd = round(summary.estimated_cost_usd + outcome.cost, 6)
+        note = paid_note(outcome)
         room = SUMMARY_IMAGES - len(summary.images)
         if room > 0:
-            summary.images.extend(outcome.image_records()[:room])
+            records = outcome.image_records()[:room]
+            summary.images.extend(r | {"note": note} if note else r for r in records)
         for staged, verdict in zip(outcome.staged, verdicts, strict=False):
-            self.manifest.add_image(staged, prompt, outcome.request, ocr=verdict)
+            self.manifest.add_image(staged, prompt, outcome.request, ocr=verdict, note=note)
         if len(self._table) < TABLE_ROWS and outcome.staged:
             shown = outcome.staged[: TABLE_ROWS - len(self._table)]
             self._table.extend(shown)
@@ -198,11 +212,19 @@ class RunReport:
         )
         self.gallery.add_failure(failure)
 
-    def close(self, note: str | None = None) -> State[RunSummary]:
+    def salvage(self) -> None:
+        """Put the manifest written so far in place (never raises): what a process that must
+        exit before :meth:`close` (a stop's hard deadline) leaves behind. Nothing is staged."""
+        with contextlib.suppress(Exception):
+            self.manifest.close()
+
+    def close(self, note: str | None = None, stopped: bool = False) -> State[RunSummary]:
         """Finish the files, stage the manifest, publish the artifacts; the run's final state.
 
         ``note``: one sentence of plain text for the artifacts (see
-        :func:`~prefect_gptimage.reporting.artifacts.publish_results`).
+        :func:`~prefect_gptimage.reporting.artifacts.publish_results`). ``stopped``: a stop cut
+        the run short and the process has seconds left: the manifest's asset (a task run of its
+        own) is not materialized; the manifest, the artifacts and the event are.
         """
         summary = self.summary
         summary.gallery = str(self.gallery.close())
@@ -231,7 +253,7 @@ class RunReport:
             note=note,
             billed=billed,
         )
-        if self._assets is not None:
+        if self._assets is not None and not stopped:  # a stopped run leaves promptly
             counts = totals.model_dump()
             self._assets.manifest(staged_manifest.s3_uri, {**counts, "staged": summary.staged})
         self._completed(staged_manifest.s3_uri)

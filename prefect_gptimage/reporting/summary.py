@@ -34,7 +34,7 @@ class Failure(BaseModel):
         ``PermanentDownloadError``, ...), so the manifest always says what kind of failure it was.
         """
         params = {k: v for k, v in request.to_arguments().items() if k != "prompt"}
-        request_id, paid = getattr(exc, "request_id", None), False
+        request_id, paid = getattr(exc, "request_id", None), getattr(exc, "paid", False) is True
         if isinstance(exc, PaidRequestFailed):  # failed after fal accepted: report the error
             request_id, paid, exc = exc.request_id, exc.paid, exc.error
         fal_type = exc.error_type if isinstance(exc, FalError) else None

@@ -9,7 +9,7 @@ The package is split by concept; everything public is re-exported here, so
 ``from prefect_gptimage.s3 import ...`` is the API:
 
 * :mod:`~prefect_gptimage.s3.keys`: the documented, deterministic, collision-free key layout
-  (:func:`image_key`, :func:`manifest_key`, :func:`gallery_key`, :func:`slugify`, ...);
+  (:func:`image_key`, :func:`manifest_key`, :func:`slugify`, ...);
 * :mod:`~prefect_gptimage.s3.failures`: boto3/botocore failures wrapped in the package's
   :class:`~prefect_gptimage.errors.S3StagingError` subclasses (which live, with every exception,
   in :mod:`prefect_gptimage.errors`), credentials redacted from their messages;
@@ -50,7 +50,6 @@ _EXPORTS: dict[str, str] = {
     "StagedImage": "models",
     "check_target": "preflight",
     "client_from_block": "clients",
-    "gallery_key": "keys",
     "get_s3_client": "clients",
     "image_key": "keys",
     "manifest_key": "keys",
@@ -76,7 +75,6 @@ __all__ = [
     "StagedImage",
     "check_target",
     "client_from_block",
-    "gallery_key",
     "get_s3_client",
     "image_key",
     "manifest_key",
@@ -116,9 +114,6 @@ if TYPE_CHECKING:
     )
     from prefect_gptimage.s3.keys import (
         PROMPT_SLUG_MAX as PROMPT_SLUG_MAX,
-    )
-    from prefect_gptimage.s3.keys import (
-        gallery_key as gallery_key,
     )
     from prefect_gptimage.s3.keys import (
         image_key as image_key,

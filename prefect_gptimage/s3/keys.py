@@ -8,7 +8,6 @@ Key layout
 
         {prefix}/{endpoint-slug}/{request-id}/{index:02d}-{prompt-slug}.{ext}
         {prefix}/manifests/{run-key}.jsonl
-        {prefix}/manifests/{run-key}.html
 
     * ``prefix`` is normalized: split on ``/``; each segment keeps only ``[A-Za-z0-9._-]`` (anything
       else becomes ``-``); empty, ``.`` and ``..`` segments are dropped; so no leading ``/``, no
@@ -27,6 +26,10 @@ Key layout
 
     Nothing from a prompt, a request id or a fal ``file_name`` reaches a key unsanitized, and the
     same image always maps to the same key, which is what makes re-staging idempotent.
+
+    No HTML gallery is staged: the run's HTML page (``index.html`` in its local folder) shows the
+    images from that folder, links that would not work from a bucket. The Prefect gallery
+    artifact links the staged images (presigned, or ``PREFECT_GPTIMAGE_PUBLIC_BASE_URL``).
 
 Example:
     >>> image_key("gptimage", endpoint="fal-ai/gpt-image-1.5", request_id="764cabcf-b745",
@@ -52,7 +55,6 @@ class HasPrefix(Protocol):
 __all__ = [
     "PROMPT_SLUG_MAX",
     "check_key",
-    "gallery_key",
     "image_key",
     "manifest_key",
     "normalize_prefix",
@@ -173,11 +175,6 @@ def manifest_key(target_or_prefix: HasPrefix | str, run_key: str) -> str:
     return _join(_prefix_of(target_or_prefix), "manifests", f"{safe_id(run_key, 128)}.jsonl")
 
 
-def gallery_key(target_or_prefix: HasPrefix | str, run_key: str) -> str:
-    """``{prefix}/manifests/{run_key}.html``: where an HTML gallery of a run is staged."""
-    return _join(_prefix_of(target_or_prefix), "manifests", f"{safe_id(run_key, 128)}.html")
-
-
 def check_key(key: str) -> str:
     """Refuse keys that could escape a prefix or confuse tools (used for caller-made keys)."""
     if (
@@ -189,6 +186,6 @@ def check_key(key: str) -> str:
     ):
         raise ValueError(
             f"unsafe S3 key {key!r}: use [A-Za-z0-9._-] segments joined by '/', "
-            "no empty, '.' or '..' segment, no leading '/' (see manifest_key/gallery_key)"
+            "no empty, '.' or '..' segment, no leading '/' (see manifest_key)"
         )
     return key

@@ -110,8 +110,10 @@ class StagedFile(BaseModel):
     bucket: str
     key: str
     s3_uri: str
-    url: str = Field(description="Presigned GET URL.")
-    url_expires_at: dt.datetime
+    url: str = Field(description="Presigned GET URL, or a public one (see url_expires_at).")
+    url_expires_at: dt.datetime | None = Field(
+        description="When url expires; None: a PREFECT_GPTIMAGE_PUBLIC_BASE_URL link, no expiry."
+    )
     content_type: str
     bytes: int
 
@@ -125,8 +127,10 @@ class StagedImage(BaseModel):
     bucket: str
     key: str
     s3_uri: str
-    url: str = Field(description="Presigned GET URL, valid until url_expires_at.")
-    url_expires_at: dt.datetime
+    url: str = Field(description="Presigned GET URL, valid until url_expires_at (or public).")
+    url_expires_at: dt.datetime | None = Field(
+        description="When url expires; None: a PREFECT_GPTIMAGE_PUBLIC_BASE_URL link, no expiry."
+    )
     content_type: str
     format: str
     bytes: int

@@ -40,7 +40,7 @@ from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["MANIFEST_CONTENT_TYPE", "presign", "stage_file", "stage_image"]
+__all__ = ["MANIFEST_CONTENT_TYPE", "object_link", "presign", "stage_file", "stage_image"]
 
 MANIFEST_CONTENT_TYPE = "application/x-ndjson"
 
@@ -60,6 +60,22 @@ def presign(bucket: str, key: str, expires: int, client: ClientSource = None) ->
     return resolve_client(client).generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
     )
+
+
+def object_link(
+    bucket: str, key: str, expires: int, client: ClientSource = None
+) -> tuple[str, dt.datetime | None]:
+    """The link people are given to ``s3://bucket/key`` and when it expires: with
+    ``PREFECT_GPTIMAGE_PUBLIC_BASE_URL`` set, ``<base>/<key>`` (a CDN or public bucket: None,
+    it does not expire), else a :func:`presign` ed URL valid ``expires`` seconds."""
+    from urllib.parse import quote
+
+    from prefect_gptimage.settings import get_settings
+
+    base = get_settings().public_base_url
+    if base:
+        return f"{base}/{quote(key, safe='/')}", None
+    return presign(bucket, key, expires, client), _expiry(expires)
 
 
 def policy_or_default(retry: RetryPolicy | None) -> RetryPolicy:
@@ -183,12 +199,13 @@ def stage_image(
         with attempt:
             uploaded = _put_image(s3, image, prompt, request, target, key, size)
 
+    url, expires_at = object_link(bucket, key, target.presign_expires, s3)
     return StagedImage(
         bucket=bucket,
         key=key,
         s3_uri=f"s3://{bucket}/{key}",
-        url=presign(bucket, key, target.presign_expires, s3),
-        url_expires_at=_expiry(target.presign_expires),
+        url=url,
+        url_expires_at=expires_at,
         content_type=image.content_type,
         format=image.format,
         bytes=image.bytes,
@@ -253,7 +270,7 @@ def stage_file(
     """Upload a local file (a manifest, an HTML gallery) to ``s3://{target.bucket}/{key}``.
 
     ``key`` is a full object key and must be safe (``[A-Za-z0-9._-]`` segments; build it with
-    :func:`manifest_key` or :func:`gallery_key`). Always uploads (overwrites), streamed;
+    :func:`manifest_key`). Always uploads (overwrites), streamed;
     transient failures are retried within ``retry`` (default: :meth:`RetryPolicy.from_settings`).
 
     Example:
@@ -267,12 +284,13 @@ def stage_file(
     for attempt in policy_or_default(retry).retrying():
         with attempt:
             _upload(s3, path, bucket, key, {"ContentType": content_type}, target)
+    url, expires_at = object_link(bucket, key, target.presign_expires, s3)
     return StagedFile(
         bucket=bucket,
         key=key,
         s3_uri=f"s3://{bucket}/{key}",
-        url=presign(bucket, key, target.presign_expires, s3),
-        url_expires_at=_expiry(target.presign_expires),
+        url=url,
+        url_expires_at=expires_at,
         content_type=content_type,
         bytes=size,
     )

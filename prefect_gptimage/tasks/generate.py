@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import (
+    DuplicateRequestId,
     FalError,
+    ImageCountMismatch,
     PaidRequestFailed,
     PermanentFalError,
     RowInterrupted,
@@ -46,10 +48,10 @@ from prefect_gptimage.schemas import (
 )
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks._twin import async_twin
-from prefect_gptimage.tasks.cache import cached_generation
+from prefect_gptimage.tasks.cache import cached_generation, request_fingerprint
 from prefect_gptimage.tasks.concurrency import fal_completed, fal_request_slot
 from prefect_gptimage.tasks.download import download, download_image
-from prefect_gptimage.tasks.intents import NEEDS_SLOT, submit_fate
+from prefect_gptimage.tasks.intents import NEEDS_SLOT, submit_fate, unresolved_intent
 from prefect_gptimage.tasks.queue import fetch_recorded, submit_recorded
 
 __all__ = [
@@ -172,6 +174,11 @@ class GenerationOptions(BaseModel):
         )
 
 
+#: fal's errors that come after fal ran (or accepted) the request, so it is billed: the row
+#: fails, and its request still counts as paid.
+BILLED_ERRORS = (ImageCountMismatch, DuplicateRequestId)
+
+
 class Accepted:
     """The request fal accepted for one generation, once it did: its id, and whether this run
     paid for it (not cached, not paid by an earlier run)."""
@@ -179,6 +186,8 @@ class Accepted:
     def __init__(self) -> None:
         self.request_id: str | None = None
         self.paid = False
+        #: requests this row paid for besides the last one (see GenerationResult.also_paid)
+        self.also_paid = 0
 
     def note(self, handle: RequestHandle, cached: bool) -> None:
         self.request_id, self.paid = handle.request_id, self.paid or not cached
@@ -191,10 +200,19 @@ def paid_for(accepted: Accepted, where: str | None = None) -> Iterator[None]:
     ``where``: the folder files are written to, named by a file error that names no path.
 
     fal's own errors (a :class:`~prefect_gptimage.errors.FalError`) pass unchanged: they carry
-    their request id already, and callers catch them by type."""
+    their request id already, and callers catch them by type. Those that come after fal billed
+    the request (:data:`BILLED_ERRORS`: a wrong image count, an id answered twice) are marked
+    ``paid`` when this run paid for it, so the summary still counts the payment."""
     try:
         yield
-    except (PaidRequestFailed, FalError):
+    except PaidRequestFailed:
+        raise
+    except BILLED_ERRORS as exc:
+        if accepted.request_id is not None and exc.request_id in (None, accepted.request_id):
+            exc.request_id = accepted.request_id
+            exc.paid = exc.paid or accepted.paid
+        raise
+    except FalError:
         raise
     except Exception as exc:
         if accepted.request_id is None:
@@ -234,6 +252,14 @@ def _submit_and_fetch(
         )
         if fate in NEEDS_SLOT:  # cached, or unknown (fails unsent): no slot before the submit
             hold()
+        # resubmit_unknown: an earlier submit of it may have been billed; this one is paid too
+        earlier_unknown = (
+            fate == "to_pay"
+            and options.resubmit_unknown
+            and not refresh
+            and unresolved_intent(request, options.variant) is not None
+        )
+        paid_before = False  # the previous attempt was billed (its result expired at fal)
         for attempt in range(options.resubmits + 1):
             if (attempt or fate == "to_pay") and _stopped(options):  # a new submit: not now
                 raise not_started("a stop came before its submit: nothing was paid")
@@ -247,10 +273,20 @@ def _submit_and_fetch(
                 budget_wait=options.budget_wait,
             )
             if accepted is not None:
+                if paid_before and not cached:  # a fresh submit after one fal expired (billed)
+                    accepted.also_paid += 1
                 accepted.note(handle, cached)
+                if earlier_unknown and not cached and not attempt:
+                    accepted.also_paid += 1
+                    log.warning(
+                        "paid twice, possibly: %s was submitted again (resubmit_unknown); fal "
+                        "may have billed its earlier submit too, counted as paid",
+                        handle.request_id,
+                    )
             hold()
             try:
                 output, _ = fetch_recorded(handle, options.credentials, timeout=timeout)
+                _note_delivering(options, request)
                 return handle, output, cached
             except Exception as exc:
                 reason = resubmit_reason(exc)
@@ -263,6 +299,7 @@ def _submit_and_fetch(
                     ) from exc
                 if reason is None or attempt == options.resubmits:
                     raise
+                paid_before = expired(exc)
                 if expired(exc):
                     log.warning(
                         "paid twice: fal expired the result of %s (%s); submitting it again",
@@ -282,6 +319,13 @@ def _submit_and_fetch(
 
 def _stopped(options: GenerationOptions) -> bool:
     return bool(options.stop is not None and options.stop.requested)
+
+
+def _note_delivering(options: GenerationOptions, request: AnyRequest) -> None:
+    """Tell the run's stop that this row has its result (a stop gives it time to stage it)."""
+    note = getattr(options.stop, "note_delivering", None)
+    if note is not None:
+        note(request_fingerprint(request, options.variant))
 
 
 def expired(exc: BaseException) -> bool:
@@ -327,6 +371,7 @@ def _generate(
         if cached is not None:
             (handle, output), from_cache = cached, True
             accepted.note(handle, cached=True)
+            _note_delivering(options, request)
         else:
             handle, output, from_cache = _submit_and_fetch(request, options, accepted)
         claim_request_id(handle.request_id, request, options.variant)  # one request id, one row
@@ -337,7 +382,12 @@ def _generate(
         ]
         check_image_count(request, output, request_id=handle.request_id, images=images)
     return GenerationResult(
-        handle=handle, request=request, output=output, images=images, from_cache=from_cache
+        handle=handle,
+        request=request,
+        output=output,
+        images=images,
+        from_cache=from_cache,
+        also_paid=accepted.also_paid,
     )
 
 

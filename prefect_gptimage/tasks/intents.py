@@ -12,6 +12,13 @@ protocol, in the same result store as the cache records, keyed by the request's 
 3. after it, the intent becomes ``submitted`` with the handle, and the submit task's cache record
    (the handle) is committed as the task completes.
 
+fal's answer is checked against the store first: its request id is claimed for this request
+(:func:`claim_in_store`, a record keyed by the id). An id the store already holds for another
+request (fal answering with an id it gave before, in this run or an earlier one) is a protocol
+error: the row fails with :class:`~prefect_gptimage.errors.DuplicateRequestId`, counted as paid
+(fal accepted its submit) with its outcome unknown (the intent says ``unknown``), and the id is
+never used for it: the other request's recorded result is never read as this one's.
+
 An error that proves nothing was enqueued (a connect error, a 4xx at submit, a retry budget spent
 on 429s) marks the intent ``not_submitted``. A
 :class:`~prefect_gptimage.errors.SubmitOutcomeUnknown` from the client (or an error the client did
@@ -48,7 +55,8 @@ from prefect.logging import get_logger
 from prefect.results import ResultStore, default_cache
 from pydantic import BaseModel, ValidationError
 
-from prefect_gptimage.errors import GptImageError, SubmitOutcomeUnknown
+from prefect_gptimage.errors import DuplicateRequestId, GptImageError, SubmitOutcomeUnknown
+from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.schemas import AnyRequest, RequestHandle
 from prefect_gptimage.tasks import cache
 
@@ -58,6 +66,7 @@ __all__ = [
     "Fate",
     "FateStores",
     "SubmitIntent",
+    "claim_in_store",
     "fate_stores",
     "guarded_submit",
     "intent_key",
@@ -316,8 +325,60 @@ def guarded_submit(
             "--resubmit-unknown, does).",
             error_type=OUTCOME_UNKNOWN,
         ) from exc
+    try:
+        claim_in_store(request, variant, handle)
+    except DuplicateRequestId:
+        _record(request, variant, "unknown", f"fal answered with {handle.request_id}, not its own")
+        raise
     _record(request, variant, "submitted", note, handle=handle)
     return handle
+
+
+def _claim_key(request_id: str) -> str:
+    """The store key of a request id's claim (ids are checked fal ids: UUIDs, safe in a key)."""
+    return "gptimage-request-id-" + request_id
+
+
+def claim_in_store(request: AnyRequest, variant: int, handle: RequestHandle) -> None:
+    """Record ``handle.request_id`` as this request's in the store; DuplicateRequestId (marked
+    paid: fal accepted this submit) when it is recorded for another request already.
+
+    In a run the run's ledger is asked first (its DuplicateRequestId fails both rows, as for
+    any id answered twice in a run). A store that cannot be read or written is logged and
+    passed: the run's ledger still guards the run.
+    """
+    fingerprint = cache.request_fingerprint(request, variant)
+    key = _claim_key(handle.request_id)
+    try:
+        owner = cache.read_record(_store(), key)
+    except Exception as exc:
+        logger.warning("could not read the claim of %s: %s", handle.request_id, exc)
+        return
+    if isinstance(owner, str) and owner != fingerprint:
+        try:
+            claim_request_id(handle.request_id, request, variant)  # the run's own rows first
+        except DuplicateRequestId as exc:
+            exc.paid = True
+            raise
+        error = DuplicateRequestId(
+            f"protocol error: fal answered this submit with request id {handle.request_id}, "
+            "which an earlier submit of another request recorded as its own. This request was "
+            "accepted (paid) but its own id is unknown, so its outcome is unknown and the other "
+            "request's result is not used; a plain re-run does not submit it again "
+            "(resubmit_unknown=True, CLI --resubmit-unknown, does)",
+            request_id=handle.request_id,
+        )
+        error.paid = True
+        raise error
+    if owner is None:
+        try:
+            _store().write(
+                obj=fingerprint,
+                key=key,
+                expiration=cast(Any, datetime.now(timezone.utc) + cache.CACHE_EXPIRATION),
+            )
+        except Exception as exc:
+            logger.warning("could not record the claim of %s: %s", handle.request_id, exc)
 
 
 def _record(

@@ -59,6 +59,7 @@ __all__ = [
     "RedisSubmitLocks",
     "lock_lease",
     "redis_lock_manager",
+    "without_credentials",
 ]
 
 logger = logging.getLogger("prefect_gptimage.tasks.cache")
@@ -81,11 +82,11 @@ def lock_lease() -> float:
     return max(MIN_LOCK_LEASE, 2 * get_settings().retry_budget)
 
 
-def _without_credentials(url: str) -> str:
+def without_credentials(url: str) -> str:
     """``url`` fit for messages and logs: a ``user:password@`` part is cut out.
 
     Example:
-        >>> _without_credentials("redis://:s3cret@redis-host:6379/0")
+        >>> without_credentials("redis://:s3cret@redis-host:6379/0")
         'redis://redis-host:6379/0'
     """
     scheme, sep, rest = url.partition("://")
@@ -151,7 +152,7 @@ class RedisSubmitLocks:
         return (RedisSubmitLocks, (self.url, self.lease))
 
     def __repr__(self) -> str:
-        return f"RedisSubmitLocks({_without_credentials(self.url)!r}, lease={self.lease})"
+        return f"RedisSubmitLocks({without_credentials(self.url)!r}, lease={self.lease})"
 
     # -- Redis calls, retried ----------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class RedisSubmitLocks:
                     raise
                 consequence = "; nothing was submitted" if unsent else ""
                 raise LockServiceUnavailable(
-                    f"lock service {_without_credentials(self.url)} unreachable "
+                    f"lock service {without_credentials(self.url)} unreachable "
                     f"({exc}) trying to {what}{consequence} (PREFECT_GPTIMAGE_LOCK_URL)"
                 ) from exc
 

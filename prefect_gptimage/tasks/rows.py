@@ -61,11 +61,19 @@ class RowOutcome(BaseModel):
     images: list[DownloadedImage]
     staged: list[StagedImage] = Field(default_factory=list)
     from_cache: bool = False
+    also_paid: int = Field(
+        default=0, ge=0, description="Other requests paid for this row (GenerationResult's)."
+    )
+
+    @property
+    def paid_requests(self) -> int:
+        """Requests this run paid for this row: its own unless cached, plus ``also_paid``."""
+        return int(not self.from_cache) + self.also_paid
 
     @property
     def cost(self) -> float:
         """Estimated USD paid by this run (0 when served from the cache)."""
-        return 0.0 if self.from_cache else estimate_cost(self.request)
+        return self.paid_requests * estimate_cost(self.request)
 
     def image_records(self) -> list[dict[str, Any]]:
         """One dict per image for the run summary (S3 URI and link when staged)."""
@@ -123,4 +131,5 @@ def generate_and_stage(
         images=result.images,
         staged=staged,
         from_cache=result.from_cache,
+        also_paid=result.also_paid,
     )

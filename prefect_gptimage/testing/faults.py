@@ -55,6 +55,7 @@ FaultKind = Literal[
     "id_dotdot",
     "id_absolute",
     "id_other",
+    "few_images",
 ]
 
 OPERATIONS: tuple[str, ...] = get_args(Operation)
@@ -73,8 +74,9 @@ SUBMIT_ONLY_KINDS = (
 MEDIA_ONLY_KINDS = frozenset({"truncate", "wrong_format"})
 #: Kinds for a request that never gets anywhere: status and result answer 202 ``IN_QUEUE``.
 STUCK_KINDS = frozenset({"stuck"})
-#: Kinds that only make sense for a result: a huge body, streamed (``size`` bytes).
-RESULT_ONLY_KINDS = frozenset({"huge"})
+#: Kinds that only make sense for a result: a huge body, streamed (``size`` bytes), or a
+#: result with one image fewer than ``num_images`` (``few_images``: fal ran, and bills, it).
+RESULT_ONLY_KINDS = frozenset({"huge", "few_images"})
 #: Bytes written per piece by ``trickle`` (every ``delay`` seconds: 64 B/s by default).
 TRICKLE_PIECE = 64
 #: Size of a ``huge`` result when no ``size`` is given.
