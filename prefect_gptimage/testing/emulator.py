@@ -32,6 +32,7 @@ from prefect_gptimage.testing.faults import Fault
 from prefect_gptimage.testing.inputs import InputFetcher
 from prefect_gptimage.testing.records import EmulatorStats, RequestInfo
 from prefect_gptimage.testing.server import EmulatorHTTPServer
+from prefect_gptimage.testing.webhooks import WebhookSender
 
 __all__ = ["FalEmulator", "serve_forever_cli"]
 
@@ -136,6 +137,7 @@ class FalEmulator:
         )
         for thread in self._threads:
             thread.start()
+        core.webhooks.start()
         return self
 
     def stop(self) -> None:
@@ -238,6 +240,12 @@ class FalEmulator:
     def faults(self) -> list[Fault]:
         return self._core.faults.list()
 
+    @property
+    def webhooks(self) -> WebhookSender:
+        """fal's signed callbacks: faults (``inject(WebhookFault(...))``), counters, the JWKS
+        (served at ``/.well-known/jwks.json``); see :mod:`prefect_gptimage.testing.webhooks`."""
+        return self._core.webhooks
+
     # -- inspection --------------------------------------------------------------------------
 
     @property
@@ -290,6 +298,7 @@ class FalEmulator:
         with self._core.model.cond:
             self._core.model.reset_locked()
         self._core.faults.reset()
+        self._core.webhooks.reset()
 
 
 def _family(host: str) -> socket.AddressFamily:

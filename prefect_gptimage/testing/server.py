@@ -29,6 +29,7 @@ from prefect_gptimage.testing._queue_answers import APP, QueueAnswers
 from prefect_gptimage.testing.admin import handle_admin
 from prefect_gptimage.testing.core import EmulatorCore
 from prefect_gptimage.testing.images import OTHER_FORMAT
+from prefect_gptimage.testing.webhooks import JWKS_PATH
 
 __all__ = ["APP", "EmulatorHTTPServer", "FalRequestHandler"]
 
@@ -125,6 +126,8 @@ class FalRequestHandler(QueueAnswers):
                 self._admin(method, url.path, body)
             elif url.path.startswith("/files/"):
                 self._media(method, url.path)
+            elif url.path == JWKS_PATH and method == "GET":
+                self._json(200, self.core.webhooks.jwks(), fal=False)
             else:
                 self._queue(method, url.path, parse_qs(url.query), body)
         except Dropped:
