@@ -136,9 +136,11 @@ def submit(
     *,
     start_timeout: float | None = None,
     headers: dict[str, str] | None = None,
+    webhook_url: str | None = None,
 ) -> Steps[RequestHandle]:
-    """Submit (billable), resending only what provably never reached fal's queue."""
-    op = Submit(request, submit_headers(start_timeout, headers))
+    """Submit (billable), resending only what provably never reached fal's queue; with
+    ``webhook_url``, fal POSTs the outcome there when the request ends."""
+    op = Submit(request, submit_headers(start_timeout, headers), webhook_url)
 
     def attempt() -> Steps[RequestHandle]:
         try:
