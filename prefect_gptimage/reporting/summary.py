@@ -70,6 +70,11 @@ class RunSummary(BaseModel):
         "failed after fal accepted them.",
     )
     estimated_cost_usd: float = 0.0
+    swept: int | None = Field(
+        default=None,
+        description="Requests polled by the webhook sweep (no callback in time); None when "
+        "PREFECT_GPTIMAGE_WEBHOOK_URL is not set.",
+    )
     manifest_uri: str | None = None
     gallery: str | None = None
 

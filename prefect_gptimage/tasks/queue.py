@@ -47,6 +47,7 @@ from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.fal.client import FalQueueClient
 from prefect_gptimage.fal.polling import RequestStatus
 from prefect_gptimage.schemas import AnyRequest, GptImageOutput, RequestHandle
+from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks import cache
 from prefect_gptimage.tasks._twin import async_twin
 from prefect_gptimage.tasks.cache import (
@@ -56,6 +57,7 @@ from prefect_gptimage.tasks.cache import (
     result_cache_key,
     submit_cache_key,
 )
+from prefect_gptimage.tasks.callbacks import wait_for_outcome
 from prefect_gptimage.tasks.concurrency import fal_completed
 from prefect_gptimage.tasks.intents import guarded_submit
 from prefect_gptimage.tasks.policies import body_limits, retry_policy
@@ -67,6 +69,7 @@ __all__ = [
     "cancel_request",
     "fetch_recorded",
     "fetch_result",
+    "record_once",
     "submit_recorded",
     "submit_request",
     "wait_for_request",
@@ -161,10 +164,15 @@ def _submit(
     """
     client = sync_client(credentials)
 
+    settings = get_settings()
+    headers = {"X-Fal-Queue-Priority": "low"} if settings.queue_priority == "low" else None
+
     def send() -> RequestHandle:
         if on_send is not None:
             on_send()
-        return client.submit(request, start_timeout=start_timeout)
+        return client.submit(
+            request, start_timeout=start_timeout, headers=headers, webhook_url=settings.webhook_url
+        )
 
     handle = guarded_submit(
         request, variant, send, resubmit_unknown=resubmit_unknown, refresh=refresh
@@ -215,8 +223,12 @@ def _fetch(
     """Wait for and read a request's output (the task's body and the plain call's)."""
     client = sync_client(credentials)
     if wait:
-        client.wait(handle, timeout=timeout, log=get_run_logger())
+        # by its callback when PREFECT_GPTIMAGE_WEBHOOK_URL is set, else by polling
+        limit = timeout if timeout is not None else get_settings().request_timeout
+        output = wait_for_outcome(client, handle, limit, get_run_logger())
         fal_completed()  # nothing runs at fal any more: its slot may take the next request
+        if output is not None:
+            return output
     return client.result(handle)
 
 
@@ -262,6 +274,13 @@ def _recorded(
         expiration = cast(Any, datetime.now(timezone.utc) + CACHE_EXPIRATION)
         txn.stage(store.create_result_record(value, key=key, expiration=expiration))
     return value, False
+
+
+def record_once(key: str, compute: Callable[[], T]) -> tuple[T, bool]:
+    """``compute()`` recorded under ``key`` in the cache's result storage, unless a record is
+    there already: (value, True) then, without calling it. Serialized across processes as the
+    submits are (``PREFECT_GPTIMAGE_LOCK_URL``); the webhook receiver records callbacks so."""
+    return _recorded(key, compute, locked=True)
 
 
 def submit_recorded(
