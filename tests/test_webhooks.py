@@ -270,10 +270,13 @@ def test_killing_the_receiver_mid_batch_loses_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER", "600")  # re-delivery must do it
+    monkeypatch.setenv("PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER", "900")  # re-delivery must do it
     fal_emulator.set_concurrency_limit(2)
     fal_emulator.set_latency(1.0)
     hooks = fal_emulator.webhooks
+    # fal retries 10 times over 2 hours; here over ~7 minutes: a receiver started under load
+    # takes minutes to import Prefect and answer
+    hooks.retry_delays = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 90.0, 120.0)
     before, delivered_before = fal_emulator.stats, hooks.stats.delivered
     result: dict[str, Any] = {}
 
@@ -308,3 +311,58 @@ def test_killing_the_receiver_mid_batch_loses_nothing(
     assert fal_emulator.stats.accepted - before.accepted == 8
     assert fal_emulator.stats.status - before.status == 0  # re-delivery, no sweep
     assert summary.swept == 0
+
+
+def test_a_callback_recorded_before_the_row_looks_is_used_without_asking_fal(
+    webhooks_on: Receiver, fal_emulator: FalEmulator, unique: str
+) -> None:
+    """fal called back before the run even wrote down its submit: the row finds the record,
+    makes no status call and no result call (the callback carried the output)."""
+    from prefect import flow
+
+    from prefect_gptimage.fal.client import FalQueueClient
+    from prefect_gptimage.schemas import GptImageRequest
+    from prefect_gptimage.tasks.queue import fetch_recorded
+
+    hooks = fal_emulator.webhooks
+    request = GptImageRequest(prompt=f"an owl {unique}", quality="low")
+    handle = FalQueueClient().submit(request, webhook_url=webhooks_on.url)
+    deadline = time.monotonic() + RUN_S
+    while handle.request_id not in hooks.stats.delivered_ids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = fal_emulator.stats
+
+    @flow
+    def fetch_it() -> Any:
+        return fetch_recorded(handle)
+
+    output, cached = fetch_it()
+    after = fal_emulator.stats
+    assert not cached and len(output.images) == 1
+    assert (after.status, after.result, after.status_stream) == (
+        before.status,
+        before.result,
+        before.status_stream,
+    )
+
+
+def test_low_priority_marks_every_submit(
+    fal_emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    from prefect import flow
+
+    from prefect_gptimage.schemas import GptImageRequest
+    from prefect_gptimage.tasks.queue import submit_request
+
+    monkeypatch.setenv("PREFECT_GPTIMAGE_QUEUE_PRIORITY", "low")
+    before = fal_emulator.webhooks.stats
+
+    @flow
+    def submit_two() -> None:
+        for what in ("a heron", "a crane"):
+            submit_request(GptImageRequest(prompt=f"{what} {unique}", quality="low"))
+
+    submit_two()
+    after = fal_emulator.webhooks.stats
+    assert after.low_priority == before.low_priority + 2
+    assert after.registered == before.registered  # no webhook URL set: none sent
