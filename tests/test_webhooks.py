@@ -193,6 +193,7 @@ def test_an_unknown_key_refreshes_the_key_set_once_then_waits(fal_emulator: FalE
 # -- the receiver ---------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # the receiver process imports Prefect: minutes under load
 def test_the_receiver_records_once_and_refuses_with_401_changing_nothing(
     receiver: Receiver, fal_emulator: FalEmulator
 ) -> None:
@@ -221,6 +222,7 @@ def test_the_receiver_records_once_and_refuses_with_401_changing_nothing(
     assert receiver.terminate() == 0  # SIGTERM: a clean exit
 
 
+@pytest.mark.timeout(900)  # the receiver process imports Prefect: minutes under load
 def test_a_batch_waits_on_callbacks_through_forged_replayed_duplicated_and_dropped_ones(
     webhooks_on: Receiver,
     fal_emulator: FalEmulator,
@@ -261,6 +263,7 @@ def test_a_batch_waits_on_callbacks_through_forged_replayed_duplicated_and_dropp
     assert all("forged" not in json.dumps(img) for img in summary.images)
 
 
+@pytest.mark.timeout(900)  # the receiver process imports Prefect: minutes under load
 def test_killing_the_receiver_mid_batch_loses_nothing(
     webhooks_on: Receiver,
     fal_emulator: FalEmulator,
@@ -313,6 +316,7 @@ def test_killing_the_receiver_mid_batch_loses_nothing(
     assert summary.swept == 0
 
 
+@pytest.mark.timeout(900)  # the receiver process imports Prefect: minutes under load
 def test_a_callback_recorded_before_the_row_looks_is_used_without_asking_fal(
     webhooks_on: Receiver, fal_emulator: FalEmulator, unique: str
 ) -> None:
