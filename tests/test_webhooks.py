@@ -10,6 +10,7 @@ SIGKILL.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import signal
@@ -294,7 +295,9 @@ def test_killing_the_receiver_mid_batch_loses_nothing(
         except BaseException as exc:  # reported below
             result["error"] = exc
 
-    thread = threading.Thread(target=run)
+    # the session's Prefect settings (API, result storage) are context variables: copy them
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(run,), daemon=True)  # never hangs
     try:
         thread.start()
         deadline = time.monotonic() + RUN_S
