@@ -121,7 +121,7 @@ def _await_callback(request_id: str, seconds: float) -> FalCallback | None:
 
 
 def wait_for_outcome(
-    client: FalQueueClient, handle: RequestHandle, timeout: float, log: Log
+    client: FalQueueClient, handle: RequestHandle, timeout: float | None, log: Log
 ) -> GptImageOutput | None:
     """Wait for ``handle`` to end, by its callback when webhooks are on; then the output the
     callback carried, or None (the caller fetches the result, fal's usual path: a failed
@@ -129,12 +129,14 @@ def wait_for_outcome(
 
     Without ``PREFECT_GPTIMAGE_WEBHOOK_URL`` this is ``client.wait`` (polling). With it, the
     callback record is read until ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` (at most ``timeout``)
-    seconds have passed; then the request is swept: polled, with what is left of ``timeout``.
+    seconds have passed; then the request is swept: polled, with what is left of ``timeout``
+    (None: ``PREFECT_GPTIMAGE_REQUEST_TIMEOUT``).
     """
     settings = get_settings()
     if not settings.webhook_url:
         client.wait(handle, timeout=timeout, log=log)
         return None
+    timeout = timeout if timeout is not None else settings.request_timeout
     started = time.monotonic()
     callback = _await_callback(handle.request_id, min(settings.webhook_sweep_after, timeout))
     if callback is not None:

@@ -224,8 +224,7 @@ def _fetch(
     client = sync_client(credentials)
     if wait:
         # by its callback when PREFECT_GPTIMAGE_WEBHOOK_URL is set, else by polling
-        limit = timeout if timeout is not None else get_settings().request_timeout
-        output = wait_for_outcome(client, handle, limit, get_run_logger())
+        output = wait_for_outcome(client, handle, timeout, get_run_logger())
         fal_completed()  # nothing runs at fal any more: its slot may take the next request
         if output is not None:
             return output
