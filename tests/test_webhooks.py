@@ -373,3 +373,66 @@ def test_low_priority_marks_every_submit(
     after = fal_emulator.webhooks.stats
     assert after.low_priority == before.low_priority + 2
     assert after.registered == before.registered  # no webhook URL set: none sent
+
+
+class _Sink:
+    """A bare HTTP endpoint that answers ``codes`` in turn (then 200) and keeps what it got."""
+
+    def __init__(self, codes: list[int]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.codes: list[int] = list(codes)
+        self.got: list[tuple[float, dict[str, str], bytes]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                sink.got.append((time.monotonic(), dict(self.headers), body))
+                code = sink.codes.pop(0) if sink.codes else 200
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def test_the_emulator_retries_delays_and_withholds_callbacks(
+    fal_emulator: FalEmulator, unique: str
+) -> None:
+    from prefect_gptimage.fal.client import FalQueueClient
+    from prefect_gptimage.schemas import GptImageRequest
+
+    hooks = fal_emulator.webhooks
+    hooks.retry_delays = (0.2, 0.2, 0.2)
+    sink = _Sink([500, 503])  # the first two attempts fail: retried
+    client = FalQueueClient()
+
+    def submit(what: str) -> str:
+        request = GptImageRequest(prompt=f"{what} {unique}", quality="low")
+        return client.submit(request, webhook_url=sink.url).request_id
+
+    retried = submit("a gull")
+    deadline = time.monotonic() + 60
+    while retried not in hooks.stats.delivered_ids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [json.loads(b)["request_id"] for _, _, b in sink.got] == [retried] * 3
+    headers = sink.got[-1][1]
+    assert headers["X-Fal-Webhook-User-Id"] and len(headers["X-Fal-Webhook-Signature"]) == 128
+
+    hooks.inject(WebhookFault("never"))
+    withheld = submit("a tern")
+    hooks.inject(WebhookFault("late", delay=1.5))
+    late = submit("a puffin")
+    ended = time.monotonic()
+    while late not in hooks.stats.delivered_ids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = {json.loads(b)["request_id"]: t for t, _, b in sink.got}
+    assert withheld not in got and got[late] - ended >= 1.0
+    assert hooks.stats.never >= 1 and hooks.stats.late >= 1
+    sink.server.shutdown()
