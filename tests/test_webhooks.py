@@ -436,3 +436,15 @@ def test_the_emulator_retries_delays_and_withholds_callbacks(
     assert withheld not in got and got[late] - ended >= 1.0
     assert hooks.stats.never >= 1 and hooks.stats.late >= 1
     sink.server.shutdown()
+
+
+def test_the_admin_api_reads_webhook_counters_and_injects_webhook_faults(
+    fal_emulator: FalEmulator,
+) -> None:
+    admin = f"{fal_emulator.base_url}/_emulator"
+    with httpx.Client() as http:  # SSL_CERT_FILE holds the emulator's CA
+        answer = http.post(f"{admin}/webhooks/faults", json={"kind": "drop", "count": 2})
+        assert answer.status_code == 200 and answer.json()["kind"] == "drop"
+        assert http.post(f"{admin}/webhooks/faults", json={"kind": "nope"}).status_code == 400
+        assert "dropped" in http.get(f"{admin}/webhooks").json()
+    fal_emulator.webhooks.clear_faults()
