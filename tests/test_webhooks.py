@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,26 +120,46 @@ def webhooks_on(
     fal_emulator.webhooks.clear_faults()
 
 
-def _rows(path: Path, unique: str, n: int) -> Path:
-    rows = [{"prompt": f"a lighthouse {i} {unique}", "quality": "low"} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+@dataclass(frozen=True)
+class Batch:
+    """One test's batch: its prompt file, bucket and output folder."""
+
+    s3: LocalS3Server
+    bucket: str
+    unique: str
+    folder: Path
+
+    def run(self, rows: int) -> RunSummary:
+        """``batch_to_s3`` over ``rows`` new prompts, all at once (concurrency ``rows``)."""
+        from prefect_gptimage.flows.batch import batch_to_s3
+
+        path = self.folder / "p.jsonl"
+        lines = [
+            {"prompt": f"a lighthouse {i} {self.unique}", "quality": "low"} for i in range(rows)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        state = batch_to_s3(
+            return_state=True,
+            prompt_file=str(path),
+            bucket=self.bucket,
+            output_dir=str(self.folder / "out"),
+            concurrency=rows,
+        )
+        summary = state.result(raise_on_failure=False)
+        if isinstance(summary, BatchIncomplete):
+            summary = summary.summary
+        assert isinstance(summary, RunSummary), summary
+        return summary
+
+    def staged(self) -> list[str]:
+        """The image keys in the bucket."""
+        listing = self.s3.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])
+        return [o["Key"] for o in listing if "/manifests/" not in o["Key"]]
 
 
-def _batch(**kw: Any) -> RunSummary:
-    from prefect_gptimage.flows.batch import batch_to_s3
-
-    state = batch_to_s3(return_state=True, **kw)
-    summary = state.result(raise_on_failure=False)
-    if isinstance(summary, BatchIncomplete):
-        summary = summary.summary
-    assert isinstance(summary, RunSummary), summary
-    return summary
-
-
-def _staged(local_s3: LocalS3Server, bucket: str) -> list[str]:
-    listing = local_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
-    return [o["Key"] for o in listing if "/manifests/" not in o["Key"]]
+@pytest.fixture
+def batch(local_s3: LocalS3Server, s3_bucket: str, unique: str, tmp_path: Path) -> Batch:
+    return Batch(local_s3, s3_bucket, unique, tmp_path)
 
 
 # -- the signature --------------------------------------------------------------------------------
@@ -227,10 +248,7 @@ def test_the_receiver_records_once_and_refuses_with_401_changing_nothing(
 def test_a_batch_waits_on_callbacks_through_forged_replayed_duplicated_and_dropped_ones(
     webhooks_on: Receiver,
     fal_emulator: FalEmulator,
-    local_s3: LocalS3Server,
-    s3_bucket: str,
-    unique: str,
-    tmp_path: Path,
+    batch: Batch,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER", "30")
@@ -238,14 +256,9 @@ def test_a_batch_waits_on_callbacks_through_forged_replayed_duplicated_and_dropp
     for kind in ("forge", "replay", "duplicate", "drop"):
         hooks.inject(WebhookFault(kind, count=2))
     before, hooks_before = fal_emulator.stats, hooks.stats
-    summary = _batch(
-        prompt_file=str(_rows(tmp_path / "p.jsonl", unique, 10)),
-        bucket=s3_bucket,
-        output_dir=str(tmp_path / "out"),
-        concurrency=10,
-    )
+    summary = batch.run(10)
     after, hooks_after = fal_emulator.stats, hooks.stats
-    assert summary.failures == [] and len(_staged(local_s3, s3_bucket)) == 10
+    assert summary.failures == [] and len(batch.staged()) == 10
     assert after.accepted - before.accepted == 10  # nothing paid twice
     assert after.duplicate_submits == before.duplicate_submits
     assert hooks_after.registered - hooks_before.registered == 10  # every submit carried the URL
@@ -268,10 +281,7 @@ def test_a_batch_waits_on_callbacks_through_forged_replayed_duplicated_and_dropp
 def test_killing_the_receiver_mid_batch_loses_nothing(
     webhooks_on: Receiver,
     fal_emulator: FalEmulator,
-    local_s3: LocalS3Server,
-    s3_bucket: str,
-    unique: str,
-    tmp_path: Path,
+    batch: Batch,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER", "900")  # re-delivery must do it
@@ -286,12 +296,7 @@ def test_killing_the_receiver_mid_batch_loses_nothing(
 
     def run() -> None:
         try:
-            result["summary"] = _batch(
-                prompt_file=str(_rows(tmp_path / "p.jsonl", unique, 8)),
-                bucket=s3_bucket,
-                output_dir=str(tmp_path / "out"),
-                concurrency=8,
-            )
+            result["summary"] = batch.run(8)
         except BaseException as exc:  # reported below
             result["error"] = exc
 
@@ -313,7 +318,7 @@ def test_killing_the_receiver_mid_batch_loses_nothing(
         fal_emulator.set_concurrency_limit(16)
     assert not thread.is_alive() and "error" not in result, result
     summary = result["summary"]
-    assert summary.failures == [] and len(_staged(local_s3, s3_bucket)) == 8
+    assert summary.failures == [] and len(batch.staged()) == 8
     assert fal_emulator.stats.accepted - before.accepted == 8
     assert fal_emulator.stats.status - before.status == 0  # re-delivery, no sweep
     assert summary.swept == 0
