@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect.settings.base import PrefectBaseSettings, build_settings_config
 from pydantic import Field, field_validator
@@ -214,6 +214,35 @@ class GptImageSettings(PrefectBaseSettings):
         description=(
             "Seconds a run (with an admin key) waits at most for fal's billing events of its "
             "requests to appear; rows still without one are reported as not yet billed."
+        ),
+    )
+
+    # -- webhooks (issue 20): wait on fal's callbacks, not by polling ---------------------------
+    webhook_url: str | None = Field(
+        default=None,
+        description=(
+            "Public URL of the webhook receiver (`prefect-gptimage webhooks serve`). Set: every "
+            "submit carries it (fal's `fal_webhook`) and a row waits for its callback instead of "
+            "polling fal's status."
+        ),
+    )
+    fal_jwks_url: str = Field(
+        default="https://rest.alpha.fal.ai/.well-known/jwks.json",
+        description="Where the receiver fetches fal's webhook signing keys (JWKS, cached 24 h).",
+    )
+    webhook_sweep_after: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Seconds a row waits for its callback before it polls fal (the sweep): a lost "
+            "callback or a receiver that was down delays a row, never loses it."
+        ),
+    )
+    queue_priority: Literal["normal", "low"] = Field(
+        default="normal",
+        description=(
+            "fal's queue priority for every submit: `low` sends `X-Fal-Queue-Priority: low` "
+            "(the request waits behind every normal one of the endpoint; for background runs)."
         ),
     )
 

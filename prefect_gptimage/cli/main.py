@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         "emulator", help="run the bundled fal emulator (HTTPS) in the foreground", add_help=False
     )
     emu.add_argument("args", nargs=argparse.REMAINDER)
+    hooks = sub.add_parser("webhooks", help="serve the fal webhook receiver", add_help=False)
+    hooks.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -447,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prefect_gptimage.testing.emulator import serve_forever_cli
 
         return serve_forever_cli(argv[1:])
+    if argv[:1] == ["webhooks"]:  # the receiver (issue 20): its own parser, in cli/webhooks.py
+        from prefect_gptimage.cli.webhooks import main as webhooks_main
+
+        return webhooks_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from prefect_gptimage.cli.demo import run_demo

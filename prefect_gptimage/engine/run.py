@@ -57,6 +57,7 @@ from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks.callbacks import count_swept
 from prefect_gptimage.tasks.concurrency import local_cap
 from prefect_gptimage.tasks.rows import RowOutcome
 from prefect_gptimage.tasks.window import in_order
@@ -208,6 +209,11 @@ class RowEngine:
             progress.finish()
             log.info("%s: %s", self.run_key, progress.status())
             _flag_duplicates(ledger, reported, report)
+            if get_settings().webhook_url:  # how many requests waited on callbacks in vain
+                self.summary.swept = count_swept(list(reported))
+                log.info(
+                    "%s: swept %d of %d request(s)", self.run_key, self.summary.swept, len(reported)
+                )
             note = finish() if finish is not None else None
             state = report.close(note=note, stopped=self.stop.requested)
         return RunResult(state, report.summary, self.stop.requested, self.stop.cancelled)

@@ -136,8 +136,10 @@ def submit(
     *,
     start_timeout: float | None = None,
     headers: dict[str, str] | None = None,
+    webhook_url: str | None = None,
 ) -> Steps[RequestHandle]:
-    """Submit (billable), resending only what provably never reached fal's queue.
+    """Submit (billable), resending only what provably never reached fal's queue; with
+    ``webhook_url``, fal POSTs the outcome there when the request ends.
 
     A request naming inputs fal cannot fetch (local paths, ``s3://``) is refused unsent: the
     inputs layer (:mod:`prefect_gptimage.inputs`) makes them fetchable first.
@@ -149,7 +151,7 @@ def submit(
             f"{unresolved[0]!r} is not fetchable by fal: resolve the request's inputs first "
             "(prefect_gptimage.inputs.resolve_inputs; the flows and tasks do it)",
         )
-    op = Submit(request, submit_headers(start_timeout, headers))
+    op = Submit(request, submit_headers(start_timeout, headers), webhook_url)
 
     def attempt() -> Steps[RequestHandle]:
         try:

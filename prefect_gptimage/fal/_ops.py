@@ -106,6 +106,7 @@ class Submit(Op):
 
     request: AnyRequest
     headers: tuple[tuple[str, str], ...] = ()
+    webhook_url: str | None = None  # fal POSTs the outcome there (``?fal_webhook=``)
     name: str = field(init=False, default="submit")
 
     def run(self, io: Io) -> Any:
@@ -113,6 +114,7 @@ class Submit(Op):
             f"{io.base}{self.request.endpoint}",  # as fal_client builds it
             json=self.request.to_arguments(),
             headers=dict(self.headers),
+            params={"fal_webhook": self.webhook_url} if self.webhook_url else None,
             timeout=SUBMIT_TIMEOUT,
         )
 

@@ -77,9 +77,16 @@ class AsyncFalQueueClient(_core.Shell):
         *,
         start_timeout: float | None = None,
         headers: dict[str, str] | None = None,
+        webhook_url: str | None = None,
     ) -> RequestHandle:
         return await self._run(
-            _core.submit(request, self.retry, start_timeout=start_timeout, headers=headers)
+            _core.submit(
+                request,
+                self.retry,
+                start_timeout=start_timeout,
+                headers=headers,
+                webhook_url=webhook_url,
+            )
         )
 
     async def status(self, handle: RequestHandle, *, with_logs: bool = False) -> RequestStatus:

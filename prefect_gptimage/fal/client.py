@@ -106,10 +106,17 @@ class FalQueueClient(_core.Shell):
         *,
         start_timeout: float | None = None,
         headers: dict[str, str] | None = None,
+        webhook_url: str | None = None,
     ) -> RequestHandle:
         """Submit ``request`` (billable). Never re-sends a submit fal may have accepted."""
         return self._run(
-            _core.submit(request, self.retry, start_timeout=start_timeout, headers=headers)
+            _core.submit(
+                request,
+                self.retry,
+                start_timeout=start_timeout,
+                headers=headers,
+                webhook_url=webhook_url,
+            )
         )
 
     def status(self, handle: RequestHandle, *, with_logs: bool = False) -> RequestStatus:

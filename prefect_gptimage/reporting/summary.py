@@ -84,6 +84,11 @@ class RunSummary(BaseModel):
     not_billed_yet: list[str] = Field(
         default_factory=list, description="Requests with images but no billing event yet."
     )
+    swept: int | None = Field(
+        default=None,
+        description="Requests polled by the webhook sweep (no callback in time); None when "
+        "PREFECT_GPTIMAGE_WEBHOOK_URL is not set.",
+    )
     manifest_uri: str | None = None
     gallery: str | None = None
 

@@ -59,6 +59,7 @@ from prefect_gptimage.tasks.cache import (
     result_cache_key,
     submit_cache_key,
 )
+from prefect_gptimage.tasks.callbacks import wait_for_outcome
 from prefect_gptimage.tasks.concurrency import fal_completed
 from prefect_gptimage.tasks.fleet_budget import take_budget
 from prefect_gptimage.tasks.intents import guarded_submit
@@ -71,6 +72,7 @@ __all__ = [
     "cancel_request",
     "fetch_recorded",
     "fetch_result",
+    "record_once",
     "submit_recorded",
     "submit_request",
     "wait_for_request",
@@ -171,19 +173,27 @@ def _submit(
 
     ``on_send`` is called when a submit is really sent to fal (not when a recorded one is
     resumed): what this call paid for. ``retention``: what fal may keep of it (None: the
-    settings ``PREFECT_GPTIMAGE_STORE_IO`` and ``PREFECT_GPTIMAGE_MEDIA_EXPIRES``).
-    resumed): what this call paid for. Right before, the request takes its price from the fleet
-    budget (:func:`~prefect_gptimage.tasks.fleet_budget.take_budget`, waiting up to
-    ``budget_wait`` s): a :class:`~prefect_gptimage.errors.BudgetExhausted` sends nothing.
+    settings ``PREFECT_GPTIMAGE_STORE_IO`` and ``PREFECT_GPTIMAGE_MEDIA_EXPIRES``). Right
+    before sending, the request takes its price from the fleet budget
+    (:func:`~prefect_gptimage.tasks.fleet_budget.take_budget`, waiting up to ``budget_wait``
+    s): a :class:`~prefect_gptimage.errors.BudgetExhausted` sends nothing.
     """
     client = sync_client(credentials)
-    headers = (retention or default_retention()).headers()
+    settings = get_settings()
+    headers = dict((retention or default_retention()).headers())
+    if settings.queue_priority == "low":  # behind the endpoint's normal requests at fal
+        headers["X-Fal-Queue-Priority"] = "low"
 
     def send() -> RequestHandle:
         take_budget(estimate_cost(request), wait=budget_wait)
         if on_send is not None:
             on_send()
-        return client.submit(request, start_timeout=start_timeout, headers=headers or None)
+        return client.submit(
+            request,
+            start_timeout=start_timeout,
+            headers=headers or None,
+            webhook_url=settings.webhook_url,
+        )
 
     handle = guarded_submit(
         request, variant, send, resubmit_unknown=resubmit_unknown, refresh=refresh
@@ -234,8 +244,11 @@ def _fetch(
     """Wait for and read a request's output (the task's body and the plain call's)."""
     client = sync_client(credentials)
     if wait:
-        client.wait(handle, timeout=timeout, log=get_run_logger())
+        # by its callback when PREFECT_GPTIMAGE_WEBHOOK_URL is set, else by polling
+        output = wait_for_outcome(client, handle, timeout, get_run_logger())
         fal_completed()  # nothing runs at fal any more: its slot may take the next request
+        if output is not None:
+            return output
     return client.result(handle)
 
 
@@ -281,6 +294,13 @@ def _recorded(
         expiration = cast(Any, datetime.now(timezone.utc) + CACHE_EXPIRATION)
         txn.stage(store.create_result_record(value, key=key, expiration=expiration))
     return value, False
+
+
+def record_once(key: str, compute: Callable[[], T]) -> tuple[T, bool]:
+    """``compute()`` recorded under ``key`` in the cache's result storage, unless a record is
+    there already: (value, True) then, without calling it. Serialized across processes as the
+    submits are (``PREFECT_GPTIMAGE_LOCK_URL``); the webhook receiver records callbacks so."""
+    return _recorded(key, compute, locked=True)
 
 
 def submit_recorded(

@@ -53,6 +53,8 @@ STRAY = "stray"
 class QueueAnswers(HandlerBase):
     """The queue routes of one connection (``_queue`` is the entry point)."""
 
+    _webhook: str | None = None  # the submit's ``fal_webhook`` (see .webhooks)
+
     def _queue(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> None:
         segs = [s for s in path.split("/") if s]
         rid = ""
@@ -87,6 +89,8 @@ class QueueAnswers(HandlerBase):
             self._json(404, {"detail": f"Application '{name}' not found"})
             return
         if op == "submit":
+            hooks = query.get("fal_webhook")  # fal calls it when the request ends: .webhooks
+            self._webhook = hooks[-1] if hooks else None
             self._submit("/".join(app_segs), body)
             return
         self._fal_id = rid
@@ -214,6 +218,8 @@ class QueueAnswers(HandlerBase):
             },
         )
         normalized = json.dumps({"endpoint": endpoint, **arguments}, sort_keys=True)
+        priority = self.headers.get("X-Fal-Queue-Priority")
+        core.webhooks.note_submit(rid, self._webhook, priority)
         with model.cond:
             position = model.submit_locked(req, normalized, now)
             if after_fault is not None and after_fault.kind in FORGED_ID_KINDS:

@@ -15,6 +15,8 @@ POST      ``/_emulator/faults``            add a rule: a :class:`Fault` as JSON,
 DELETE    ``/_emulator/faults``            remove every rule
 GET       ``/_emulator/requests``          every request's state, in submission order
 GET       ``/_emulator/requests/{id}``     one request's state
+GET       ``/_emulator/webhooks``          webhook counters (:class:`.webhooks.WebhookStats`)
+POST      ``/_emulator/webhooks/faults``   spoil callbacks: ``{"kind": "drop", "count": 2}``
 ========  ===============================  ==================================================
 
 Example (from a shell, against a standalone emulator)::
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect_gptimage.testing.core import check_rate
 from prefect_gptimage.testing.faults import Fault
+from prefect_gptimage.testing.webhooks import WebhookFault
 
 if TYPE_CHECKING:
     from prefect_gptimage.testing.core import EmulatorCore
@@ -76,10 +79,16 @@ def handle_admin(core: EmulatorCore, method: str, path: str, payload: Any) -> tu
             return 200, core.platform.to_dict()
         if route == "stats" and method == "GET":
             return 200, core.stats().to_dict()
+        if route == "webhooks" and method == "GET":  # fal's callbacks (.webhooks)
+            return 200, core.webhooks.stats.to_dict()
+        if route == "webhooks/faults" and method == "POST":
+            rule = core.webhooks.inject(WebhookFault(**(payload or {})))
+            return 200, {"kind": rule.kind, "count": rule.count, "delay": rule.delay}
         if route == "reset" and method == "POST":
             with model.cond:
                 model.reset_locked()
             core.faults.reset()
+            core.webhooks.reset()
             return 200, {"reset": True}
         if route == "faults":
             if method == "GET":

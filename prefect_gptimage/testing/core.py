@@ -30,6 +30,7 @@ from prefect_gptimage.testing.inputs import InputFetcher
 from prefect_gptimage.testing.platform_api import PlatformState
 from prefect_gptimage.testing.records import COMPLETED, EmulatedRequest, EmulatorStats, Failure
 from prefect_gptimage.testing.state import QueueModel
+from prefect_gptimage.testing.webhooks import WebhookSender
 
 
 def check_rate(rate: float) -> float:
@@ -63,6 +64,7 @@ class EmulatorCore:
         self.base_url = ""
         self.own_netlocs: set[str] = set()
         self.fetcher: InputFetcher | None = None
+        self.webhooks = WebhookSender(self.model, self.result_body)  # fal's signed callbacks
         self._executor: ThreadPoolExecutor | None = None
         self._conn_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -89,6 +91,7 @@ class EmulatorCore:
             self.model.stopped = True
             self.model.cond.notify_all()
         self.close_connections()
+        self.webhooks.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

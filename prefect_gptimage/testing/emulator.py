@@ -33,6 +33,7 @@ from prefect_gptimage.testing.inputs import InputFetcher
 from prefect_gptimage.testing.platform_api import PlatformState
 from prefect_gptimage.testing.records import EmulatorStats, RequestInfo
 from prefect_gptimage.testing.server import EmulatorHTTPServer
+from prefect_gptimage.testing.webhooks import WebhookSender
 
 __all__ = ["FalEmulator", "serve_forever_cli"]
 
@@ -137,6 +138,7 @@ class FalEmulator:
         )
         for thread in self._threads:
             thread.start()
+        core.webhooks.start()
         return self
 
     def stop(self) -> None:
@@ -240,6 +242,12 @@ class FalEmulator:
     def faults(self) -> list[Fault]:
         return self._core.faults.list()
 
+    @property
+    def webhooks(self) -> WebhookSender:
+        """fal's signed callbacks: faults (``inject(WebhookFault(...))``), counters, the JWKS
+        (served at ``/.well-known/jwks.json``); see :mod:`prefect_gptimage.testing.webhooks`."""
+        return self._core.webhooks
+
     # -- inspection --------------------------------------------------------------------------
 
     @property
@@ -293,6 +301,7 @@ class FalEmulator:
             self._core.model.reset_locked()
         self._core.faults.reset()
         self._core.platform.reset()
+        self._core.webhooks.reset()
 
     @property
     def platform(self) -> PlatformState:

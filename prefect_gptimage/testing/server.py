@@ -30,6 +30,7 @@ from prefect_gptimage.testing.admin import handle_admin
 from prefect_gptimage.testing.core import EmulatorCore
 from prefect_gptimage.testing.images import OTHER_FORMAT
 from prefect_gptimage.testing.platform_api import PLATFORM_PREFIX, answer_platform
+from prefect_gptimage.testing.webhooks import JWKS_PATH
 
 __all__ = ["APP", "EmulatorHTTPServer", "FalRequestHandler"]
 
@@ -128,6 +129,8 @@ class FalRequestHandler(QueueAnswers):
                 self._media(method, url.path)
             elif url.path.startswith(PLATFORM_PREFIX):  # fal's platform API (pricing, billing)
                 self._platform(method, url.path, parse_qs(url.query), body)
+            elif url.path == JWKS_PATH and method == "GET":
+                self._json(200, self.core.webhooks.jwks(), fal=False)
             else:
                 self._queue(method, url.path, parse_qs(url.query), body)
         except Dropped:

@@ -1,0 +1,66 @@
+"""``prefect-gptimage webhooks serve``: run the fal webhook receiver in the foreground.
+
+The app is :func:`prefect_gptimage.webhooks.create_app` on uvicorn (a well-kept ASGI server):
+SIGTERM or Ctrl+C finish the callbacks in progress, then exit 0. It serves plain HTTP; put it
+behind a TLS-terminating proxy (see docs/webhooks.md) and give fal that public URL in
+``PREFECT_GPTIMAGE_WEBHOOK_URL``. It records callbacks in the result storage the cache uses, so
+start it with the same ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` (or ``PREFECT_LOCAL_STORAGE_PATH``)
+as the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``webhooks`` command's own parser."""
+    parser = argparse.ArgumentParser(
+        prog="prefect-gptimage webhooks",
+        description="The fal webhook receiver: verifies fal's signed callbacks and records them "
+        "where every run reads them.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    serve = sub.add_parser("serve", help="serve the receiver until SIGTERM or Ctrl+C")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8787, help="port (default 8787)")
+    serve.add_argument(
+        "--jwks-url",
+        default=None,
+        help="fal's key set (default: PREFECT_GPTIMAGE_FAL_JWKS_URL, fal's own)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the receiver; returns the exit status."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    import uvicorn
+
+    from prefect_gptimage.settings import get_settings
+    from prefect_gptimage.webhooks import WEBHOOK_PATH, JwksKeys, Verifier, create_app
+
+    jwks_url = args.jwks_url or get_settings().fal_jwks_url
+    app = create_app(Verifier(JwksKeys(jwks_url)))
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, access_log=False, log_level="info", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    print(
+        f"# fal webhook receiver on http://{args.host}:{args.port}{WEBHOOK_PATH} "
+        f"(health: /health); keys from {jwks_url}",
+        flush=True,
+    )
+    # uvicorn catches SIGTERM/SIGINT, finishes the callbacks in progress, then raises the signal
+    # again under the handler it found: this one, so a stop by signal is a clean exit (0)
+    stops: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stops.append(signum))
+    server.run()
+    print(f"# fal webhook receiver stopped ({len(stops)} signal(s))", file=sys.stderr, flush=True)
+    return 0
