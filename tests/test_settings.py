@@ -101,3 +101,14 @@ def test_profile_value_is_read_and_env_beats_profile(tmp_path: Path) -> None:
     )
     assert env_wins["max_download_bytes"] == 7
     assert env_wins["output_dir"] == "from-profile"  # the rest still comes from the profile
+
+
+def test_the_readme_and_the_settings_page_name_every_setting() -> None:
+    """The README's settings table is complete, and so is docs/settings.md: a setting added to
+    the model without a row is a documentation bug a user would meet."""
+    root = Path(__file__).resolve().parents[1]
+    names = {f"PREFECT_GPTIMAGE_{field.upper()}" for field in GptImageSettings.model_fields}
+    for doc in (root / "README.md", root / "docs" / "settings.md"):
+        rows = [line for line in doc.read_text().splitlines() if line.startswith("| `PREFECT_")]
+        listed = {row.split("`")[1] for row in rows}
+        assert names - listed == set(), f"{doc.name} misses {sorted(names - listed)}"
