@@ -53,7 +53,8 @@ def _seed_cache(env: dict[str, str]) -> None:
         f"row = load_prompt_file({str(SAMPLE)!r})[0]\n"
         "fs = LocalFileSystem(basepath=os.environ['PREFECT_LOCAL_STORAGE_PATH'])\n"
         "store = ResultStore(result_storage=fs)\n"
-        "handle = RequestHandle(endpoint=row.request.endpoint, request_id='bench-dry-run')\n"
+        "handle = RequestHandle(endpoint=row.request.endpoint,\n"
+        "    request_id='00000000-0000-4000-8000-00000000d1a7')  # fal's ids are UUIDs\n"
         "store.write(obj=handle, key=submit_cache_key(row.request, row.variant))\n"
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
