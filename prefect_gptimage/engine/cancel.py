@@ -13,6 +13,14 @@ queue: it has cost nothing yet, and a re-run submits it anew (its submit is with
 :func:`~prefect_gptimage.tasks.intents.withdraw_submit`). Requests already running at fal are
 left there, recorded: a re-run collects them without paying again.
 
+In a **deployment run** the worker's runner (``serve``, ``prefect worker``) reacts to the same
+``CANCELLING`` by sending the flow-run process SIGTERM, which Prefect's own handler turns into an
+exception that unwinds the flow where it stands: no manifest, no summary, and the run's task
+runner joined while rows wait at fal. So while a deployment run's rows run, :class:`CancelWatch`
+handles SIGTERM itself: it reads the run's state at once and stops the engine, ``CANCELLED`` if
+the run is being cancelled, else ``"SIGTERM"`` (a worker shutting down). The runner waits for the
+process (30 s) while the engine settles and ends Cancelled in a few seconds.
+
 Example:
     >>> with CancelWatch(stop):  # doctest: +SKIP
     ...     ...  # the run; a cancel in Prefect's UI sets stop.requested within CANCEL_POLL_S
@@ -21,8 +29,10 @@ Example:
 from __future__ import annotations
 
 import contextvars
+import signal
 import threading
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -48,7 +58,8 @@ class CancelWatch:
     """Watches the current flow run (if any) for a cancel; a context manager around the run.
 
     Outside a flow run, or when the API cannot be read, it does nothing (a read that fails is
-    retried at the next poll: an API that blips never stops a run).
+    retried at the next poll: an API that blips never stops a run). In a deployment run's main
+    thread it also handles SIGTERM while it is entered (see the module docs).
     """
 
     def __init__(self, stop: Stop, every: float = CANCEL_POLL_S) -> None:
@@ -56,7 +67,11 @@ class CancelWatch:
         context = FlowRunContext.get()
         run = context.flow_run if context is not None else None
         self.flow_run_id: UUID | None = run.id if run is not None else None
-        self._over = threading.Event()
+        self._deployment_run = run is not None and run.deployment_id is not None
+        self._over = False
+        self._signalled = False
+        self._wake = threading.Event()  # the run is over, or SIGTERM came: look now
+        self._previous: Any = None
         self._thread = threading.Thread(
             # in the flow's context: its settings say which API to ask
             target=contextvars.copy_context().run,
@@ -69,12 +84,16 @@ class CancelWatch:
         if self.flow_run_id is None:
             return
         with get_client(sync_client=True) as client:
-            while not self._over.wait(self.every) and not self.stop.requested:
+            while not self.stop.requested:
+                self._wake.wait(self.every)
+                self._wake.clear()
+                if self._over:
+                    return
                 try:
                     state = client.read_flow_run(self.flow_run_id).state
                 except Exception as exc:  # the next poll asks again
                     logger.debug("could not read the flow run's state: %s", exc)
-                    continue
+                    state = None
                 if state is not None and (state.is_cancelling() or state.is_cancelled()):
                     logger.warning(
                         "the flow run is being cancelled: no new request is submitted; requests "
@@ -83,8 +102,21 @@ class CancelWatch:
                     )
                     self.stop.request(CANCELLED)
                     return
+                if self._signalled:
+                    logger.warning(
+                        "SIGTERM: no new request is submitted; requests at fal are left there "
+                        "and a re-run collects them without paying again"
+                    )
+                    self.stop.request("SIGTERM")
+                    return
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._signalled = True
+        self._wake.set()
 
     def __enter__(self) -> CancelWatch:
+        if self._deployment_run and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._thread.start()
         return self
 
@@ -94,7 +126,11 @@ class CancelWatch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._over.set()
+        self._over = True
+        self._wake.set()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def cancel_if_queued(row: PromptRow, credentials: FalCredentials | None) -> str | None:

@@ -12,9 +12,11 @@ from typing import Any, cast
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from prefect.tasks import TaskRunNameCallbackWithParameters
 from pydantic import BaseModel, Field
 
+from prefect_gptimage.errors import GptImageError
 from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.s3.clients import client_from_block, use_s3_client
@@ -111,6 +113,24 @@ def generate_and_stage(
     boto3's standard chain (its own ``AWS_*`` settings).
     """
     options = (options or GenerationOptions()).model_copy(update={"download_tasks": False})
+    try:
+        return _generate_and_stage(request, target, options, bucket_block)
+    except GptImageError as exc:
+        if options.stop is None or not options.stop.requested:
+            raise
+        # A stop (a cancel, a signal) ended this row, and the engine has already settled and
+        # reported it: the error becomes the task run's Failed state without Prefect logging
+        # a traceback for it (to the run's logs in the API). A direct call still raises it and a
+        # future's ``state.result(raise_on_failure=False)`` still returns it, as if raised.
+        return cast(RowOutcome, Failed(data=exc, message=str(exc)))
+
+
+def _generate_and_stage(
+    request: AnyRequest,
+    target: S3Target | None,
+    options: GenerationOptions,
+    bucket_block: Any,
+) -> RowOutcome:
     result = generate(request, options)
     staged: list[StagedImage] = []
     if target is not None:

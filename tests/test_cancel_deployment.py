@@ -1,0 +1,188 @@
+"""Cancelling a DEPLOYMENT run of the batch flow through Prefect is a stop (issue 18, item 1).
+
+``deployments/serve.py`` serves the batch deployment against the session's Prefect API (a real
+server), a flow run of it is created with the public client, and once fal has accepted the first
+wave the run is cancelled through the API as ``prefect flow-run cancel`` does. The runner then
+tells the flow-run process to stop (its control channel, then SIGTERM). From then on at most one
+submit may still reach fal, requests waiting in fal's queue are cancelled there, the run ends
+CANCELLED without a traceback in its logs, its manifest and results table are written, and a
+second deployment run pays only for the rows never paid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
+from test_deployments import (
+    BATCH_FLOW,
+    PROCESS_TIMEOUT,
+    SERVE_SCRIPT,
+    clean_env,
+    read_deployment,
+    spawn,
+    stop,
+    tail,
+    wait_for,
+)
+
+from prefect_gptimage.testing import FalEmulator
+from prefect_gptimage.testing.s3 import LocalS3Server
+
+ROWS = 10
+CAP = 4  # the deployment's ``concurrency``: the first wave
+FAL_SLOTS = 2  # the emulated account runs two at once: the rest of the wave waits in fal's queue
+BATCH_NAME = f"{BATCH_FLOW}/batch-to-s3-served"
+#: Generous: the runner starts a fresh process per flow run (it imports Prefect: slow under load)
+FINAL_STATE_TIMEOUT = 180.0
+
+
+def _run(parameters: dict[str, Any]) -> FlowRun:
+    """A new flow run of the batch deployment, not waited for (what ``prefect deployment run``
+    does)."""
+    flow_run = run_deployment(BATCH_NAME, parameters=parameters, timeout=0)
+    assert isinstance(flow_run, FlowRun)
+    return flow_run
+
+
+def _cancel(flow_run_id: UUID) -> None:
+    """What ``prefect flow-run cancel ID`` does: propose CANCELLING through the API."""
+    with get_client(sync_client=True) as client:
+        result = client.set_flow_run_state(flow_run_id, Cancelling())
+    assert result.status.value == "ACCEPT", result
+
+
+def _final_state(
+    flow_run_id: UUID, proc: Any, log: Path, timeout: float = FINAL_STATE_TIMEOUT
+) -> State[Any]:
+    """The flow run's state once it is final (read through the API; fails after ``timeout``)."""
+
+    def final() -> State[Any] | None:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return wait_for("the flow run's final state", final, proc, log, timeout)
+
+
+def _logs(flow_run_id: UUID) -> list[str]:
+    """The flow run's log messages, read through the public client."""
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in logs]
+
+
+def _artifact_keys(flow_run_id: UUID) -> set[str]:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key for a in artifacts if a.key}
+
+
+@pytest.mark.timeout(900)  # serve.py, then two flow runs, each in a fresh process
+def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest(
+    fal_emulator: FalEmulator,
+    local_s3: LocalS3Server,
+    s3_bucket: str,
+    prefect_harness: dict[str, Any],
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    fal_emulator.configure(latency=6.0, concurrency_limit=FAL_SLOTS)
+    prompt_file = tmp_path / "rows.jsonl"
+    prompts = [f"deployment cancel row {i} {unique}" for i in range(ROWS)]
+    prompt_file.write_text(
+        "".join(json.dumps({"prompt": p, "quality": "low"}) + "\n" for p in prompts)
+    )
+    api_url = str(prefect_harness["api_url"])
+    prefix = f"served-cancel-{unique}"
+    out = tmp_path / "out"
+    log = tmp_path / "serve.log"
+    env = clean_env(
+        **local_s3.env(),
+        PREFECT_API_URL=api_url,
+        PREFECT_HOME=str(tmp_path / "serve-home"),
+        PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        PREFECT_GPTIMAGE_OUTPUT_DIR=str(out),
+        GPTIMAGE_BUCKET=s3_bucket,
+        GPTIMAGE_PROMPT_FILE=str(prompt_file),
+        GPTIMAGE_PREFIX=prefix,
+        GPTIMAGE_CONCURRENCY=str(CAP),
+    )
+    assert "FAL_QUEUE_RUN_HOST" in env and "SSL_CERT_FILE" in env and "FAL_KEY" in env
+    proc = spawn([sys.executable, str(SERVE_SCRIPT)], env, tmp_path, log)
+    try:
+        wait_for(
+            "the served batch deployment",
+            lambda: read_deployment(api_url, BATCH_NAME),
+            proc,
+            log,
+            PROCESS_TIMEOUT,
+        )
+        accepted, cancelled = fal_emulator.stats["accepted"], fal_emulator.stats["cancelled"]
+        first = _run({})
+
+        wait_for(
+            "the first wave accepted at fal",
+            lambda: fal_emulator.stats["accepted"] - accepted >= CAP or None,
+            proc,
+            log,
+            PROCESS_TIMEOUT,
+        )
+        assert fal_emulator.stats["accepted"] - accepted == CAP, "more than the first wave"
+        cancel_sent = time.time()
+        _cancel(first.id)
+        state = _final_state(first.id, proc, log)
+        print(f"first run: {state.type.value} {state.message!r}")
+
+        ours = [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
+        late = [r for r in ours if r.submitted_at > cancel_sent]
+        print(f"deployment cancel: {len(ours)} submit(s), {len(late)} after the cancel")
+        assert len(late) <= 1, [(r.request_id, r.submitted_at - cancel_sent) for r in late]
+        # the requests waiting in fal's queue were cancelled there, before they ran
+        withdrawn = [r for r in ours if r.error_type == "client_cancelled"]
+        assert fal_emulator.stats["cancelled"] - cancelled == len(withdrawn) >= 1
+        assert all(r.started_at is None for r in withdrawn), "a running request was cancelled"
+        assert state.type.value == "CANCELLED", f"{state}\n{tail(log)}"
+        messages = _logs(first.id)
+        assert messages, "the flow run logged nothing"
+        assert not [m for m in messages if "Traceback" in m], "\n".join(messages)[-4000:]
+        # the summary: the run's results table, and its manifest staged to S3 and kept locally
+        assert any(k.endswith("-results") for k in _artifact_keys(first.id)), _artifact_keys(
+            first.id
+        )
+        s3 = local_s3.client()
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+        assert [k for k in keys if k.startswith(f"{prefix}/manifests/")], keys
+        assert any(out.rglob("manifest.jsonl")), list(out.rglob("*"))
+
+        second = _run({})
+        again = _final_state(second.id, proc, log)
+        assert again.is_completed(), f"{again}\n{tail(log)}"
+    finally:
+        stop(proc)
+
+    # paid: every request fal accepted and did not drop from its queue; once per row in all
+    ours = [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
+    paid = Counter(r.arguments["prompt"] for r in ours if r.error_type != "client_cancelled")
+    assert paid == Counter(prompts), paid
