@@ -53,6 +53,10 @@ BATCH_NAME = f"{BATCH_FLOW}/batch-to-s3-served"
 FINAL_STATE_TIMEOUT = 180.0
 
 
+#: How Prefect's engine wrapper logs a flow run that ended in a non-completed state
+PREFECT_RESULT_LOG = "Engine execution exited with unexpected exception"
+
+
 def _run(parameters: dict[str, Any]) -> FlowRun:
     """A new flow run of the batch deployment, not waited for (what ``prefect deployment run``
     does)."""
@@ -166,7 +170,11 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
         assert state.type.value == "CANCELLED", f"{state}\n{tail(log)}"
         messages = _logs(first.id)
         assert messages, "the flow run logged nothing"
-        assert not [m for m in messages if "Traceback" in m], "\n".join(messages)[-4000:]
+        tracebacks = [m for m in messages if "Traceback" in m]
+        # the one known: Prefect's engine wrapper logs the flow's own Cancelled result as an
+        # "unexpected exception" when the run's process outlives the cancel (timing-dependent)
+        known = [m for m in tracebacks if m.startswith(PREFECT_RESULT_LOG)]
+        assert tracebacks == known, "\n".join(messages)[-4000:]
         # the summary: the run's results table, and its manifest staged to S3 and kept locally
         assert any(k.endswith("-results") for k in _artifact_keys(first.id)), _artifact_keys(
             first.id
@@ -186,3 +194,8 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
     ours = [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
     paid = Counter(r.arguments["prompt"] for r in ours if r.error_type != "client_cancelled")
     assert paid == Counter(prompts), paid
+    if known:  # every promise above held; the run's log still shows Prefect's traceback
+        pytest.xfail(
+            "known gap: in a deployment run, Prefect's run_flow logs 'Engine execution exited with "
+            "unexpected exception' with a traceback for the flow's own Cancelled state"
+        )
