@@ -71,11 +71,13 @@ except ProcessLookupError:
 
 
 #: Prefect settings (public, documented) the CLI's temporary server starts with unless the user
-#: set them: no block type registration at start, no automations (see the module docs).
+#: set them: no block type registration at start, no automations (see the module docs). Named
+#: here, turned into Prefect's ``Setting`` objects on use (this module loads before Prefect, and
+#: ``temporary_settings`` takes ``Setting`` keys on every supported Prefect, 3.6 included).
 TEMPORARY_SERVER_DEFAULTS: dict[str, Any] = {
-    "server.register_blocks_on_start": False,
-    "server.memoize_block_auto_registration": False,
-    "server.services.triggers.enabled": False,
+    "PREFECT_API_BLOCKS_REGISTER_ON_START": False,
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": False,
+    "PREFECT_API_SERVICES_TRIGGERS_ENABLED": False,
 }
 
 
@@ -137,13 +139,16 @@ class ApiStart:
         return self._pid
 
     def _start(self) -> None:
+        import prefect.settings
         from prefect.server.api.server import SubprocessASGIServer
         from prefect.settings import temporary_settings
+
+        defaults = {getattr(prefect.settings, k): v for k, v in TEMPORARY_SERVER_DEFAULTS.items()}
 
         server = SubprocessASGIServer()  # the instance prefect.get_client() uses (port None)
         try:
             with (
-                temporary_settings(set_defaults=TEMPORARY_SERVER_DEFAULTS),  # type: ignore[arg-type]
+                temporary_settings(set_defaults=defaults),
                 _server_output(self.verbose) as (log, spawned),
                 _guarding(server, spawned),
             ):
