@@ -19,7 +19,12 @@ exception that unwinds the flow where it stands: no manifest, no summary, and th
 runner joined while rows wait at fal. So while a deployment run's rows run, :class:`CancelWatch`
 handles SIGTERM itself: it reads the run's state at once and stops the engine, ``CANCELLED`` if
 the run is being cancelled, else ``"SIGTERM"`` (a worker shutting down). The runner waits for the
-process (30 s) while the engine settles and ends Cancelled in a few seconds.
+process (30 s) while the engine settles, in a few seconds; a cancelled run waits for that SIGTERM
+(:data:`RUNNER_SIGNAL_WAIT_S` at most) before it gives the handler back, so a late one cannot end
+the process before its last logs reach the API. (Prefect acknowledges its runner's cancel intent
+only while its own handler is installed, so the run ends through the flow's Cancelled state:
+Prefect then logs "Engine execution exited with unexpected exception" for it; see
+``docs/api-gaps.md``.)
 
 Example:
     >>> with CancelWatch(stop):  # doctest: +SKIP
@@ -46,10 +51,15 @@ from prefect_gptimage.prompts import PromptRow
 from prefect_gptimage.tasks.intents import read_intent, withdraw_submit
 from prefect_gptimage.tasks.queue import sync_client
 
-__all__ = ["CANCEL_POLL_S", "CancelWatch", "cancel_if_queued"]
+__all__ = ["CANCEL_POLL_S", "RUNNER_SIGNAL_WAIT_S", "CancelWatch", "cancel_if_queued"]
 
 #: How often (seconds) the run's state is read for a cancel: a cancel stops the run within this.
 CANCEL_POLL_S = 2.0
+
+#: How long (seconds) a cancelled deployment run, its report written, waits for its runner's
+#: SIGTERM (sent on seeing CANCELLING; Prefect's runner polls every 10 s by default) before it
+#: gives SIGTERM back to Prefect: a later one would end the process before its logs are shipped.
+RUNNER_SIGNAL_WAIT_S = 20.0
 
 logger = get_logger("prefect_gptimage.cancel")
 
@@ -71,6 +81,7 @@ class CancelWatch:
         self._over = False
         self._signalled = False
         self._wake = threading.Event()  # the run is over, or SIGTERM came: look now
+        self._sigterm = threading.Event()
         self._previous: Any = None
         self._thread = threading.Thread(
             # in the flow's context: its settings say which API to ask
@@ -113,6 +124,7 @@ class CancelWatch:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self._signalled = True
         self._wake.set()
+        self._sigterm.set()
 
     def __enter__(self) -> CancelWatch:
         if self._deployment_run and threading.current_thread() is threading.main_thread():
@@ -128,9 +140,15 @@ class CancelWatch:
     ) -> None:
         self._over = True
         self._wake.set()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        previous, self._previous = self._previous, None
+        if previous is None:
+            return
+        if self.stop.cancelled and exc_type is None:
+            # the runner's SIGTERM for this cancel lands here (at once if it came already), not
+            # after the engine has restored the default handler, which would end the process
+            # before its last logs reach the API
+            self._sigterm.wait(RUNNER_SIGNAL_WAIT_S)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cancel_if_queued(row: PromptRow, credentials: FalCredentials | None) -> str | None:
