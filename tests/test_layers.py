@@ -1,4 +1,4 @@
-"""The layer table in README.md ("## Layout") is true: checked over every module of the package.
+"""The layer table of docs/architecture.md ("## Layout") holds for every module of the package.
 
 The table lists the layers bottom up, each row naming its modules (``errors.py``, ``fal/``, ...,
 relative to ``prefect_gptimage/``). With :mod:`ast`, over the source of every module:
@@ -59,7 +59,7 @@ class Module:
 def parse_layout(readme: str) -> list[Layer]:
     """The layers of the first table in the "## Layout" section, bottom up."""
     match = re.search(r"^## Layout\n(.*?)(?=^## |\Z)", readme, re.MULTILINE | re.DOTALL)
-    assert match, 'README.md has no "## Layout" section'
+    assert match, 'docs/architecture.md has no "## Layout" section'
     rows = [line for line in match.group(1).splitlines() if line.startswith("|")]
     assert len(rows) > 2, "the Layout section has no table"
     header = [cell.strip().lower() for cell in rows[0].strip("|").split("|")]
@@ -188,7 +188,7 @@ def layer_violations(layers: list[Layer], modules: list[Module]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def layers() -> list[Layer]:
-    return parse_layout((ROOT / "README.md").read_text(encoding="utf-8"))
+    return parse_layout((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
 
 
 def test_readme_layer_table_holds_for_every_module(layers: list[Layer]) -> None:
