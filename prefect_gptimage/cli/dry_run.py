@@ -97,8 +97,12 @@ def certainly_no_records() -> bool:
     """True when the result store is surely local and holds no record of this package.
 
     Decided from the environment, the active profile and the storage folder alone (no Prefect
-    import). False means "perhaps": then Prefect's settings and store decide.
+    import). False means "perhaps": then Prefect's settings and store decide. Once Prefect is
+    imported (a dry run called from Python, where temporary settings may point elsewhere than the
+    environment), its settings decide: the shortcut only spares the CLI the import.
     """
+    if "prefect" in sys.modules:
+        return False
     if any(os.environ.get(v) for v in _STORAGE_BLOCK_VARS) or _settings_elsewhere():
         return False
     profile = _active_profile()
