@@ -14,6 +14,10 @@ ends COMPLETED, with every row submitted to fal exactly once and counted as paid
 A second run loses every callback of its wave (the emulator drops them): the receiver's periodic
 pass resumes it once its waiter is older than ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER``, and the
 wave's rows sweep (poll fal) and stage, still paid once.
+
+The race (every callback recorded between the run's last read of the records and its suspend,
+so no callback comes after it) is set up through the public client: the receiver's periodic pass
+resumes that run, and not a run still missing a callback.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -33,6 +37,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+from prefect.states import Cancelled, Running, Suspended
 from test_deployments import (
     BATCH_FLOW,
     PROCESS_TIMEOUT,
@@ -46,6 +51,9 @@ from test_deployments import (
 )
 from test_webhooks import Receiver, _free_port
 
+from prefect_gptimage.engine.suspend import SUSPEND_KEY
+from prefect_gptimage.tasks.callbacks import FalCallback, record_callback
+from prefect_gptimage.tasks.waiters import write_waiter
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 from prefect_gptimage.testing.webhooks import JWKS_PATH, WebhookFault
@@ -297,3 +305,62 @@ def test_a_run_whose_callbacks_are_all_lost_is_resumed_after_the_sweep_delay_and
     # then polled fal at once, the rest waited on their callbacks
     assert done["receiver"]["recorded"] == ROWS - CAP
     assert any(f"swept {CAP} of {ROWS}" in m for m in done["logs"]), done["logs"]
+
+
+def _flow_run_of_a_deployment(client: Any, unique: str) -> UUID:
+    """A flow run of a new deployment, Running (as a run is when it suspends)."""
+    flow_id = client.create_flow_from_name(f"gptimage-race-{unique}")
+    deployment_id = client.create_deployment(flow_id=flow_id, name="race")
+    run = client.create_flow_run_from_deployment(deployment_id)
+    client.set_flow_run_state(run.id, Running(), force=True)
+    run_id: UUID = run.id
+    return run_id
+
+
+@pytest.mark.timeout(600)  # the receiver process imports Prefect: minutes under load
+def test_the_receivers_pass_resumes_a_run_that_suspended_after_its_callbacks_were_recorded(
+    fal_emulator: FalEmulator, prefect_harness: dict[str, Any], unique: str, tmp_path: Path
+) -> None:
+    """The race: every callback of the wave is recorded after the run's last read of the
+    records and before its suspend, so no callback comes to resume it. The receiver's periodic
+    pass does; a run still missing a callback stays Suspended."""
+    receiver = Receiver(
+        _free_port(),
+        clean_env(
+            PREFECT_API_URL=str(prefect_harness["api_url"]),
+            PREFECT_HOME=str(tmp_path / "receiver-home"),
+            PREFECT_LOCAL_STORAGE_PATH=str(prefect_harness["storage"]),  # this process's too
+            PREFECT_GPTIMAGE_FAL_JWKS_URL=fal_emulator.base_url + JWKS_PATH,
+        ),
+        tmp_path / "receiver.log",
+    ).start()
+    runs: list[UUID] = []
+    try:
+        done, waiting = str(uuid4()), str(uuid4())
+        with get_client(sync_client=True) as client:
+            raced = _flow_run_of_a_deployment(client, f"{unique}-raced")
+            other = _flow_run_of_a_deployment(client, f"{unique}-other")
+            runs += [raced, other]
+            write_waiter(raced, [done])  # the run wrote its waiter and found no callback...
+            write_waiter(other, [waiting])
+            record_callback(FalCallback(request_id=done, status="OK", payload={"images": []}))
+            for run_id in (raced, other):  # ... then suspended, its callback recorded meanwhile
+                suspend: State[Any] = Suspended(timeout_seconds=600, pause_key=SUSPEND_KEY)
+                assert client.set_flow_run_state(run_id, suspend).status.value == "ACCEPT"
+        assert receiver.proc is not None
+        left = wait_for(
+            "the raced run resumed",
+            lambda: None if _suspended(raced) else _state(raced),
+            receiver.proc,
+            receiver.log,
+            PROCESS_TIMEOUT,
+        )
+        print(f"raced run: {left.name}; receiver {receiver.stats()}")
+        stats = receiver.stats()
+        assert stats["received"] == 0 and stats["resumed"] == 1  # no callback came: the pass
+        assert _suspended(other) is not None, "a run still missing a callback was resumed"
+    finally:
+        receiver.kill()
+        with get_client(sync_client=True) as client:  # no later receiver of the session finds them
+            for run_id in runs:
+                client.set_flow_run_state(run_id, Cancelled(), force=True)
