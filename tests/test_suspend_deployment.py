@@ -257,6 +257,7 @@ def _scenario(
     payload = completed.payload
     print(f"{name}: batch.completed {payload}")
     assert (payload["images"], payload["submitted"], payload["cached"]) == (ROWS, ROWS, 0)
+    assert payload["estimated_cost_usd"] == pytest.approx(payload["cost_usd"])
     return {"payload": payload, "receiver": stats, "logs": logs}
 
 

@@ -31,7 +31,7 @@ batch again costs nothing already paid.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from prefect.context import FlowRunContext
@@ -40,6 +40,7 @@ from prefect.logging import get_run_logger
 
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.errors import GptImageError
+from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.prompts import PromptRow
 from prefect_gptimage.schemas import AnyRequest
 from prefect_gptimage.settings import get_settings
@@ -50,12 +51,36 @@ from prefect_gptimage.tasks.intents import submit_fate
 from prefect_gptimage.tasks.queue import submit_recorded
 from prefect_gptimage.tasks.waiters import write_waiter
 
-__all__ = ["RESUME_GRACE", "SUSPEND_KEY", "suspend_for_first_wave", "suspending_run", "wave_size"]
+__all__ = [
+    "RESUME_GRACE",
+    "SUSPEND_KEY",
+    "FirstWave",
+    "suspend_for_first_wave",
+    "suspending_run",
+    "wave_size",
+]
 
 #: The pause key of the suspend: one suspend per flow run, so a resumed run goes on.
 SUSPEND_KEY = "gptimage-first-wave"
 #: Seconds a suspended run may wait beyond the sweep delay for the receiver to resume it.
 RESUME_GRACE = 3600
+
+
+class FirstWave(NamedTuple):
+    """What the first wave leaves to the rest of the run: ``paid``, the request ids this flow
+    run paid for (its rows count them as paid, :attr:`GenerationOptions.paid_in_run`, not as
+    cached), and ``earlier_cost``, the estimate of those paid by an earlier execution of the run
+    (before it suspended): the plan of a resumed run counts them as cached, so the run adds it
+    back to its estimate."""
+
+    paid: frozenset[str] = frozenset()
+    earlier_cost: float = 0.0
+
+
+class _Wave(NamedTuple):
+    ids: list[str]  # the wave's request ids, in row order
+    paid: list[str]  # those this execution paid for
+    found: dict[str, float]  # those found recorded: their estimated cost
 
 
 def suspending_run(options: RunOptions) -> UUID | None:
@@ -85,15 +110,13 @@ def _submit_wave(
     generation: GenerationOptions,
     size: int,
     log: Any,
-) -> tuple[list[str], list[str]]:
-    """Submit (or find recorded) the requests of the first ``size`` rows not done yet: their
-    request ids, and those this call paid for. A row that cannot be submitted now ends the wave:
-    the engine runs it as usual.
+) -> _Wave:
+    """Submit (or find recorded) the requests of the first ``size`` rows not done yet. A row
+    that cannot be submitted now ends the wave: the engine runs it as usual.
     """
-    ids: list[str] = []
-    paid: list[str] = []
+    wave = _Wave([], [], {})
     for row in rows:
-        if len(ids) >= size or (generation.stop is not None and generation.stop.requested):
+        if len(wave.ids) >= size or (generation.stop is not None and generation.stop.requested):
             break
         request = request_of(row)
         if getattr(request, "unresolved_inputs", None):
@@ -115,10 +138,12 @@ def _submit_wave(
         except GptImageError as exc:
             log.warning("first wave ends before row %s: %s", row.line, str(exc).splitlines()[0])
             break
-        ids.append(handle.request_id)
-        if not recorded:
-            paid.append(handle.request_id)
-    return ids, paid
+        wave.ids.append(handle.request_id)
+        if recorded:
+            wave.found[handle.request_id] = estimate_cost(request)
+        else:
+            wave.paid.append(handle.request_id)
+    return wave
 
 
 def suspend_for_first_wave(
@@ -126,21 +151,22 @@ def suspend_for_first_wave(
     options: RunOptions,
     generation: GenerationOptions,
     request_of: Callable[[PromptRow], AnyRequest],
-) -> frozenset[str]:
+) -> FirstWave:
     """Phase 1 (see the module docs): submit the first wave, write the waiter and suspend the
     flow run while callbacks are missing (the process ends); returns when the run goes on
     (suspending is off or not possible here, every callback is in, or this is the resumed run):
-    the request ids this flow run paid for in its first wave, which its rows count as paid
-    (:attr:`GenerationOptions.paid_in_run`), not as cached.
-    ``request_of(row)``: the request a row submits (its inputs' links signed anew)."""
+    see :class:`FirstWave`. ``request_of(row)``: the request a row submits (its inputs' links
+    signed anew)."""
     flow_run_id = suspending_run(options)
     if flow_run_id is None:
-        return frozenset()
+        return FirstWave()
     log = get_run_logger()
-    ids, paid = _submit_wave(rows, request_of, generation, wave_size(options), log)
-    if not ids:
-        return frozenset()
-    waiter = write_waiter(flow_run_id, ids, paid)
+    wave = _submit_wave(rows, request_of, generation, wave_size(options), log)
+    if not wave.ids:
+        return FirstWave()
+    waiter = write_waiter(flow_run_id, wave.ids, wave.paid)
+    earlier = sum(wave.found.get(rid, 0.0) for rid in waiter.paid)
+    done = FirstWave(frozenset(waiter.paid), earlier)
     missing = waiter.missing()
     sweep_after = get_settings().webhook_sweep_after
     if not missing or waiter.age() >= sweep_after:
@@ -149,7 +175,7 @@ def suspend_for_first_wave(
             len(waiter.request_ids) - len(missing),
             len(waiter.request_ids),
         )
-        return frozenset(waiter.paid)
+        return done
     log.info(
         "first wave of %d request(s) at fal: suspending until the webhook receiver has their "
         "callbacks (%d missing; at most %.0f s, then they sweep)",
@@ -160,4 +186,4 @@ def suspend_for_first_wave(
     # ends this process (Prefect's Pause); returns only when this suspend already fired
     suspend_flow_run(timeout=int(sweep_after) + RESUME_GRACE, key=SUSPEND_KEY)
     log.info("resumed before every callback came: the missing ones sweep (poll fal)")
-    return frozenset(waiter.paid)
+    return done

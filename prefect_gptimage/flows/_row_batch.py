@@ -82,8 +82,9 @@ def run_rows(
         probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
     generation = options.generation(str(engine.out), engine.stop)
     if suspend:  # ends the process while fal works, when it may; resumed, goes on from here
-        paid = suspend_for_first_wave(rows, options, generation, partial(_request_of, resolver))
-        generation = generation.model_copy(update={"paid_in_run": paid})
+        wave = suspend_for_first_wave(rows, options, generation, partial(_request_of, resolver))
+        generation = generation.model_copy(update={"paid_in_run": wave.paid})
+        summary.estimated_cost_usd += wave.earlier_cost  # paid before it suspended: not cached
     result = engine.run(
         rows, generate_and_stage, partial(_row_parameters, target, generation, options, resolver)
     )
