@@ -32,6 +32,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, State
@@ -51,7 +52,8 @@ from test_deployments import (
 )
 from test_webhooks import Receiver, _free_port
 
-from prefect_gptimage.engine.suspend import SUSPEND_KEY
+from prefect_gptimage.engine.options import RunOptions
+from prefect_gptimage.engine.suspend import SUSPEND_KEY, suspending_run
 from prefect_gptimage.tasks.callbacks import FalCallback, record_callback
 from prefect_gptimage.tasks.waiters import write_waiter
 from prefect_gptimage.testing import FalEmulator
@@ -365,3 +367,21 @@ def test_the_receivers_pass_resumes_a_run_that_suspended_after_its_callbacks_wer
         with get_client(sync_client=True) as client:  # no later receiver of the session finds them
             for run_id in runs:
                 client.set_flow_run_state(run_id, Cancelled(), force=True)
+
+
+def test_only_a_deployment_run_with_both_settings_may_suspend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Everything else runs as before: no flow run, a flow run of no deployment, or a setting
+    missing, never suspends (the served cases above are the deployment runs that do)."""
+
+    @flow
+    def may_suspend() -> UUID | None:
+        return suspending_run(RunOptions())
+
+    monkeypatch.setenv("PREFECT_GPTIMAGE_WEBHOOK_URL", "http://127.0.0.1:9/fal/webhook")
+    monkeypatch.setenv("PREFECT_GPTIMAGE_WEBHOOK_SUSPEND", "true")
+    assert suspending_run(RunOptions()) is None  # not in a flow run
+    assert may_suspend() is None  # a flow run of no deployment
+    monkeypatch.delenv("PREFECT_GPTIMAGE_WEBHOOK_URL")
+    assert may_suspend() is None
