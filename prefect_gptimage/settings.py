@@ -238,6 +238,14 @@ class GptImageSettings(PrefectBaseSettings):
             "callback or a receiver that was down delays a row, never loses it."
         ),
     )
+    webhook_suspend: bool = Field(
+        default=False,
+        description=(
+            "With `PREFECT_GPTIMAGE_WEBHOOK_URL` set, a deployment run of the batch flow submits "
+            "its first wave, then suspends (its process ends, no worker held) until the receiver "
+            "resumes it once the wave's callbacks are recorded (or after the sweep delay)."
+        ),
+    )
     queue_priority: Literal["normal", "low"] = Field(
         default="normal",
         description=(

@@ -5,7 +5,8 @@ SIGTERM or Ctrl+C finish the callbacks in progress, then exit 0. It serves plain
 behind a TLS-terminating proxy (see docs/webhooks.md) and give fal that public URL in
 ``PREFECT_GPTIMAGE_WEBHOOK_URL``. It records callbacks in the result storage the cache uses, so
 start it with the same ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` (or ``PREFECT_LOCAL_STORAGE_PATH``)
-as the runs.
+as the runs, and the same ``PREFECT_API_URL``: it resumes suspended batch runs through it
+(:mod:`prefect_gptimage.webhooks.resume`).
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the receiver; returns the exit status."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     import uvicorn
+    from prefect.settings import PREFECT_API_URL
 
     from prefect_gptimage.settings import get_settings
-    from prefect_gptimage.webhooks import WEBHOOK_PATH, JwksKeys, Verifier, create_app
+    from prefect_gptimage.webhooks import WEBHOOK_PATH, JwksKeys, Resumer, Verifier, create_app
 
     jwks_url = args.jwks_url or get_settings().fal_jwks_url
-    app = create_app(Verifier(JwksKeys(jwks_url)))
+    # resumes suspended batch runs (PREFECT_GPTIMAGE_WEBHOOK_SUSPEND) through Prefect's API:
+    # only a configured one (none would start a temporary server inside the receiver)
+    resumer = Resumer() if PREFECT_API_URL.value() else None
+    app = create_app(Verifier(JwksKeys(jwks_url)), resumer=resumer)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, access_log=False, log_level="info", lifespan="off"
     )
@@ -61,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stops: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stops.append(signum))
-    server.run()
+    if resumer is None:
+        print("# no PREFECT_API_URL: suspended batch runs are not resumed", flush=True)
+    else:
+        resumer.start()
+    try:
+        server.run()
+    finally:
+        if resumer is not None:
+            resumer.stop()
     print(f"# fal webhook receiver stopped ({len(stops)} signal(s))", file=sys.stderr, flush=True)
     return 0

@@ -23,6 +23,7 @@ from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_rows
 from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.stop import Stop
+from prefect_gptimage.engine.suspend import suspend_for_first_wave
 from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.flows._edit_inputs import fresh_links
 from prefect_gptimage.flows._fanout import check_cluster, row_runner
@@ -32,6 +33,7 @@ from prefect_gptimage.reporting.summary import RunSummary
 from prefect_gptimage.reporting.wording import counted, dry_run_message
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket
+from prefect_gptimage.schemas import AnyRequest
 from prefect_gptimage.tasks.generate import GenerationOptions
 from prefect_gptimage.tasks.prices import load_prices
 from prefect_gptimage.tasks.rows import generate_and_stage
@@ -49,10 +51,12 @@ def run_rows(
     dry_run: bool = False,
     stop: Stop | None = None,
     resolver: InputResolver | None = None,
+    suspend: bool = False,
 ) -> State[RunSummary]:
     """Plan, check and run ``rows`` (validated, inputs resolved) as one batch: the flow's final
     state (see ``batch_to_s3``'s docs for what it carries). ``resolver``: signs each row's
-    staged inputs anew as the row starts."""
+    staged inputs anew as the row starts. ``suspend``: a deployment run with webhooks on may
+    suspend while fal runs its first wave (:mod:`prefect_gptimage.engine.suspend`)."""
     log = get_run_logger()
     load_prices(options.credentials, log)  # fal's prices, once, before planning
     plan = plan_rows(rows, resubmit_unknown=options.resubmit_unknown, refresh=options.refresh)
@@ -77,6 +81,10 @@ def run_rows(
     if target is not None:
         probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
     generation = options.generation(str(engine.out), engine.stop)
+    if suspend:  # ends the process while fal works, when it may; resumed, goes on from here
+        wave = suspend_for_first_wave(rows, options, generation, partial(_request_of, resolver))
+        generation = generation.model_copy(update={"paid_in_run": wave.paid})
+        summary.estimated_cost_usd += wave.earlier_cost  # paid before it suspended: not cached
     result = engine.run(
         rows, generate_and_stage, partial(_row_parameters, target, generation, options, resolver)
     )
@@ -88,6 +96,11 @@ def run_rows(
     message = held_back_message(summary) or state.message  # rows the fleet budget held back
     # a plain call raises this exception, and it carries the summary (Failed(data=summary) lost it)
     return Failed(message=message, data=BatchIncomplete(summary, message))
+
+
+def _request_of(resolver: InputResolver | None, row: PromptRow) -> AnyRequest:
+    """The request ``row`` submits, its staged inputs' links signed anew."""
+    return fresh_links(resolver, row).request
 
 
 def _row_parameters(

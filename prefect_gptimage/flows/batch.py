@@ -159,5 +159,13 @@ def batch_to_s3(
     rows = unique_rows(rows)
     run_key = run_key_for(prompt_file, defaults)
     return run_rows(
-        rows, run_key, options, target, s3_client, dry_run=dry_run, stop=stop, resolver=resolver
+        rows,
+        run_key,
+        options,
+        target,
+        s3_client,
+        dry_run=dry_run,
+        stop=stop,
+        resolver=resolver,
+        suspend=True,  # a deployment run with PREFECT_GPTIMAGE_WEBHOOK_SUSPEND: see engine/suspend
     )

@@ -7,11 +7,11 @@ waits by reading that record (:func:`wait_for_outcome`), not by asking fal for t
 every worker and flow run that shares the storage (``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``)
 sees it, wherever the callback landed.
 
-**The sweep.** A row with no callback after ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` seconds
-polls fal the usual way (:meth:`~prefect_gptimage.fal.client.FalQueueClient.wait`) and goes on
-as without webhooks: a lost callback, a receiver that was down or a wrong URL delays a row but
-never loses it. Each swept request leaves a marker record (:func:`swept_key`), so a run counts
-what it swept (:func:`count_swept`) wherever its rows ran.
+**The sweep.** A row with no callback ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` seconds after
+its submit polls fal the usual way (:meth:`~prefect_gptimage.fal.client.FalQueueClient.wait`)
+and goes on as without webhooks: a lost callback, a receiver that was down or a wrong URL
+delays a row but never loses it. Each swept request leaves a marker record (:func:`swept_key`),
+so a run counts what it swept (:func:`count_swept`) wherever its rows ran.
 
 The order of callback and submit record does not matter: a callback is recorded under fal's
 request id whether or not a run has written its submit record yet, and a row reads it whenever
@@ -128,9 +128,10 @@ def wait_for_outcome(
     request raises there).
 
     Without ``PREFECT_GPTIMAGE_WEBHOOK_URL`` this is ``client.wait`` (polling). With it, the
-    callback record is read until ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` (at most ``timeout``)
-    seconds have passed; then the request is swept: polled, with what is left of ``timeout``
-    (None: ``PREFECT_GPTIMAGE_REQUEST_TIMEOUT``).
+    callback record is read until ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` seconds have passed
+    since the submit (at most ``timeout`` from now; a resumed run's rows waited already); then
+    the request is swept: polled, with what is left of ``timeout`` (None:
+    ``PREFECT_GPTIMAGE_REQUEST_TIMEOUT``).
     """
     settings = get_settings()
     if not settings.webhook_url:
@@ -138,7 +139,10 @@ def wait_for_outcome(
         return None
     timeout = timeout if timeout is not None else settings.request_timeout
     started = time.monotonic()
-    callback = _await_callback(handle.request_id, min(settings.webhook_sweep_after, timeout))
+    patience = settings.webhook_sweep_after
+    if handle.submitted_at is not None:  # the sweep delay counts from the submit
+        patience = max(0.0, patience - (time.time() - handle.submitted_at))
+    callback = _await_callback(handle.request_id, min(patience, timeout))
     if callback is not None:
         return callback.output()
     log.info(

@@ -165,6 +165,12 @@ class GenerationOptions(BaseModel):
         "(X-Fal-Object-Lifecycle-Preference; None: PREFECT_GPTIMAGE_MEDIA_EXPIRES).",
     )
 
+    paid_in_run: frozenset[str] = Field(
+        default_factory=frozenset,
+        description="fal request ids this flow run paid for before it suspended (a resumed "
+        "batch, see engine/suspend): their recorded submits count as paid, not cached.",
+    )
+
     def retention(self) -> Retention:
         """What fal may keep of each request: these options, else the settings."""
         settings = get_settings()
@@ -272,6 +278,7 @@ def _submit_and_fetch(
                 retention=options.retention(),
                 budget_wait=options.budget_wait,
             )
+            cached = cached and handle.request_id not in options.paid_in_run
             if accepted is not None:
                 if paid_before and not cached:  # a fresh submit after one fal expired (billed)
                     accepted.also_paid += 1

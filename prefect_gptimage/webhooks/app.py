@@ -11,6 +11,10 @@ Routes:
 - ``GET /health``: 200 ``{"status": "ok"}`` while the app serves.
 - ``GET /stats``: the counters (:class:`ReceiverStats`).
 
+With a :class:`~prefect_gptimage.webhooks.resume.Resumer` (the CLI's ``webhooks serve`` gives
+one), each recorded callback, once answered, may resume the suspended flow run waiting for it
+(see :mod:`prefect_gptimage.webhooks.resume`).
+
 Nothing here logs a key, a signature or a body: a refusal is logged with its reason only.
 """
 
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -31,6 +36,7 @@ from starlette.routing import Route
 from prefect_gptimage.schemas import check_request_id
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.callbacks import FalCallback, record_callback
+from prefect_gptimage.webhooks.resume import Resumer
 from prefect_gptimage.webhooks.verify import KeysUnavailable, SignatureRejected, Verifier
 
 __all__ = ["WEBHOOK_PATH", "ReceiverStats", "create_app"]
@@ -49,7 +55,8 @@ class ReceiverStats:
     ``received``: POSTs; ``refused``: answered 401 (bad, missing or stale signature);
     ``invalid``: signed but unusable (400: not JSON, no or another request id); ``recorded``:
     callbacks written; ``duplicates``: re-deliveries of a recorded one; ``unavailable``:
-    answered 503 (fal's keys or the storage out of reach).
+    answered 503 (fal's keys or the storage out of reach); ``resumed``: suspended flow runs
+    resumed (with a resumer).
     """
 
     received: int = 0
@@ -58,6 +65,7 @@ class ReceiverStats:
     recorded: int = 0
     duplicates: int = 0
     unavailable: int = 0
+    resumed: int = 0
 
 
 class _Recorder:
@@ -105,9 +113,13 @@ _FIELDS = frozenset(
 
 
 def create_app(
-    verifier: Verifier, record: Callable[[FalCallback], bool] = record_callback
+    verifier: Verifier,
+    record: Callable[[FalCallback], bool] = record_callback,
+    resumer: Resumer | None = None,
 ) -> Starlette:
-    """The receiver's ASGI app; ``app.state.stats`` holds its :class:`ReceiverStats`."""
+    """The receiver's ASGI app; ``app.state.stats`` holds its :class:`ReceiverStats`.
+    ``resumer``: resumes the suspended flow run a recorded callback completes (after the
+    answer to fal is sent, so fal's delivery never waits for Prefect's API)."""
     stats = ReceiverStats()
     recorder = _Recorder(record)
     limit = get_settings().max_result_bytes
@@ -145,12 +157,16 @@ def create_app(
             logger.info("recorded the callback of %s (%s)", callback.request_id, callback.status)
         else:
             stats.duplicates += 1
-        return JSONResponse({"request_id": callback.request_id, "recorded": new})
+        # a re-delivery too: the run may have suspended after the first one (the race)
+        after = BackgroundTask(resumer.on_callback, callback.request_id) if resumer else None
+        return JSONResponse({"request_id": callback.request_id, "recorded": new}, background=after)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def show_stats(request: Request) -> JSONResponse:
+        if resumer is not None:
+            stats.resumed = resumer.resumed
         return JSONResponse(asdict(stats))
 
     app = Starlette(

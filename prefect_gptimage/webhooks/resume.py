@@ -1,0 +1,144 @@
+"""The receiver resumes suspended batch runs once their callbacks are recorded (issue 20).
+
+A deployment run of the batch flow that suspends while fal works
+(:mod:`prefect_gptimage.engine.suspend`) leaves a waiter record and one pointer per request id
+(:mod:`prefect_gptimage.tasks.waiters`). Two ways lead here to ``resume_flow_run``, Prefect's
+public call:
+
+* **on a callback** (:meth:`Resumer.on_callback`, after the answer to fal is sent): the pointer
+  of its request id names the waiting run; once the waiter is :meth:`~Waiter.ready` (every
+  callback of its wave recorded) the run is resumed. Fast: the last callback resumes the run.
+* **a periodic pass** (:meth:`Resumer.pass_once`, every :data:`PASS_EVERY_S` seconds in a
+  daemon thread): the flow runs Prefect shows as Suspended are read through the public client,
+  and each whose waiter is ready, or older than ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` (its
+  missing callbacks then sweep), is resumed.
+
+The pass is what makes it safe. A callback can land between the run's last read of the records
+and its suspend: the run is not PAUSED yet, so the resume on that callback is refused (Prefect's
+``NotPausedError``, logged at debug level); the next pass finds the run Suspended and ready and
+resumes it. It also finds a run whose pointer names another run (two runs waiting on one
+request), a run whose callbacks were all dropped (resumed after the sweep delay), and every run
+suspended while the receiver was down (nothing is kept in memory). Two replicas may both resume
+one run: the second is refused, harmlessly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateName,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import FlowPauseTimeout, NotPausedError
+from prefect.flow_runs import resume_flow_run
+
+from prefect_gptimage.settings import get_settings
+from prefect_gptimage.tasks.waiters import read_waiter, waiter_of
+
+__all__ = ["PASS_EVERY_S", "SUSPENDED_PER_PASS", "Resumer"]
+
+logger = logging.getLogger("prefect_gptimage.webhooks")
+
+#: Seconds between two passes over the Suspended flow runs.
+PASS_EVERY_S = 5.0
+#: Suspended flow runs read per pass, at most.
+SUSPENDED_PER_PASS = 200
+
+
+class Resumer:
+    """Resumes the flow runs whose waiters are ready (see the module docs); ``resumed`` counts
+    the runs it resumed."""
+
+    def __init__(self, every: float = PASS_EVERY_S) -> None:
+        self.every = every
+        self.resumed = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def on_callback(self, request_id: str) -> None:
+        """A callback of ``request_id`` was recorded: resume the run waiting for it if ready."""
+        try:
+            flow_run_id = waiter_of(request_id)
+            if flow_run_id is not None:
+                self.check(flow_run_id)
+        except Exception as exc:  # the pass tries again: never fail the receiver for this
+            logger.warning("cannot check the run waiting for %s: %r", request_id, exc)
+
+    def check(self, flow_run_id: str) -> bool:
+        """Resume ``flow_run_id`` if its waiter is ready; whether it was resumed now."""
+        waiter = read_waiter(flow_run_id)
+        if waiter is None or not waiter.ready(get_settings().webhook_sweep_after):
+            return False
+        with self._lock:  # one resume at a time per receiver: a run resumed once
+            try:
+                resume_flow_run(UUID(flow_run_id))
+            except NotPausedError:  # not suspended yet (the race), or resumed already
+                logger.debug("flow run %s is not suspended (yet): not resumed", flow_run_id)
+                return False
+            except FlowPauseTimeout:
+                logger.warning(
+                    "flow run %s waited past its suspend timeout and cannot be resumed: run the "
+                    "batch again (nothing paid is paid again)",
+                    flow_run_id,
+                )
+                return False
+            self.resumed += 1
+        missing = len(waiter.missing())
+        logger.info(
+            "resumed flow run %s: %d of %d callback(s) recorded%s",
+            flow_run_id,
+            len(waiter.request_ids) - missing,
+            len(waiter.request_ids),
+            " (the rest sweep)" if missing else "",
+        )
+        return True
+
+    def suspended_runs(self) -> list[str]:
+        """The ids of the flow runs Prefect shows as Suspended (at most
+        :data:`SUSPENDED_PER_PASS`)."""
+        suspended = FlowRunFilter(
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PAUSED]),
+                name=FlowRunFilterStateName(any_=["Suspended"]),
+            )
+        )
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=suspended, limit=SUSPENDED_PER_PASS)
+        return [str(run.id) for run in runs]
+
+    def pass_once(self) -> int:
+        """One pass over the Suspended flow runs: how many it resumed."""
+        resumed = 0
+        for flow_run_id in self.suspended_runs():
+            try:
+                resumed += self.check(flow_run_id)
+            except Exception as exc:
+                logger.warning("cannot check suspended flow run %s: %r", flow_run_id, exc)
+        return resumed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.pass_once()
+            except Exception as exc:  # Prefect's API away: the next pass tries again
+                logger.warning("cannot read the suspended flow runs: %r", exc)
+
+    def start(self) -> Resumer:
+        """Run the periodic pass in a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._loop, name="gptimage-resumer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End the periodic pass (waits for a pass in progress, up to a minute)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
