@@ -159,29 +159,34 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
             log,
             PROCESS_TIMEOUT,
         )
-        accepted, cancelled = fal_emulator.stats["accepted"], fal_emulator.stats["cancelled"]
+
+        # this test's requests only: the session's emulator serves the other tests of this worker
+        def submitted() -> list[Any]:
+            return [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
+
         first = _run({})
 
         wait_for(
             "the first wave accepted at fal",
-            lambda: fal_emulator.stats["accepted"] - accepted >= CAP or None,
+            lambda: len(submitted()) >= CAP or None,
             proc,
             log,
             PROCESS_TIMEOUT,
         )
-        assert fal_emulator.stats["accepted"] - accepted == CAP, "more than the first wave"
+        assert len(submitted()) == CAP, "more than the first wave"
         cancel_sent = time.time()
         _cancel(first.id)
         state = _final_state(first.id, proc, log)
         print(f"first run: {state.type.value} {state.message!r}")
 
-        ours = [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
+        ours = submitted()
         late = [r for r in ours if r.submitted_at > cancel_sent]
         print(f"deployment cancel: {len(ours)} submit(s), {len(late)} after the cancel")
         assert len(late) <= 1, [(r.request_id, r.submitted_at - cancel_sent) for r in late]
-        # the requests waiting in fal's queue were cancelled there, before they ran
+        # the requests waiting in fal's queue were cancelled there (the emulator marks each
+        # request its cancel call reached), before they ran
         withdrawn = [r for r in ours if r.error_type == "client_cancelled"]
-        assert fal_emulator.stats["cancelled"] - cancelled == len(withdrawn) >= 1
+        assert len(withdrawn) >= 1, [(r.request_id, r.error_type) for r in ours]
         assert all(r.started_at is None for r in withdrawn), "a running request was cancelled"
         assert state.type.value == "CANCELLED", f"{state}\n{tail(log)}"
         messages = _logs_once_ended(first.id)
