@@ -79,9 +79,8 @@ class CancelWatch:
         self.flow_run_id: UUID | None = run.id if run is not None else None
         self._deployment_run = run is not None and run.deployment_id is not None
         self._over = False
-        self._signalled = False
         self._wake = threading.Event()  # the run is over, or SIGTERM came: look now
-        self._sigterm = threading.Event()
+        self._sigterm = threading.Event()  # SIGTERM came
         self._previous: Any = None
         self._thread = threading.Thread(
             # in the flow's context: its settings say which API to ask
@@ -113,7 +112,7 @@ class CancelWatch:
                     )
                     self.stop.request(CANCELLED)
                     return
-                if self._signalled:
+                if self._sigterm.is_set():
                     logger.warning(
                         "SIGTERM: no new request is submitted; requests at fal are left there "
                         "and a re-run collects them without paying again"
@@ -122,9 +121,8 @@ class CancelWatch:
                     return
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self._signalled = True
-        self._wake.set()
         self._sigterm.set()
+        self._wake.set()
 
     def __enter__(self) -> CancelWatch:
         if self._deployment_run and threading.current_thread() is threading.main_thread():

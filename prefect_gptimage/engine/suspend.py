@@ -47,7 +47,7 @@ from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import cached_generation
 from prefect_gptimage.tasks.concurrency import local_cap
 from prefect_gptimage.tasks.generate import GenerationOptions
-from prefect_gptimage.tasks.intents import submit_fate
+from prefect_gptimage.tasks.intents import fate_stores, submit_fate
 from prefect_gptimage.tasks.queue import submit_recorded
 from prefect_gptimage.tasks.waiters import write_waiter
 
@@ -115,6 +115,7 @@ def _submit_wave(
     that cannot be submitted now ends the wave: the engine runs it as usual.
     """
     wave = _Wave([], [], {})
+    stores = fate_stores()  # resolved once for the wave, as the plan does
     for row in rows:
         if len(wave.ids) >= size or (generation.stop is not None and generation.stop.requested):
             break
@@ -123,7 +124,9 @@ def _submit_wave(
             continue  # resolved inline by the row itself: left to the engine
         if cached_generation(request, row.variant) is not None:
             continue  # done already: nothing to wait for
-        fate = submit_fate(request, row.variant, resubmit_unknown=generation.resubmit_unknown)
+        fate = submit_fate(
+            request, row.variant, resubmit_unknown=generation.resubmit_unknown, stores=stores
+        )
         if fate == "unknown":
             continue  # possibly billed: the engine fails it unpaid, saying so
         try:
@@ -169,7 +172,7 @@ def suspend_for_first_wave(
     done = FirstWave(frozenset(waiter.paid), earlier)
     missing = waiter.missing()
     sweep_after = get_settings().webhook_sweep_after
-    if not missing or waiter.age() >= sweep_after:
+    if waiter.ready(sweep_after, missing):  # the receiver's rule for resuming, too
         log.info(
             "first wave: %d of %d callback(s) recorded; going on",
             len(waiter.request_ids) - len(missing),

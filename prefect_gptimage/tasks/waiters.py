@@ -19,6 +19,7 @@ periodic pass still finds the second run: see the receiver).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from uuid import UUID
 
@@ -61,10 +62,13 @@ class Waiter(BaseModel):
         """Seconds since it started waiting."""
         return ((now or datetime.now(timezone.utc)) - self.created_at).total_seconds()
 
-    def ready(self, sweep_after: float, now: datetime | None = None) -> bool:
-        """Whether its run should go on: every callback is recorded, or ``sweep_after`` seconds
-        passed (its rows then sweep: poll fal as without webhooks)."""
-        return self.age(now) >= sweep_after or not self.missing()
+    def ready(
+        self, sweep_after: float, missing: Sequence[str], now: datetime | None = None
+    ) -> bool:
+        """Whether its run should go on: every callback is recorded (``missing``, from
+        :meth:`missing`, is empty), or ``sweep_after`` seconds passed (its rows then sweep: poll
+        fal as without webhooks)."""
+        return not missing or self.age(now) >= sweep_after
 
 
 def _flow_run_id(value: str | UUID) -> str:

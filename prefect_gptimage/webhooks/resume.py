@@ -75,7 +75,10 @@ class Resumer:
     def check(self, flow_run_id: str) -> bool:
         """Resume ``flow_run_id`` if its waiter is ready; whether it was resumed now."""
         waiter = read_waiter(flow_run_id)
-        if waiter is None or not waiter.ready(get_settings().webhook_sweep_after):
+        if waiter is None:
+            return False
+        missing = waiter.missing()  # read once: the decision and the log line
+        if not waiter.ready(get_settings().webhook_sweep_after, missing):
             return False
         with self._lock:  # one resume at a time per receiver: a run resumed once
             try:
@@ -91,11 +94,10 @@ class Resumer:
                 )
                 return False
             self.resumed += 1
-        missing = len(waiter.missing())
         logger.info(
             "resumed flow run %s: %d of %d callback(s) recorded%s",
             flow_run_id,
-            len(waiter.request_ids) - missing,
+            len(waiter.request_ids) - len(missing),
             len(waiter.request_ids),
             " (the rest sweep)" if missing else "",
         )
