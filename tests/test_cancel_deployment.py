@@ -24,10 +24,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    LogFilter,
-    LogFilterFlowRunId,
 )
-from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 from test_deployments import (
@@ -35,6 +33,8 @@ from test_deployments import (
     PROCESS_TIMEOUT,
     SERVE_SCRIPT,
     clean_env,
+    final_state,
+    flow_run_logs,
     read_deployment,
     spawn,
     stop,
@@ -75,34 +75,12 @@ def _cancel(flow_run_id: UUID) -> None:
     assert result.status.value == "ACCEPT", result
 
 
-def _final_state(
-    flow_run_id: UUID, proc: Any, log: Path, timeout: float = FINAL_STATE_TIMEOUT
-) -> State[Any]:
-    """The flow run's state once it is final (read through the API; fails after ``timeout``)."""
-
-    def final() -> State[Any] | None:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
-        return state if state is not None and state.is_final() else None
-
-    return wait_for("the flow run's final state", final, proc, log, timeout)
-
-
-def _logs(flow_run_id: UUID) -> list[str]:
-    """The flow run's log messages, read through the public client."""
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return [log.message for log in logs]
-
-
 def _logs_once_ended(flow_run_id: UUID) -> list[str]:
     """The flow run's log messages once its last one (Prefect's line on the flow's Cancelled
     state) has reached the API; what there is after :data:`LOGS_TIMEOUT`."""
     deadline = time.monotonic() + LOGS_TIMEOUT
     while True:
-        messages = _logs(flow_run_id)
+        messages = flow_run_logs(flow_run_id)
         if any(m.startswith(PREFECT_RESULT_LOG) for m in messages):
             return messages
         if time.monotonic() > deadline:
@@ -176,7 +154,7 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
         assert len(submitted()) == CAP, "more than the first wave"
         cancel_sent = time.time()
         _cancel(first.id)
-        state = _final_state(first.id, proc, log)
+        state = final_state(first.id, proc, log, FINAL_STATE_TIMEOUT)
         print(f"first run: {state.type.value} {state.message!r}")
 
         ours = submitted()
@@ -206,7 +184,7 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
         assert any(out.rglob("manifest.jsonl")), list(out.rglob("*"))
 
         second = _run({})
-        again = _final_state(second.id, proc, log)
+        again = final_state(second.id, proc, log, FINAL_STATE_TIMEOUT)
         assert again.is_completed(), f"{again}\n{tail(log)}"
     finally:
         stop(proc)

@@ -17,25 +17,27 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from uuid import UUID
 
 import httpx
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from real_services import free_port
 
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
@@ -55,13 +57,6 @@ T = TypeVar("T")
 
 
 # -- subprocess helpers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -114,6 +109,33 @@ def wait_for(
             return result
         time.sleep(0.25)
     pytest.fail(f"{what}: not ready after {timeout:.0f}s\n{tail(log)}")
+
+
+def flow_run_state(flow_run_id: UUID) -> State[Any] | None:
+    """The flow run's state, read through the public client (the current API)."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def final_state(
+    flow_run_id: UUID, proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> State[Any]:
+    """The flow run's state once it is final (fails after ``timeout``, or if ``proc`` dies)."""
+
+    def final() -> State[Any] | None:
+        state = flow_run_state(flow_run_id)
+        return state if state is not None and state.is_final() else None
+
+    return wait_for("the flow run's final state", final, proc, log, timeout)
+
+
+def flow_run_logs(flow_run_id: UUID) -> list[str]:
+    """The flow run's log messages, read through the public client."""
+    with get_client(sync_client=True) as client:
+        entries = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [entry.message for entry in entries]
 
 
 def read_deployment(api_url: str, name: str) -> DeploymentResponse | None:

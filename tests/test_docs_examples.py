@@ -24,7 +24,6 @@ import os
 import re
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from real_services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -145,12 +145,6 @@ def test_settings_page_lists_every_setting() -> None:
     assert not missing, f"docs/settings.md does not list: {missing}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _recipe_env(home: Path, api_url: str) -> dict[str, str]:
     """The environment of a user's shell: none of this session's fal, TLS or AWS variables (the
     recipe exports its own), the package's commands first on PATH, the session's Prefect API."""
@@ -170,7 +164,7 @@ def test_offline_recipe_runs(tmp_path: Path, prefect_harness: dict[str, Any]) ->
     assert RECIPE_BLOCKS, "no `<!-- run: offline -->` block in the docs"
     script = "\n".join(textwrap.dedent(b.code) for b in RECIPE_BLOCKS)
     for port in RECIPE_PORTS:
-        script = re.sub(rf"\b{port}\b", str(_free_port()), script)
+        script = re.sub(rf"\b{port}\b", str(free_port()), script)
     prelude = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n"
     proc = subprocess.Popen(
         ["bash", "-c", prelude + script],

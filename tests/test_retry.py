@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, SSLError
 from conftest import run_cli_process
+from real_services import free_port
 
 from prefect_gptimage.errors import (
     FalRequestFailed,
@@ -121,12 +121,6 @@ def test_resubmit_only_what_fal_did_not_bill() -> None:
     assert resubmit_reason(TransientFalError("503", status_code=503)) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cli(args: list[str], harness: dict[str, Any], tmp_path: Path, **env: str) -> tuple[Any, float]:
     full = {
         **os.environ,
@@ -152,7 +146,7 @@ def _one_clear_line(stderr: str) -> str:
 def test_generate_with_fal_unreachable_fails_in_budget_with_one_line(
     prefect_harness: dict[str, Any], unique: str, tmp_path: Path
 ) -> None:
-    host = f"127.0.0.1:{_free_port()}"  # nobody listens there
+    host = f"127.0.0.1:{free_port()}"  # nobody listens there
     proc, elapsed = _cli(
         ["generate", f"a cat {unique}", "--quality", "low"],
         prefect_harness,

@@ -34,23 +34,26 @@ from uuid import UUID, uuid4
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.states import Cancelled, Running, Suspended
+from real_services import free_port
 from test_deployments import (
     BATCH_FLOW,
     PROCESS_TIMEOUT,
     SERVE_SCRIPT,
     clean_env,
+    final_state,
+    flow_run_logs,
+    flow_run_state,
     read_deployment,
     spawn,
     stop,
     tail,
     wait_for,
 )
-from test_webhooks import Receiver, _free_port
+from test_webhooks import Receiver
 
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.suspend import SUSPEND_KEY, suspending_run
@@ -77,13 +80,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _state(flow_run_id: UUID) -> State[Any] | None:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(flow_run_id).state
-
-
 def _suspended(flow_run_id: UUID) -> State[Any] | None:
-    state = _state(flow_run_id)
+    state = flow_run_state(flow_run_id)
     if state is not None and state.type.value == "PAUSED" and state.name == "Suspended":
         return state
     return None
@@ -147,7 +145,7 @@ def _scenario(
     results = tmp_path / "results"  # the storage the runs and the receiver share
     prefix = f"served-suspend-{name}"
     receiver = Receiver(
-        _free_port(),
+        free_port(),
         clean_env(
             PREFECT_API_URL=api_url,
             PREFECT_HOME=str(tmp_path / "receiver-home"),
@@ -206,18 +204,14 @@ def _scenario(
             f"{name}: suspended, {len(seen)} process(es) seen, now none; {len(ours)} submit(s), "
             f"{len({r.request_id for r in ours} & delivered)} callback(s) delivered"
         )
-        assert still is not None, f"no longer Suspended: {_state(flow_run.id)}\n{tail(log)}"
+        assert still is not None, f"no longer Suspended: {flow_run_state(flow_run.id)}\n{tail(log)}"
         assert seen, "the flow run's process was never seen"
         assert len(ours) == CAP, "the first wave only is submitted before suspending"
         assert proc.poll() is None, "the served process (the runner) stays up"
         if on_suspended is not None:
             on_suspended(ours, delivered)
 
-        def final() -> State[Any] | None:
-            state = _state(flow_run.id)
-            return state if state is not None and state.is_final() else None
-
-        state = wait_for("the flow run's final state", final, proc, log, STATE_TIMEOUT * 2)
+        state = final_state(flow_run.id, proc, log, STATE_TIMEOUT * 2)
         assert state.is_completed(), f"{state}\n{tail(log)}\n{tail(receiver.log)}"
         with get_client(sync_client=True) as client:
             history = [s.name for s in client.read_flow_run_states(flow_run.id)]
@@ -228,11 +222,7 @@ def _scenario(
         assert stats["resumed"] == 1
 
         def run_logs() -> list[str] | None:  # once the engine's "swept N of M" line is in
-            with get_client(sync_client=True) as client:
-                entries = client.read_logs(
-                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))
-                )
-            messages = [entry.message for entry in entries]
+            messages = flow_run_logs(flow_run.id)
             return messages if any(" swept " in m for m in messages) else None
 
         logs = wait_for("the run's logs", run_logs, proc, log, PROCESS_TIMEOUT)
@@ -328,7 +318,7 @@ def test_the_receivers_pass_resumes_a_run_that_suspended_after_its_callbacks_wer
     records and before its suspend, so no callback comes to resume it. The receiver's periodic
     pass does; a run still missing a callback stays Suspended."""
     receiver = Receiver(
-        _free_port(),
+        free_port(),
         clean_env(
             PREFECT_API_URL=str(prefect_harness["api_url"]),
             PREFECT_HOME=str(tmp_path / "receiver-home"),
@@ -353,7 +343,7 @@ def test_the_receivers_pass_resumes_a_run_that_suspended_after_its_callbacks_wer
         assert receiver.proc is not None
         left = wait_for(
             "the raced run resumed",
-            lambda: None if _suspended(raced) else _state(raced),
+            lambda: None if _suspended(raced) else flow_run_state(raced),
             receiver.proc,
             receiver.log,
             PROCESS_TIMEOUT,

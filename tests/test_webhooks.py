@@ -14,7 +14,6 @@ import contextvars
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from real_services import free_port
 
 from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.reporting.summary import RunSummary
@@ -40,12 +40,6 @@ RID = "80e732af-660e-45cd-bd63-580e4f2a94cc"
 START_S = 180.0
 #: Seconds a batch may take (generous: a loaded machine).
 RUN_S = 600.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Receiver:
@@ -105,7 +99,7 @@ def receiver(
             "PREFECT_GPTIMAGE_FAL_JWKS_URL": fal_emulator.base_url + JWKS_PATH,
         }
     )
-    rec = Receiver(_free_port(), env, tmp_path / "receiver.log").start()
+    rec = Receiver(free_port(), env, tmp_path / "receiver.log").start()
     yield rec
     rec.kill()
 
