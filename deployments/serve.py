@@ -25,6 +25,7 @@ environment variable (all optional):
 ``GPTIMAGE_CRON``               daily schedule (default ``0 6 * * *``)
 ``GPTIMAGE_TIMEZONE``           timezone of the schedule (default UTC)
 ``GPTIMAGE_SERVE_LIMIT``        flow runs at once in this process (default: Prefect's)
+``GPTIMAGE_BATCH_DEPLOYMENT``   name of the batch deployment (default ``batch-to-s3-served``)
 ==============================  ==========================================================
 
 The fal request cap is Prefect's global concurrency limit named by
@@ -45,7 +46,8 @@ from prefect.types.entrypoint import EntrypointType
 
 from prefect_gptimage.flows import batch_to_s3, scheduled_content
 
-BATCH_DEPLOYMENT = "batch-to-s3-served"
+#: Two processes serving one name on one server run each other's flow runs: give each its own
+BATCH_DEPLOYMENT = os.environ.get("GPTIMAGE_BATCH_DEPLOYMENT") or "batch-to-s3-served"
 SCHEDULED_DEPLOYMENT = "daily-content-served"
 DEFAULT_TEMPLATE = "A poster for {weekday}, {date}: autumn in the city, flat illustration"
 

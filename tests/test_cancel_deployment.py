@@ -48,7 +48,10 @@ from prefect_gptimage.testing.s3 import LocalS3Server
 ROWS = 10
 CAP = 4  # the deployment's ``concurrency``: the first wave
 FAL_SLOTS = 2  # the emulated account runs two at once: the rest of the wave waits in fal's queue
-BATCH_NAME = f"{BATCH_FLOW}/batch-to-s3-served"
+#: Its own deployment name: the other test serving the batch flow on the session's server
+#: (test_cancel_deployment, test_suspend_deployment) may run at the same time
+DEPLOYMENT = "batch-cancel-served"
+BATCH_NAME = f"{BATCH_FLOW}/{DEPLOYMENT}"
 #: Generous: the runner starts a fresh process per flow run (it imports Prefect: slow under load)
 FINAL_STATE_TIMEOUT = 180.0
 
@@ -126,6 +129,7 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
         GPTIMAGE_PROMPT_FILE=str(prompt_file),
         GPTIMAGE_PREFIX=prefix,
         GPTIMAGE_CONCURRENCY=str(CAP),
+        GPTIMAGE_BATCH_DEPLOYMENT=DEPLOYMENT,
     )
     assert "FAL_QUEUE_RUN_HOST" in env and "SSL_CERT_FILE" in env and "FAL_KEY" in env
     proc = spawn([sys.executable, str(SERVE_SCRIPT)], env, tmp_path, log)

@@ -67,7 +67,10 @@ ROWS = 5
 CAP = 3  # the deployment's ``concurrency``: the first wave
 #: Seconds fal runs each request: the run suspends well inside it (a deadline, not a bound)
 FAL_LATENCY = 30.0
-BATCH_NAME = f"{BATCH_FLOW}/batch-to-s3-served"
+#: Its own deployment name: the other test serving the batch flow on the session's server
+#: (test_cancel_deployment, test_suspend_deployment) may run at the same time
+DEPLOYMENT = "batch-suspend-served"
+BATCH_NAME = f"{BATCH_FLOW}/{DEPLOYMENT}"
 #: Generous: every flow-run process imports Prefect (slow on a loaded machine)
 STATE_TIMEOUT = 300.0
 #: The sweep delay of the lost-callbacks case (runs and receiver): long enough to see the run
@@ -165,6 +168,7 @@ def _scenario(
         PREFECT_GPTIMAGE_OUTPUT_DIR=str(tmp_path / "out"),
         PREFECT_GPTIMAGE_WEBHOOK_URL=receiver.url,
         PREFECT_GPTIMAGE_WEBHOOK_SUSPEND="true",
+        GPTIMAGE_BATCH_DEPLOYMENT=DEPLOYMENT,
         GPTIMAGE_BUCKET=s3_bucket,
         GPTIMAGE_PROMPT_FILE=str(prompt_file),
         GPTIMAGE_PREFIX=prefix,
