@@ -390,7 +390,8 @@ def test_batch_events_assets_lineage_and_triggered_downstream_run(
         assert len(read_events(server, IMAGE_STAGED, resource=in_bucket)) == 10 + 1  # + the edit
         manifest = EventResourceFilter(id=[manifest_uri])
         assert len(read_events(server, BATCH_COMPLETED, resource=manifest)) == 1
-        # the 10 images, the manifest; the edit and its manifest
-        assert len(read_events(server, MATERIALIZED, resource=in_bucket)) == 13
+        # the 10 images, the manifest; the edit and its manifest (the edit's manifest event may
+        # still be on its way to the persister: wait for it, then check nothing more came)
+        assert len(wait_events(server, MATERIALIZED, 13, resource=in_bucket)) == 13
     finally:
         stop(serving)
