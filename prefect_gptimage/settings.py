@@ -242,8 +242,9 @@ class GptImageSettings(PrefectBaseSettings):
         default=False,
         description=(
             "With `PREFECT_GPTIMAGE_WEBHOOK_URL` set, a deployment run of the batch flow submits "
-            "its first wave, then suspends (its process ends, no worker held) until the receiver "
-            "resumes it once the wave's callbacks are recorded (or after the sweep delay)."
+            "its rows in waves of its cap and suspends after each (its process ends, no worker "
+            "held) until the receiver resumes it once the wave's callbacks are recorded (or "
+            "after the sweep delay); it stages after the last wave."
         ),
     )
     queue_priority: Literal["normal", "low"] = Field(

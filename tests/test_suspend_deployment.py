@@ -1,19 +1,22 @@
 """A deployment run of the batch flow suspends while fal works and is resumed by the receiver
-(issue 20, "Done when": suspended deployment runs).
+(issue 20, "Done when": suspended deployment runs on a process worker).
 
-``deployments/serve.py`` serves the batch deployment against the session's Prefect API (a real
-server) with ``PREFECT_GPTIMAGE_WEBHOOK_URL`` pointing at the receiver (``prefect-gptimage
-webhooks serve`` in its own process, the same result storage and API) and
-``PREFECT_GPTIMAGE_WEBHOOK_SUSPEND=true``. The emulator runs each request for a while and then
-delivers its signed callback to the receiver. A flow run of the deployment, created with the
-public client, submits its first wave and suspends: Prefect's API shows it PAUSED "Suspended",
-no process of that flow run is alive, and fal has not finished the wave. The receiver resumes it
-once the wave's callbacks are recorded; the run (a fresh process) then stages every row and
-ends COMPLETED, with every row submitted to fal exactly once and counted as paid by that run.
+The batch deployment is created on a process work pool of the session's Prefect API (a real
+server) and run by ``prefect worker start --type process``, with ``PREFECT_GPTIMAGE_WEBHOOK_URL``
+pointing at the receiver (``prefect-gptimage webhooks serve`` in its own process, the same
+result storage and API) and ``PREFECT_GPTIMAGE_WEBHOOK_SUSPEND=true``. The emulator runs each
+request for a while and then delivers its signed callback to the receiver. A flow run of the
+deployment, created with the public client, submits its first wave (the cap: 3 of its 5 rows)
+and suspends: Prefect's API shows it PAUSED "Suspended" on that wave's pause key, no process of
+that flow run is alive, and fal has not finished the wave. The receiver resumes it once the
+wave's callbacks are recorded; the worker runs it again (a fresh process), it submits the second
+wave and suspends again; resumed once more, it stages every row and ends COMPLETED, with every
+row submitted to fal exactly once and counted as paid by that run.
 
-A second run loses every callback of its wave (the emulator drops them): the receiver's periodic
-pass resumes it once its waiter is older than ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER``, and the
-wave's rows sweep (poll fal) and stage, still paid once.
+A second run loses every callback of its first wave (the emulator drops them): the receiver's
+periodic pass resumes it once that waiter is older than ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER``;
+its second wave's callbacks resume it again, and the first wave's rows sweep (poll fal) and
+stage, still paid once.
 
 The race (every callback recorded between the run's last read of the records and its suspend,
 so no callback comes after it) is set up through the public client: the receiver's periodic pass
@@ -23,7 +26,6 @@ resumes that run, and not a run still missing a callback.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
@@ -34,6 +36,7 @@ from uuid import UUID, uuid4
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
@@ -41,13 +44,13 @@ from prefect.states import Cancelled, Running, Suspended
 from real_services import free_port
 from test_deployments import (
     BATCH_FLOW,
+    PREFECT_CLI,
     PROCESS_TIMEOUT,
-    SERVE_SCRIPT,
+    REPO,
     clean_env,
     final_state,
     flow_run_logs,
     flow_run_state,
-    read_deployment,
     spawn,
     stop,
     tail,
@@ -56,21 +59,19 @@ from test_deployments import (
 from test_webhooks import Receiver
 
 from prefect_gptimage.engine.options import RunOptions
-from prefect_gptimage.engine.suspend import SUSPEND_KEY, suspending_run
+from prefect_gptimage.engine.suspend import suspending_run
 from prefect_gptimage.tasks.callbacks import FalCallback, record_callback
-from prefect_gptimage.tasks.waiters import write_waiter
+from prefect_gptimage.tasks.waiters import Waiter, suspend_key, write_waiter
 from prefect_gptimage.testing import FalEmulator
 from prefect_gptimage.testing.s3 import LocalS3Server
 from prefect_gptimage.testing.webhooks import JWKS_PATH, WebhookFault
 
 ROWS = 5
-CAP = 3  # the deployment's ``concurrency``: the first wave
+CAP = 3  # the deployment's ``concurrency``: a wave
+WAVES = -(-ROWS // CAP)  # 3 rows, then 2
 #: Seconds fal runs each request: the run suspends well inside it (a deadline, not a bound)
 FAL_LATENCY = 30.0
-#: Its own deployment name: the other test serving the batch flow on the session's server
-#: (test_cancel_deployment, test_suspend_deployment) may run at the same time
-DEPLOYMENT = "batch-suspend-served"
-BATCH_NAME = f"{BATCH_FLOW}/{DEPLOYMENT}"
+ENTRYPOINT = "flows/batch_to_s3.py:batch_to_s3"
 #: Generous: every flow-run process imports Prefect (slow on a loaded machine)
 STATE_TIMEOUT = 300.0
 #: The sweep delay of the lost-callbacks case (runs and receiver): long enough to see the run
@@ -83,11 +84,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _suspended(flow_run_id: UUID) -> State[Any] | None:
+def _suspended(flow_run_id: UUID, wave: int | None = None) -> State[Any] | None:
+    """The run's state if it is Suspended (on ``wave``'s pause key, when given), else None."""
     state = flow_run_state(flow_run_id)
-    if state is not None and state.type.value == "PAUSED" and state.name == "Suspended":
-        return state
-    return None
+    if state is None or state.type.value != "PAUSED" or state.name != "Suspended":
+        return None
+    if wave is not None and state.state_details.pause_key != suspend_key(wave):
+        return None
+    return state
 
 
 def _run_processes(flow_run_id: UUID) -> list[int]:
@@ -126,6 +130,25 @@ def _completed_event(flow_run_id: UUID) -> Any:
     return events[0] if events else None
 
 
+def _deploy(pool: str, name: str, parameters: dict[str, Any]) -> UUID:
+    """The process work pool ``pool`` and the batch deployment on it, made through the public
+    client (the session's API) as ``prefect deploy`` with deployments/prefect.yaml makes them:
+    the worker runs the flow from this checkout."""
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        deployment_id: UUID = client.create_deployment(
+            flow_id=client.create_flow_from_name(BATCH_FLOW),
+            name=f"suspend-{name}",
+            work_pool_name=pool,
+            entrypoint=ENTRYPOINT,
+            path=str(REPO),
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "."}}],
+            job_variables={"working_dir": str(REPO)},
+            parameters=parameters,
+        )
+    return deployment_id
+
+
 def _scenario(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
@@ -134,19 +157,21 @@ def _scenario(
     tmp_path: Path,
     name: str,
     settings: dict[str, str],
-    on_suspended: Any = None,
+    on_suspended: Callable[[int, list[Any], frozenset[str]], None] | None = None,
 ) -> dict[str, Any]:
-    """Serve the batch deployment with suspending on, run it once through the API, and check
-    what every case shows: Suspended with no process of the run alive, resumed by the receiver,
-    COMPLETED with every row staged and submitted to fal exactly once. ``on_suspended(ours,
-    delivered)`` checks more while it is suspended. What the run did, for more checks."""
+    """Deploy the batch flow to a process work pool with suspending on, start a worker, run the
+    deployment once through the API, and check what every case shows: for each wave, Suspended
+    on that wave's key with no process of the run alive and only the waves so far submitted;
+    resumed by the receiver; COMPLETED with every row staged and submitted to fal exactly once.
+    ``on_suspended(wave, ours, delivered)`` checks more while it is suspended. What the run did,
+    for more checks."""
     prompt_file = tmp_path / "rows.jsonl"
     prompts = [f"suspended deployment row {i} {name}" for i in range(ROWS)]
     prompt_file.write_text(
         "".join(json.dumps({"prompt": p, "quality": "low"}) + "\n" for p in prompts)
     )
     results = tmp_path / "results"  # the storage the runs and the receiver share
-    prefix = f"served-suspend-{name}"
+    prefix = f"worker-suspend-{name}"
     receiver = Receiver(
         free_port(),
         clean_env(
@@ -158,72 +183,68 @@ def _scenario(
         ),
         tmp_path / "receiver.log",
     ).start()
-    log = tmp_path / "serve.log"
-    env = clean_env(
+    pool = f"gptimage-suspend-{name}"
+    parameters = {"prompt_file": str(prompt_file), "bucket": s3_bucket, "prefix": prefix}
+    deployment_id = _deploy(pool, name, {**parameters, "concurrency": CAP})
+    log = tmp_path / "worker.log"
+    env = clean_env(  # the worker's environment is its flow runs'
         **local_s3.env(),
         PREFECT_API_URL=api_url,
-        PREFECT_HOME=str(tmp_path / "serve-home"),
+        PREFECT_HOME=str(tmp_path / "worker-home"),
         PREFECT_LOCAL_STORAGE_PATH=str(results),
-        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_GPTIMAGE_OUTPUT_DIR=str(tmp_path / "out"),
         PREFECT_GPTIMAGE_WEBHOOK_URL=receiver.url,
         PREFECT_GPTIMAGE_WEBHOOK_SUSPEND="true",
-        GPTIMAGE_BATCH_DEPLOYMENT=DEPLOYMENT,
-        GPTIMAGE_BUCKET=s3_bucket,
-        GPTIMAGE_PROMPT_FILE=str(prompt_file),
-        GPTIMAGE_PREFIX=prefix,
-        GPTIMAGE_CONCURRENCY=str(CAP),
         **settings,
     )
-    proc = spawn([sys.executable, str(SERVE_SCRIPT)], env, tmp_path, log)
+    command = [str(PREFECT_CLI), "worker", "start", "--pool", pool, "--type", "process"]
+    proc = spawn(command, env, tmp_path, log)
     try:
-
-        def served() -> Any:  # by this process: with this test's prompt file
-            deployment = read_deployment(api_url, BATCH_NAME)
-            ours = deployment is not None and deployment.parameters.get("prompt_file")
-            return deployment if ours == str(prompt_file) else None
-
-        wait_for("the served batch deployment", served, proc, log, PROCESS_TIMEOUT)
-        flow_run = run_deployment(BATCH_NAME, parameters={}, timeout=0)
+        flow_run = run_deployment(deployment_id, timeout=0)
         assert isinstance(flow_run, FlowRun)
-        seen: set[int] = set()
+        for wave in range(WAVES):
+            seen: set[int] = set()
 
-        def suspended() -> State[Any] | None:
-            seen.update(_run_processes(flow_run.id))  # the run's process, while it lives
-            return _suspended(flow_run.id)
+            def suspended(wave: int = wave, seen: set[int] = seen) -> State[Any] | None:
+                seen.update(_run_processes(flow_run.id))  # the run's process, while it lives
+                return _suspended(flow_run.id, wave)
 
-        wait_for("the flow run Suspended", suspended, proc, log, STATE_TIMEOUT)
-        # its process ends (Prefect's Pause): wait for it, then look again
-        wait_for(
-            "the flow run's process to end",
-            lambda: (not _run_processes(flow_run.id) and not any(map(_alive, seen))) or None,
-            proc,
-            log,
-            PROCESS_TIMEOUT,
-        )
-        ours = [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
-        delivered = fal_emulator.webhooks.stats.delivered_ids
-        still = _suspended(flow_run.id)
-        print(
-            f"{name}: suspended, {len(seen)} process(es) seen, now none; {len(ours)} submit(s), "
-            f"{len({r.request_id for r in ours} & delivered)} callback(s) delivered"
-        )
-        assert still is not None, f"no longer Suspended: {flow_run_state(flow_run.id)}\n{tail(log)}"
-        assert seen, "the flow run's process was never seen"
-        assert len(ours) == CAP, "the first wave only is submitted before suspending"
-        assert proc.poll() is None, "the served process (the runner) stays up"
-        if on_suspended is not None:
-            on_suspended(ours, delivered)
+            wait_for(f"the flow run Suspended on wave {wave}", suspended, proc, log, STATE_TIMEOUT)
+            # its process ends (Prefect's Pause): wait for it, then look again
+            wait_for(
+                "the flow run's process to end",
+                lambda seen=seen: (
+                    (not _run_processes(flow_run.id) and not any(map(_alive, seen))) or None
+                ),
+                proc,
+                log,
+                PROCESS_TIMEOUT,
+            )
+            ours = [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
+            delivered = fal_emulator.webhooks.stats.delivered_ids
+            still = _suspended(flow_run.id, wave)
+            print(
+                f"{name}: suspended on wave {wave}, {len(seen)} process(es) seen, now none; "
+                f"{len(ours)} submit(s), {len({r.request_id for r in ours} & delivered)} "
+                "callback(s) delivered"
+            )
+            assert still is not None, f"not Suspended: {flow_run_state(flow_run.id)}\n{tail(log)}"
+            assert seen, "the flow run's process was never seen"
+            assert len(ours) == min(ROWS, CAP * (wave + 1)), "one wave more per suspend"
+            assert proc.poll() is None, "the worker stays up"
+            if on_suspended is not None:
+                on_suspended(wave, ours, delivered)
 
         state = final_state(flow_run.id, proc, log, STATE_TIMEOUT * 2)
         assert state.is_completed(), f"{state}\n{tail(log)}\n{tail(receiver.log)}"
         with get_client(sync_client=True) as client:
             history = [s.name for s in client.read_flow_run_states(flow_run.id)]
         print(f"{name}: states {history}")
-        assert history.count("Suspended") == 1 and history[-1] == "Completed", history
+        assert history.count("Suspended") == WAVES and history[-1] == "Completed", history
         stats = receiver.stats()
         print(f"{name}: receiver {stats}")
-        assert stats["resumed"] == 1
+        assert stats["resumed"] == WAVES
 
         def run_logs() -> list[str] | None:  # once the engine's "swept N of M" line is in
             messages = flow_run_logs(flow_run.id)
@@ -241,8 +262,8 @@ def _scenario(
         stop(proc)
         receiver.kill()
 
-    # every row staged, each paid exactly once (the wave's submits were not sent again) and
-    # counted as paid by this run (its summary), though the resumed process found them recorded
+    # every row staged, each paid exactly once (the waves' submits were not sent again) and
+    # counted as paid by this run (its summary), though the resumed processes found them recorded
     s3 = local_s3.client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
     images = [k for k in keys if k.startswith(f"{prefix}/") and "/manifests/" not in k]
@@ -258,7 +279,7 @@ def _scenario(
 
 
 @pytest.fixture
-def served_batch(
+def deployed_batch(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
     s3_bucket: str,
@@ -270,36 +291,42 @@ def served_batch(
     return partial(_scenario, fal_emulator, local_s3, s3_bucket, api_url, tmp_path)
 
 
-@pytest.mark.timeout(900)  # the receiver, serve.py and two processes of the flow run
+@pytest.mark.timeout(900)  # the receiver, a worker and three processes of the flow run
 def test_a_deployment_run_suspends_while_fal_works_and_the_receiver_resumes_it(
-    served_batch: Callable[..., dict[str, Any]], fal_emulator: FalEmulator, unique: str
+    deployed_batch: Callable[..., dict[str, Any]], fal_emulator: FalEmulator, unique: str
 ) -> None:
     fal_emulator.configure(latency=FAL_LATENCY)
     fal_emulator.webhooks.retry_delays = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
-    def fal_still_working(ours: list[Any], delivered: frozenset[str]) -> None:
+    def fal_still_working(wave: int, ours: list[Any], delivered: frozenset[str]) -> None:
         assert not {r.request_id for r in ours} <= delivered, "fal had finished already"
-        fal_emulator.configure(latency=0.5)  # the rows beyond the wave need not wait as long
 
-    done = served_batch(unique, {}, fal_still_working)
+    done = deployed_batch(unique, {}, fal_still_working)
     assert done["receiver"]["recorded"] == ROWS
 
 
 @pytest.mark.timeout(900)
 def test_a_run_whose_callbacks_are_all_lost_is_resumed_after_the_sweep_delay_and_sweeps(
-    served_batch: Callable[..., dict[str, Any]], fal_emulator: FalEmulator, unique: str
+    deployed_batch: Callable[..., dict[str, Any]], fal_emulator: FalEmulator, unique: str
 ) -> None:
     fal_emulator.configure(latency=2.0)
     dropped = fal_emulator.webhooks.inject(WebhookFault("drop", count=CAP))
+
+    def slower_second_wave(wave: int, ours: list[Any], delivered: frozenset[str]) -> None:
+        if wave == 0:  # the second wave suspends too (its callbacks come after it suspended)
+            fal_emulator.configure(latency=FAL_LATENCY)
+
     try:
-        done = served_batch(
-            f"lost-{unique}", {"PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER": str(SHORT_SWEEP_AFTER)}
+        done = deployed_batch(
+            f"lost-{unique}",
+            {"PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER": str(SHORT_SWEEP_AFTER)},
+            slower_second_wave,
         )
     finally:
         fal_emulator.webhooks.clear_faults()
     assert dropped.fired == CAP
-    # resumed by the receiver's pass at the sweep delay (no callback of the wave came); its rows
-    # then polled fal at once, the rest waited on their callbacks
+    # resumed by the receiver's pass at the sweep delay (no callback of the first wave came), then
+    # on the second wave's callbacks; the first wave's rows polled fal, the rest read callbacks
     assert done["receiver"]["recorded"] == ROWS - CAP
     assert any(f"swept {CAP} of {ROWS}" in m for m in done["logs"]), done["logs"]
 
@@ -338,11 +365,12 @@ def test_the_receivers_pass_resumes_a_run_that_suspended_after_its_callbacks_wer
             raced = _flow_run_of_a_deployment(client, f"{unique}-raced")
             other = _flow_run_of_a_deployment(client, f"{unique}-other")
             runs += [raced, other]
-            write_waiter(raced, [done])  # the run wrote its waiter and found no callback...
-            write_waiter(other, [waiting])
+            # the run wrote its waiter and found no callback...
+            write_waiter(Waiter(flow_run_id=str(raced), request_ids=(done,)))
+            write_waiter(Waiter(flow_run_id=str(other), request_ids=(waiting,)))
             record_callback(FalCallback(request_id=done, status="OK", payload={"images": []}))
             for run_id in (raced, other):  # ... then suspended, its callback recorded meanwhile
-                suspend: State[Any] = Suspended(timeout_seconds=600, pause_key=SUSPEND_KEY)
+                suspend: State[Any] = Suspended(timeout_seconds=600, pause_key=suspend_key(0))
                 assert client.set_flow_run_state(run_id, suspend).status.value == "ACCEPT"
         assert receiver.proc is not None
         left = wait_for(
@@ -367,7 +395,7 @@ def test_only_a_deployment_run_with_both_settings_may_suspend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Everything else runs as before: no flow run, a flow run of no deployment, or a setting
-    missing, never suspends (the served cases above are the deployment runs that do)."""
+    missing, never suspends (the deployed cases above are the deployment runs that do)."""
 
     @flow
     def may_suspend() -> UUID | None:

@@ -3,26 +3,32 @@
 Opt-in, and only where it can work: ``PREFECT_GPTIMAGE_WEBHOOK_URL`` and
 ``PREFECT_GPTIMAGE_WEBHOOK_SUSPEND`` set, the flow run belongs to a deployment (Prefect
 reschedules only those) and is no subflow, and the batch neither refreshes its cache (a refresh
-pays anew on every execution) nor runs on a cluster. Otherwise :func:`suspend_for_first_wave`
-does nothing and the batch runs exactly as without it.
+pays anew on every execution) nor runs on a cluster. Otherwise :func:`suspend_in_waves` does
+nothing and the batch runs exactly as without it.
 
-**Phase 1** (:func:`suspend_for_first_wave`, called by the flow after its checks, before the row
-engine): the first wave, the rows that fit the cap (``concurrency`` plus the look-ahead) and are
-not done yet, is submitted through the rows' own recorded submit
+**Waves** (:func:`suspend_in_waves`, called by the flow after its checks, before the row
+engine). The rows not done yet are submitted in waves of the cap (``concurrency`` plus the
+look-ahead), each through the rows' own recorded submit
 (:func:`~prefect_gptimage.tasks.queue.submit_recorded`: intents, cache record, fleet budget and
-lock exactly as a row's), so there is no second path that could pay twice. The run then writes
-its waiter (:mod:`prefect_gptimage.tasks.waiters`: its flow-run id, the wave's request ids, a
-pointer per id) and reads the callback records: if some are missing it calls Prefect's public
-``suspend_flow_run`` with the stable key :data:`SUSPEND_KEY`, and its process ends.
+lock exactly as a row's), so there is no second path that could pay twice. After each wave the
+run writes that wave's waiter (:mod:`prefect_gptimage.tasks.waiters`: its flow-run id, the
+wave's number and request ids, a pointer per id) and reads the callback records: if some are
+missing it calls Prefect's public ``suspend_flow_run`` with the wave's own pause key
+(:func:`~prefect_gptimage.tasks.waiters.suspend_key`), and its process ends. A wave is the cap
+because fal runs at most that many of the run's requests at once: the next wave is submitted
+once the last one is done at fal, so a worker is held only to submit a wave, and, at the end,
+to stage.
 
-**Resumed**, by the receiver (:mod:`prefect_gptimage.webhooks.resume`) once the wave's
-callbacks are recorded, or the sweep delay passed, the flow runs again from the top: the wave's
-submits come from their records (nothing is paid again), the waiter is the recorded one, and the
-suspend with the same key is refused by Prefect ("already fired"), so it returns and the batch
-goes on in the row engine: the wave's rows read their callbacks and stage at once, the rows
-beyond the wave run as without suspending (waiting on callbacks with the worker held).
+**Resumed**, by the receiver (:mod:`prefect_gptimage.webhooks.resume`) once the wave it waits
+on has its callbacks recorded, or the sweep delay passed, the flow runs again from the top: the
+earlier waves' submits come from their records (nothing is paid again, nothing is sent), their
+waiters are the recorded ones, and their suspends are refused by Prefect ("already fired"), so
+the run reaches the next wave, submits it and suspends again. After the last wave the batch goes
+on in the row engine: every row reads its recorded submit and callback and stages (a row whose
+callback never came sweeps: polls fal); a row the waves left out (its submit failed, its inputs
+resolve inline, an unknown earlier outcome) runs as without suspending.
 
-The suspend's ``timeout`` is the sweep delay plus :data:`RESUME_GRACE` seconds: the receiver
+Each suspend's ``timeout`` is the sweep delay plus :data:`RESUME_GRACE` seconds: the receiver
 resumes a waiter at the sweep delay at the latest, the grace covers a receiver that was down.
 A run not resumed by then can no longer be resumed (Prefect fails it on resume); running the
 batch again costs nothing already paid.
@@ -31,6 +37,7 @@ batch again costs nothing already paid.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import count
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -47,44 +54,44 @@ from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import cached_generation
 from prefect_gptimage.tasks.concurrency import local_cap
 from prefect_gptimage.tasks.generate import GenerationOptions
-from prefect_gptimage.tasks.intents import fate_stores, submit_fate
+from prefect_gptimage.tasks.intents import FateStores, fate_stores, submit_fate
 from prefect_gptimage.tasks.queue import submit_recorded
-from prefect_gptimage.tasks.waiters import write_waiter
+from prefect_gptimage.tasks.waiters import Waiter, read_waiter, suspend_key, write_waiter
 
 __all__ = [
     "RESUME_GRACE",
-    "SUSPEND_KEY",
-    "FirstWave",
-    "suspend_for_first_wave",
+    "Waves",
+    "suspend_in_waves",
     "suspending_run",
     "wave_size",
 ]
 
-#: The pause key of the suspend: one suspend per flow run, so a resumed run goes on.
-SUSPEND_KEY = "gptimage-first-wave"
 #: Seconds a suspended run may wait beyond the sweep delay for the receiver to resume it.
 RESUME_GRACE = 3600
 
 
-class FirstWave(NamedTuple):
-    """What the first wave leaves to the rest of the run: ``paid``, the request ids this flow
-    run paid for (its rows count them as paid, :attr:`GenerationOptions.paid_in_run`, not as
+class Waves(NamedTuple):
+    """What the waves leave to the rest of the run: ``paid``, the request ids this flow run
+    paid for (its rows count them as paid, :attr:`GenerationOptions.paid_in_run`, not as
     cached), and ``earlier_cost``, the estimate of those paid by an earlier execution of the run
     (before it suspended): the plan of a resumed run counts them as cached, so the run adds it
-    back to its estimate."""
+    back to its estimate. ``waves``: how many it submitted."""
 
     paid: frozenset[str] = frozenset()
     earlier_cost: float = 0.0
+    waves: int = 0
 
 
 class _Wave(NamedTuple):
     ids: list[str]  # the wave's request ids, in row order
     paid: list[str]  # those this execution paid for
-    found: dict[str, float]  # those found recorded: their estimated cost
+    paid_cost: float  # their estimated cost
+    next_row: int  # the index of the row after the wave's last
+    last: bool  # no wave after it: a submit failed, or the run is stopping
 
 
 def suspending_run(options: RunOptions) -> UUID | None:
-    """The id of the current flow run if it may suspend for its first wave (see the module
+    """The id of the current flow run if it may suspend while fal works (see the module
     docs), else None."""
     settings = get_settings()
     if not (settings.webhook_url and settings.webhook_suspend):
@@ -99,26 +106,35 @@ def suspending_run(options: RunOptions) -> UUID | None:
 
 
 def wave_size(options: RunOptions) -> int:
-    """Requests of the first wave: the local cap on fal requests plus the look-ahead."""
+    """Requests of a wave: the local cap on fal requests plus the look-ahead."""
     cap, ahead = local_cap(options.concurrency, options.lookahead)
     return cap + ahead
 
 
 def _submit_wave(
     rows: Sequence[PromptRow],
+    start: int,
     request_of: Callable[[PromptRow], AnyRequest],
     generation: GenerationOptions,
     size: int,
+    stores: FateStores,
     log: Any,
 ) -> _Wave:
-    """Submit (or find recorded) the requests of the first ``size`` rows not done yet. A row
-    that cannot be submitted now ends the wave: the engine runs it as usual.
+    """Submit (or find recorded) the requests of the next ``size`` rows from ``rows[start]`` on
+    that are not done yet. A row that cannot be submitted now ends the waves: the engine runs
+    it as usual.
     """
-    wave = _Wave([], [], {})
-    stores = fate_stores()  # resolved once for the wave, as the plan does
-    for row in rows:
-        if len(wave.ids) >= size or (generation.stop is not None and generation.stop.requested):
-            break
+    ids: list[str] = []
+    paid: list[str] = []
+    cost = 0.0
+
+    def wave(next_row: int, last: bool = False) -> _Wave:
+        return _Wave(ids, paid, cost, next_row, last)
+
+    for index in range(start, len(rows)):
+        row = rows[index]
+        if generation.stop is not None and generation.stop.requested:
+            return wave(index, last=True)
         request = request_of(row)
         if getattr(request, "unresolved_inputs", None):
             continue  # resolved inline by the row itself: left to the engine
@@ -139,54 +155,88 @@ def _submit_wave(
                 budget_wait=generation.budget_wait,
             )
         except GptImageError as exc:
-            log.warning("first wave ends before row %s: %s", row.line, str(exc).splitlines()[0])
-            break
-        wave.ids.append(handle.request_id)
-        if recorded:
-            wave.found[handle.request_id] = estimate_cost(request)
-        else:
-            wave.paid.append(handle.request_id)
-    return wave
+            log.warning("waves end before row %s: %s", row.line, str(exc).splitlines()[0])
+            return wave(index, last=True)
+        ids.append(handle.request_id)
+        if not recorded:  # recorded: paid by an earlier run (or before a crash): not this run
+            paid.append(handle.request_id)
+            cost += estimate_cost(request)
+        if len(ids) >= size:
+            return wave(index + 1)
+    return wave(len(rows))
 
 
-def suspend_for_first_wave(
-    rows: Sequence[PromptRow],
-    options: RunOptions,
-    generation: GenerationOptions,
-    request_of: Callable[[PromptRow], AnyRequest],
-) -> FirstWave:
-    """Phase 1 (see the module docs): submit the first wave, write the waiter and suspend the
-    flow run while callbacks are missing (the process ends); returns when the run goes on
-    (suspending is off or not possible here, every callback is in, or this is the resumed run):
-    see :class:`FirstWave`. ``request_of(row)``: the request a row submits (its inputs' links
-    signed anew)."""
-    flow_run_id = suspending_run(options)
-    if flow_run_id is None:
-        return FirstWave()
-    log = get_run_logger()
-    wave = _submit_wave(rows, request_of, generation, wave_size(options), log)
-    if not wave.ids:
-        return FirstWave()
-    waiter = write_waiter(flow_run_id, wave.ids, wave.paid)
-    earlier = sum(wave.found.get(rid, 0.0) for rid in waiter.paid)
-    done = FirstWave(frozenset(waiter.paid), earlier)
+def _wait_for(waiter: Waiter, log: Any) -> None:
+    """Suspend the flow run until ``waiter``'s callbacks are recorded (its process ends), unless
+    they are, or this wave's suspend fired already (a resumed run): then return."""
     missing = waiter.missing()
     sweep_after = get_settings().webhook_sweep_after
     if waiter.ready(sweep_after, missing):  # the receiver's rule for resuming, too
         log.info(
-            "first wave: %d of %d callback(s) recorded; going on",
+            "wave %d: %d of %d callback(s) recorded; going on",
+            waiter.wave,
             len(waiter.request_ids) - len(missing),
             len(waiter.request_ids),
         )
-        return done
+        return
     log.info(
-        "first wave of %d request(s) at fal: suspending until the webhook receiver has their "
+        "wave %d of %d request(s) at fal: suspending until the webhook receiver has their "
         "callbacks (%d missing; at most %.0f s, then they sweep)",
+        waiter.wave,
         len(waiter.request_ids),
         len(missing),
         sweep_after,
     )
     # ends this process (Prefect's Pause); returns only when this suspend already fired
-    suspend_flow_run(timeout=int(sweep_after) + RESUME_GRACE, key=SUSPEND_KEY)
-    log.info("resumed before every callback came: the missing ones sweep (poll fal)")
-    return done
+    suspend_flow_run(timeout=int(sweep_after) + RESUME_GRACE, key=suspend_key(waiter.wave))
+
+
+def suspend_in_waves(
+    rows: Sequence[PromptRow],
+    options: RunOptions,
+    generation: GenerationOptions,
+    request_of: Callable[[PromptRow], AnyRequest],
+) -> Waves:
+    """Submit ``rows`` in waves, suspending the flow run while fal works on each (see the
+    module docs; each suspend ends the process); returns when the run goes on to stage:
+    suspending is off or not possible here, or every wave is done. ``request_of(row)``: the
+    request a row submits (its inputs' links signed anew).
+
+    A resumed run reads the earlier waves' waiters only (one record per wave): their rows'
+    records are not read again until the engine stages them."""
+    flow_run_id = suspending_run(options)
+    if flow_run_id is None:
+        return Waves()
+    log = get_run_logger()
+    size = wave_size(options)
+    stores = fate_stores()  # resolved once for the run's waves, as the plan does
+    paid: set[str] = set()
+    earlier = 0.0  # paid by an earlier execution of this run
+    start = 0
+    recorded = read_waiter(flow_run_id, 0)
+    for number in count():
+        if recorded is None:  # a new wave: submit it
+            wave = _submit_wave(rows, start, request_of, generation, size, stores, log)
+            if not wave.ids:
+                return Waves(frozenset(paid), earlier, number)
+            fresh = Waiter(
+                flow_run_id=str(flow_run_id),
+                wave=number,
+                request_ids=tuple(wave.ids),
+                paid=tuple(wave.paid),
+                paid_cost=wave.paid_cost,
+                next_row=wave.next_row,
+            )
+            waiter, found = write_waiter(fresh)
+            last, following = wave.last, None
+        else:  # written by an earlier execution: the run was past it if the next one is too
+            waiter, found, last = recorded, True, False
+            following = read_waiter(flow_run_id, number + 1)
+        paid.update(waiter.paid)
+        earlier += waiter.paid_cost if found else 0.0
+        if following is None:  # the wave the run is at
+            _wait_for(waiter, log)
+        if last:
+            return Waves(frozenset(paid), earlier, number + 1)
+        start, recorded = waiter.next_row, following
+    raise AssertionError("unreachable: count() never ends")  # pragma: no cover

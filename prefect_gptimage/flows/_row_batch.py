@@ -23,7 +23,7 @@ from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.plan import plan_rows
 from prefect_gptimage.engine.run import RowEngine, stopped_state
 from prefect_gptimage.engine.stop import Stop
-from prefect_gptimage.engine.suspend import suspend_for_first_wave
+from prefect_gptimage.engine.suspend import suspend_in_waves
 from prefect_gptimage.errors import BatchIncomplete
 from prefect_gptimage.flows._edit_inputs import fresh_links
 from prefect_gptimage.flows._fanout import check_cluster, row_runner
@@ -56,7 +56,7 @@ def run_rows(
     """Plan, check and run ``rows`` (validated, inputs resolved) as one batch: the flow's final
     state (see ``batch_to_s3``'s docs for what it carries). ``resolver``: signs each row's
     staged inputs anew as the row starts. ``suspend``: a deployment run with webhooks on may
-    suspend while fal runs its first wave (:mod:`prefect_gptimage.engine.suspend`)."""
+    suspend while fal runs each wave of its rows (:mod:`prefect_gptimage.engine.suspend`)."""
     log = get_run_logger()
     load_prices(options.credentials, log)  # fal's prices, once, before planning
     plan = plan_rows(rows, resubmit_unknown=options.resubmit_unknown, refresh=options.refresh)
@@ -82,9 +82,9 @@ def run_rows(
         probe_bucket(target, s3_client)  # the bucket exists and takes a write: before paying
     generation = options.generation(str(engine.out), engine.stop)
     if suspend:  # ends the process while fal works, when it may; resumed, goes on from here
-        wave = suspend_for_first_wave(rows, options, generation, partial(_request_of, resolver))
-        generation = generation.model_copy(update={"paid_in_run": wave.paid})
-        summary.estimated_cost_usd += wave.earlier_cost  # paid before it suspended: not cached
+        waves = suspend_in_waves(rows, options, generation, partial(_request_of, resolver))
+        generation = generation.model_copy(update={"paid_in_run": waves.paid})
+        summary.estimated_cost_usd += waves.earlier_cost  # paid before it suspended: not cached
     result = engine.run(
         rows, generate_and_stage, partial(_row_parameters, target, generation, options, resolver)
     )

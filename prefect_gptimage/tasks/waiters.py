@@ -1,20 +1,22 @@
 """Waiter records: a suspended flow run, and the fal requests whose callbacks it waits for.
 
 A deployment run of the batch flow that suspends while fal works
-(:mod:`prefect_gptimage.engine.suspend`) first writes, in the shared result storage the cache
-and the callback records use:
+(:mod:`prefect_gptimage.engine.suspend`) submits its rows in **waves** and suspends once per
+wave, with the pause key :func:`suspend_key` of that wave. Before each suspend it writes, in the
+shared result storage the cache and the callback records use:
 
-* one **waiter** record under :func:`waiter_key` (its flow-run id): the request ids of the wave
-  it submitted, and when it started waiting;
+* one **waiter** record under :func:`waiter_key` (its flow-run id and the wave's number): the
+  request ids of the wave, those the run paid for, and when it started waiting;
 * one **pointer** record per request id under :func:`pointer_key`: the flow-run id that waits
   for that request's callback.
 
-The webhook receiver (:mod:`prefect_gptimage.webhooks.resume`), after recording a callback,
-follows the pointer to the waiter and resumes the run once :meth:`Waiter.ready` (every callback
-recorded, or the sweep delay passed). Every record is written once (:func:`record_once`): a
-resumed run that writes its waiter again gets the first one back, with its first wave's ids and
-start time. A request id already pointing at another run keeps that pointer (the receiver's
-periodic pass still finds the second run: see the receiver).
+The webhook receiver (:mod:`prefect_gptimage.webhooks.resume`) reads which wave a Suspended run
+waits on from its state's pause key (:func:`wave_of_key`), and resumes it once that wave's
+waiter is :meth:`Waiter.ready` (every callback recorded, or the sweep delay passed). Every
+record is written once (:func:`record_once`): a resumed run that writes a wave's waiter again
+gets the first one back, with its ids and start time. A request id already pointing at another
+run keeps that pointer (the receiver's periodic pass still finds the second run: see the
+receiver).
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ from prefect_gptimage.tasks.cache import cached_value
 from prefect_gptimage.tasks.callbacks import read_callback
 
 __all__ = [
+    "SUSPEND_KEY_PREFIX",
     "Waiter",
     "pointer_key",
     "read_waiter",
+    "suspend_key",
     "waiter_key",
     "waiter_of",
+    "wave_of_key",
     "write_waiter",
 ]
+
+#: The pause keys of a run's suspends: this prefix and the wave's number (one suspend per wave,
+#: so a resumed run that reaches a wave's suspend again goes on: Prefect refuses a used key).
+SUSPEND_KEY_PREFIX = "gptimage-wave-"
 
 
 class Waiter(BaseModel):
@@ -45,9 +54,19 @@ class Waiter(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     flow_run_id: str = Field(description="The suspended flow run (a UUID).")
+    wave: int = Field(default=0, ge=0, description="The wave's number in its run, from 0.")
     request_ids: tuple[str, ...] = Field(description="fal request ids of the wave it submitted.")
     paid: tuple[str, ...] = Field(
         default=(), description="Those of them the run paid for (not found recorded)."
+    )
+    paid_cost: float = Field(
+        default=0.0, ge=0, description="The estimated cost of ``paid``, in USD."
+    )
+    next_row: int = Field(
+        default=0,
+        ge=0,
+        description="Rows of the batch this wave and the earlier ones went through: a resumed "
+        "run starts the next wave there, without reading the earlier rows' records again.",
     )
     created_at: datetime = Field(
         default_factory=lambda: datetime.now(timezone.utc),
@@ -76,9 +95,26 @@ def _flow_run_id(value: str | UUID) -> str:
     return str(UUID(str(value)))
 
 
-def waiter_key(flow_run_id: str | UUID) -> str:
-    """The record key of the waiter of ``flow_run_id``."""
-    return "gptimage-waiter-" + _flow_run_id(flow_run_id)
+def suspend_key(wave: int) -> str:
+    """The pause key of the suspend for ``wave``.
+
+    >>> suspend_key(0), wave_of_key(suspend_key(7)), wave_of_key("another-flows-pause")
+    ('gptimage-wave-0', 7, None)
+    """
+    return f"{SUSPEND_KEY_PREFIX}{wave}"
+
+
+def wave_of_key(pause_key: str | None) -> int | None:
+    """The wave a suspend with ``pause_key`` waits on; None if it is no key of ours."""
+    number = (pause_key or "").removeprefix(SUSPEND_KEY_PREFIX)
+    if pause_key is None or number == pause_key or not number.isdigit():
+        return None
+    return int(number)
+
+
+def waiter_key(flow_run_id: str | UUID, wave: int = 0) -> str:
+    """The record key of the waiter of ``flow_run_id``'s ``wave``."""
+    return f"gptimage-waiter-{_flow_run_id(flow_run_id)}-{wave}"
 
 
 def pointer_key(request_id: str) -> str:
@@ -86,26 +122,27 @@ def pointer_key(request_id: str) -> str:
     return "gptimage-waiting-" + check_request_id(request_id)
 
 
-def write_waiter(
-    flow_run_id: str | UUID, request_ids: list[str], paid: list[str] | None = None
-) -> Waiter:
-    """Record the waiter of ``flow_run_id`` (``paid``: the request ids the run paid for) and a
-    pointer per request id, unless they exist: the waiter recorded (the first one, on a resumed
-    run)."""
+def write_waiter(waiter: Waiter) -> tuple[Waiter, bool]:
+    """Record ``waiter`` and a pointer per request id, unless they exist: the waiter recorded
+    (the first one, on a resumed run), and whether it was recorded already."""
     from prefect_gptimage.tasks.queue import record_once  # the one recorded-step helper
 
-    run = _flow_run_id(flow_run_id)
-    ids = tuple(check_request_id(rid) for rid in request_ids)
-    fresh = Waiter(flow_run_id=run, request_ids=ids, paid=tuple(paid or ()))
-    waiter, _ = record_once(waiter_key(run), lambda: fresh)
-    for rid in waiter.request_ids:
+    run = _flow_run_id(waiter.flow_run_id)
+    fresh = waiter.model_copy(
+        update={
+            "flow_run_id": run,
+            "request_ids": tuple(check_request_id(rid) for rid in waiter.request_ids),
+        }
+    )
+    recorded, found = record_once(waiter_key(run, waiter.wave), lambda: fresh)
+    for rid in recorded.request_ids:
         record_once(pointer_key(rid), lambda: run)
-    return waiter
+    return recorded, found
 
 
-def read_waiter(flow_run_id: str | UUID) -> Waiter | None:
-    """The waiter recorded for ``flow_run_id``, or None."""
-    value = cached_value(waiter_key(flow_run_id))
+def read_waiter(flow_run_id: str | UUID, wave: int = 0) -> Waiter | None:
+    """The waiter recorded for ``flow_run_id``'s ``wave``, or None."""
+    value = cached_value(waiter_key(flow_run_id, wave))
     return value if isinstance(value, Waiter) else None
 
 

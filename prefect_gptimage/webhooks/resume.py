@@ -6,12 +6,18 @@ A deployment run of the batch flow that suspends while fal works
 public call:
 
 * **on a callback** (:meth:`Resumer.on_callback`, after the answer to fal is sent): the pointer
-  of its request id names the waiting run; once the waiter is :meth:`~Waiter.ready` (every
-  callback of its wave recorded) the run is resumed. Fast: the last callback resumes the run.
+  of its request id names the waiting run; once the waiter of the wave the run is suspended on
+  is :meth:`~Waiter.ready` (every callback of that wave recorded) the run is resumed. Fast: the
+  last callback of a wave resumes the run.
 * **a periodic pass** (:meth:`Resumer.pass_once`, every :data:`PASS_EVERY_S` seconds in a
   daemon thread): the flow runs Prefect shows as Suspended are read through the public client,
-  and each whose waiter is ready, or older than ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER`` (its
-  missing callbacks then sweep), is resumed.
+  and each whose wave's waiter is ready, or older than ``PREFECT_GPTIMAGE_WEBHOOK_SWEEP_AFTER``
+  (its missing callbacks then sweep), is resumed.
+
+Which wave a run waits on is read from Prefect, not from memory: its Suspended state's pause
+key (:func:`~prefect_gptimage.tasks.waiters.wave_of_key`). So a late callback of an earlier wave
+never resumes a run suspended on a later one, and a run suspended with a key that is not ours
+is left alone.
 
 The pass is what makes it safe. A callback can land between the run's last read of the records
 and its suspend: the run is not PAUSED yet, so the resume on that callback is refused (Prefect's
@@ -35,12 +41,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateName,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import FlowPauseTimeout, NotPausedError
 from prefect.flow_runs import resume_flow_run
 
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks.waiters import read_waiter, waiter_of
+from prefect_gptimage.tasks.waiters import read_waiter, waiter_of, wave_of_key
 
 __all__ = ["PASS_EVERY_S", "SUSPENDED_PER_PASS", "Resumer"]
 
@@ -72,9 +78,14 @@ class Resumer:
         except Exception as exc:  # the pass tries again: never fail the receiver for this
             logger.warning("cannot check the run waiting for %s: %r", request_id, exc)
 
-    def check(self, flow_run_id: str) -> bool:
-        """Resume ``flow_run_id`` if its waiter is ready; whether it was resumed now."""
-        waiter = read_waiter(flow_run_id)
+    def check(self, flow_run_id: str, pause_key: str | None = None) -> bool:
+        """Resume ``flow_run_id`` if the waiter of the wave it is suspended on is ready;
+        whether it was resumed now. ``pause_key``: its Suspended state's, when the caller read
+        it (else it is read here; a run not suspended is left alone)."""
+        if pause_key is None:
+            pause_key = _suspended_key(flow_run_id)
+        wave = wave_of_key(pause_key)
+        waiter = None if wave is None else read_waiter(flow_run_id, wave)
         if waiter is None:
             return False
         missing = waiter.missing()  # read once: the decision and the log line
@@ -95,17 +106,18 @@ class Resumer:
                 return False
             self.resumed += 1
         logger.info(
-            "resumed flow run %s: %d of %d callback(s) recorded%s",
+            "resumed flow run %s (wave %d): %d of %d callback(s) recorded%s",
             flow_run_id,
+            waiter.wave,
             len(waiter.request_ids) - len(missing),
             len(waiter.request_ids),
             " (the rest sweep)" if missing else "",
         )
         return True
 
-    def suspended_runs(self) -> list[str]:
-        """The ids of the flow runs Prefect shows as Suspended (at most
-        :data:`SUSPENDED_PER_PASS`)."""
+    def suspended_runs(self) -> list[tuple[str, str | None]]:
+        """The flow runs Prefect shows as Suspended (at most :data:`SUSPENDED_PER_PASS`): each
+        one's id and pause key."""
         suspended = FlowRunFilter(
             state=FlowRunFilterState(
                 type=FlowRunFilterStateType(any_=[StateType.PAUSED]),
@@ -114,14 +126,14 @@ class Resumer:
         )
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_run_filter=suspended, limit=SUSPENDED_PER_PASS)
-        return [str(run.id) for run in runs]
+        return [(str(run.id), _pause_key(run)) for run in runs]
 
     def pass_once(self) -> int:
         """One pass over the Suspended flow runs: how many it resumed."""
         resumed = 0
-        for flow_run_id in self.suspended_runs():
+        for flow_run_id, pause_key in self.suspended_runs():
             try:
-                resumed += self.check(flow_run_id)
+                resumed += self.check(flow_run_id, pause_key)
             except Exception as exc:
                 logger.warning("cannot check suspended flow run %s: %r", flow_run_id, exc)
         return resumed
@@ -144,3 +156,17 @@ class Resumer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+
+
+def _pause_key(run: FlowRun) -> str | None:
+    """The pause key of ``run``'s state if it is Suspended, else None."""
+    state = run.state
+    if state is None or state.type != StateType.PAUSED or state.name != "Suspended":
+        return None
+    return state.state_details.pause_key
+
+
+def _suspended_key(flow_run_id: str) -> str | None:
+    """The pause key of ``flow_run_id`` if Prefect shows it Suspended now, else None."""
+    with get_client(sync_client=True) as client:
+        return _pause_key(client.read_flow_run(UUID(flow_run_id)))
