@@ -14,34 +14,37 @@ queue: it has cost nothing yet, and a re-run submits it anew (its submit is with
 left there, recorded: a re-run collects them without paying again.
 
 In a **deployment run** the worker's runner (``serve``, ``prefect worker``) reacts to the same
-``CANCELLING`` by sending the flow-run process SIGTERM, which Prefect's own handler turns into an
-exception that unwinds the flow where it stands: no manifest, no summary, and the run's task
-runner joined while rows wait at fal. So while a deployment run's rows run, :class:`CancelWatch`
-handles SIGTERM itself: it reads the run's state at once and stops the engine, ``CANCELLED`` if
-the run is being cancelled, else ``"SIGTERM"`` (a worker shutting down). The runner waits for the
-process (30 s) while the engine settles, in a few seconds; a cancelled run waits for that SIGTERM
-(:data:`RUNNER_SIGNAL_WAIT_S` at most) before it gives the handler back, so a late one cannot end
-the process before its last logs reach the API. (Prefect acknowledges its runner's cancel intent
-only while its own handler is installed, so the run ends through the flow's Cancelled state:
-Prefect then logs "Engine execution exited with unexpected exception" for it; see
-``docs/api-gaps.md``.)
+``CANCELLING`` through Prefect's control channel, then sends the flow-run process SIGTERM, which
+Prefect's own handler turns into :class:`~prefect.exceptions.TerminationSignal` in the main
+thread: raised inside the row engine, it would unwind the run where it stands (no manifest, no
+summary, rows waiting at fal). So :func:`run_beside_sigterm` runs a deployment run's row engine
+in a thread of its own while the main thread only waits: the signal lands in that wait, becomes
+``stop.request`` (``CANCELLED`` if the run is being cancelled, else ``"SIGTERM"``, a worker shutting
+down), the engine settles and writes its report, and then the signal is raised again for Prefect,
+which ends the run CANCELLED as it ends any run its runner cancels: one line, no traceback.
+Prefect's handler stays installed throughout, which is what lets it acknowledge the runner's
+cancel (it does only while its own handler is installed). A cancel this package saw first (its
+poll) waits for the runner's signal (:data:`RUNNER_SIGNAL_WAIT_S` at most) once the report is
+written, so the run still ends through Prefect's cancel; when none comes, the flow's own
+Cancelled state ends it.
 
 Example:
     >>> with CancelWatch(stop):  # doctest: +SKIP
-    ...     ...  # the run; a cancel in Prefect's UI sets stop.requested within CANCEL_POLL_S
+    ...     run_beside_sigterm(stop, engine_body)  # a cancel sets stop.requested within seconds
 """
 
 from __future__ import annotations
 
 import contextvars
-import signal
 import threading
-from types import FrameType, TracebackType
-from typing import Any
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.logging import get_logger
 
 from prefect_gptimage.credentials import FalCredentials
@@ -51,15 +54,25 @@ from prefect_gptimage.prompts import PromptRow
 from prefect_gptimage.tasks.intents import read_intent, withdraw_submit
 from prefect_gptimage.tasks.queue import sync_client
 
-__all__ = ["CANCEL_POLL_S", "RUNNER_SIGNAL_WAIT_S", "CancelWatch", "cancel_if_queued"]
+__all__ = [
+    "CANCEL_POLL_S",
+    "RUNNER_SIGNAL_WAIT_S",
+    "CancelWatch",
+    "cancel_if_queued",
+    "run_beside_sigterm",
+]
+
+T = TypeVar("T")
 
 #: How often (seconds) the run's state is read for a cancel: a cancel stops the run within this.
 CANCEL_POLL_S = 2.0
 
 #: How long (seconds) a cancelled deployment run, its report written, waits for its runner's
-#: SIGTERM (sent on seeing CANCELLING; Prefect's runner polls every 10 s by default) before it
-#: gives SIGTERM back to Prefect: a later one would end the process before its logs are shipped.
+#: cancel (sent on seeing CANCELLING; Prefect's runner polls every 10 s by default), so that the
+#: run ends through Prefect's own cancel: no traceback, its last logs shipped.
 RUNNER_SIGNAL_WAIT_S = 20.0
+#: How often (seconds) the waiting main thread wakes: a signal's handler runs between waits.
+_WAIT_SLICE_S = 0.5
 
 logger = get_logger("prefect_gptimage.cancel")
 
@@ -68,20 +81,13 @@ class CancelWatch:
     """Watches the current flow run (if any) for a cancel; a context manager around the run.
 
     Outside a flow run, or when the API cannot be read, it does nothing (a read that fails is
-    retried at the next poll: an API that blips never stops a run). In a deployment run's main
-    thread it also handles SIGTERM while it is entered (see the module docs).
+    retried at the next poll: an API that blips never stops a run).
     """
 
     def __init__(self, stop: Stop, every: float = CANCEL_POLL_S) -> None:
         self.stop, self.every = stop, every
-        context = FlowRunContext.get()
-        run = context.flow_run if context is not None else None
-        self.flow_run_id: UUID | None = run.id if run is not None else None
-        self._deployment_run = run is not None and run.deployment_id is not None
-        self._over = False
-        self._wake = threading.Event()  # the run is over, or SIGTERM came: look now
-        self._sigterm = threading.Event()  # SIGTERM came
-        self._previous: Any = None
+        self.flow_run_id = _flow_run_id()
+        self._over = threading.Event()  # the run is over: stop watching
         self._thread = threading.Thread(
             # in the flow's context: its settings say which API to ask
             target=contextvars.copy_context().run,
@@ -94,39 +100,13 @@ class CancelWatch:
         if self.flow_run_id is None:
             return
         with get_client(sync_client=True) as client:
-            while not self.stop.requested:
-                self._wake.wait(self.every)
-                self._wake.clear()
-                if self._over:
-                    return
-                try:
-                    state = client.read_flow_run(self.flow_run_id).state
-                except Exception as exc:  # the next poll asks again
-                    logger.debug("could not read the flow run's state: %s", exc)
-                    state = None
-                if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                    logger.warning(
-                        "the flow run is being cancelled: no new request is submitted; requests "
-                        "queued at fal are cancelled there, those running are left to finish "
-                        "and a re-run collects them without paying again"
-                    )
+            while not self.stop.requested and not self._over.wait(self.every):
+                if _is_cancelling(client, self.flow_run_id):
+                    _log_cancel()
                     self.stop.request(CANCELLED)
                     return
-                if self._sigterm.is_set():
-                    logger.warning(
-                        "SIGTERM: no new request is submitted; requests at fal are left there "
-                        "and a re-run collects them without paying again"
-                    )
-                    self.stop.request("SIGTERM")
-                    return
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self._sigterm.set()
-        self._wake.set()
 
     def __enter__(self) -> CancelWatch:
-        if self._deployment_run and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._thread.start()
         return self
 
@@ -136,17 +116,117 @@ class CancelWatch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._over = True
-        self._wake.set()
-        previous, self._previous = self._previous, None
-        if previous is None:
-            return
-        if self.stop.cancelled and exc_type is None:
-            # the runner's SIGTERM for this cancel lands here (at once if it came already), not
-            # after the engine has restored the default handler, which would end the process
-            # before its last logs reach the API
-            self._sigterm.wait(RUNNER_SIGNAL_WAIT_S)
-        signal.signal(signal.SIGTERM, previous)
+        self._over.set()
+
+
+def _flow_run_id() -> UUID | None:
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    return run.id if run is not None else None
+
+
+def _is_cancelling(client: Any, flow_run_id: UUID) -> bool:
+    """Whether Prefect shows the run CANCELLING or CANCELLED (False if it cannot be read)."""
+    try:
+        state = client.read_flow_run(flow_run_id).state
+    except Exception as exc:  # the next poll asks again
+        logger.debug("could not read the flow run's state: %s", exc)
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
+def _log_cancel() -> None:
+    logger.warning(
+        "the flow run is being cancelled: no new request is submitted; requests queued at fal "
+        "are cancelled there, those running are left to finish and a re-run collects them "
+        "without paying again"
+    )
+
+
+def _stop_for_signal(stop: Stop, flow_run_id: UUID) -> None:
+    """SIGTERM reached a deployment run: a cancel if Prefect shows one, else a shutdown."""
+    if stop.requested:
+        return
+    with get_client(sync_client=True) as client:
+        cancelling = _is_cancelling(client, flow_run_id)
+    if cancelling:
+        _log_cancel()
+        stop.request(CANCELLED)
+        return
+    logger.warning(
+        "SIGTERM: no new request is submitted; requests at fal are left there and a re-run "
+        "collects them without paying again"
+    )
+    stop.request("SIGTERM")
+
+
+def run_beside_sigterm(
+    stop: Stop, body: Callable[[], T], handing_over: Callable[[T], None] | None = None
+) -> T:
+    """``body()``, the row engine; in a deployment run's main thread, run in a thread of its own
+    beside Prefect's SIGTERM handling (see the module docs): a SIGTERM stops it through
+    ``stop``, and once it has settled, a cancel is handed back to Prefect as its
+    :class:`~prefect.exceptions.TerminationSignal` (``handing_over(result)`` first: the run's
+    state message is then Prefect's, so the caller logs its own). Elsewhere a plain call."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is None or run.deployment_id is None:
+        return body()
+    if threading.current_thread() is not threading.main_thread():
+        return body()
+    results: list[T] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            results.append(body())
+        except BaseException as exc:  # handed to the main thread as it is
+            errors.append(exc)
+        finally:
+            done.set()
+
+    engine = threading.Thread(
+        target=contextvars.copy_context().run, args=(target,), name="gptimage-row-engine"
+    )
+    engine.start()
+    received: TerminationSignal | None = None
+    while not done.is_set():
+        try:
+            done.wait(_WAIT_SLICE_S)
+        except TerminationSignal as signal_:  # the engine settles; a repeat changes nothing
+            if received is None:  # which stop: asked off this thread (a signal may come again)
+                threading.Thread(
+                    target=contextvars.copy_context().run,
+                    args=(_stop_for_signal, stop, run.id),
+                    name="gptimage-sigterm",
+                    daemon=True,
+                ).start()
+            received = received or signal_
+    engine.join()
+    if errors:
+        raise errors[0]
+    if stop.cancelled:
+        received = received or _await_signal(RUNNER_SIGNAL_WAIT_S)
+        if received is not None:
+            if handing_over is not None:
+                handing_over(results[0])
+            raise received  # Prefect's cancel ends the run: CANCELLED, one line
+    return results[0]
+
+
+def _await_signal(timeout: float) -> TerminationSignal | None:
+    """Wait up to ``timeout`` seconds in the main thread for Prefect's SIGTERM handler to raise
+    (the runner's cancel); the signal, or None."""
+    over = threading.Event()
+    waited = 0.0
+    while waited < timeout:
+        try:
+            over.wait(_WAIT_SLICE_S)
+        except TerminationSignal as signal_:
+            return signal_
+        waited += _WAIT_SLICE_S
+    return None
 
 
 def cancel_if_queued(row: PromptRow, credentials: FalCredentials | None) -> str | None:

@@ -44,7 +44,7 @@ from prefect.states import Cancelled, Failed
 from prefect.task_runners import TaskRunner
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.engine.cancel import CancelWatch, cancel_if_queued
+from prefect_gptimage.engine.cancel import CancelWatch, cancel_if_queued, run_beside_sigterm
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.engine.settle import SettledRow, StartedRow, StartedRows, not_started
 from prefect_gptimage.engine.stop import Stop
@@ -173,7 +173,24 @@ class RowEngine:
     ) -> RunResult:
         """Run ``row_task`` once per row (``parameters(row)``), report each result in file order
         with ``report_row``, then close the report (``finish()``, called first, gives its note).
+        In a deployment run, beside Prefect's SIGTERM handling
+        (:func:`~prefect_gptimage.engine.cancel.run_beside_sigterm`).
         """
+        log = get_run_logger()
+        return run_beside_sigterm(
+            self.stop,
+            partial(self._run, rows, row_task, parameters, report_row, finish),
+            lambda result: log.warning("%s", stopped_state(result).message),
+        )
+
+    def _run(
+        self,
+        rows: Sequence[PromptRow],
+        row_task: Task[..., Any],
+        parameters: Callable[[PromptRow], dict[str, Any]],
+        report_row: ReportRow,
+        finish: Callable[[], str | None] | None,
+    ) -> RunResult:
         log = get_run_logger()
         progress = BatchProgress().start(len(rows), artifact_key(self.run_key, "progress"))
         ledger = RequestIdLedger()
