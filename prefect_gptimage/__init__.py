@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "GptImageEditRequest": "schemas",
     "RequestHandle": "schemas",
     "GenerationResult": "schemas",
-    "GenerationOptions": "tasks.generate",
+    "GenerationOptions": "tasks.options",
     # the fal key, as a Prefect block
     "FalCredentials": "credentials",
     # the reusable tasks and their async twins
@@ -99,11 +99,8 @@ if TYPE_CHECKING:
         RequestHandle,
     )
     from prefect_gptimage.tasks.download import adownload_image, download_image
-    from prefect_gptimage.tasks.generate import (
-        GenerationOptions,
-        agenerate_images,
-        generate_images,
-    )
+    from prefect_gptimage.tasks.generate import agenerate_images, generate_images
+    from prefect_gptimage.tasks.options import GenerationOptions
     from prefect_gptimage.tasks.queue import (
         acancel_request,
         afetch_result,

@@ -9,7 +9,8 @@ from prefect import flow
 
 from prefect_gptimage.schemas import GenerationResult, GptImageRequest
 from prefect_gptimage.tasks.download import adownload_image
-from prefect_gptimage.tasks.generate import GenerationOptions, agenerate_images
+from prefect_gptimage.tasks.generate import agenerate_images
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.queue import afetch_result, asubmit_request
 from prefect_gptimage.testing import FalEmulator, Fault
 

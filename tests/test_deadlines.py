@@ -29,7 +29,8 @@ from prefect_gptimage.fal._wait import DEFAULT_REQUEST_TIMEOUT, WaitTracker
 from prefect_gptimage.fal.client import BodyLimits, FalQueueClient, RetryPolicy
 from prefect_gptimage.schemas import GenerationResult, GptImageRequest, RequestHandle
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
+from prefect_gptimage.tasks.generate import generate_images
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.testing import FalEmulator, Fault
 
 #: A short retry budget, no cap on attempts: the budget alone must end each case.

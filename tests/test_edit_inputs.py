@@ -285,7 +285,8 @@ def test_a_task_takes_a_local_input_inline_without_a_bucket(
 ) -> None:
     from prefect import flow
 
-    from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
+    from prefect_gptimage.tasks.generate import generate_images
+    from prefect_gptimage.tasks.options import GenerationOptions
 
     photo = tmp_path / "photo.png"
     photo.write_bytes(picture(unique, 7))

@@ -19,7 +19,7 @@ from prefect import flow
 from prefect_gptimage.errors import PermanentFalError, SubmitOutcomeUnknown
 from prefect_gptimage.schemas import GenerationResult, GptImageRequest, RequestHandle
 from prefect_gptimage.tasks.cache import is_submit_cached
-from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
+from prefect_gptimage.tasks.generate import generate_images
 from prefect_gptimage.tasks.intents import (
     OUTCOME_UNKNOWN,
     intent_key,
@@ -27,6 +27,7 @@ from prefect_gptimage.tasks.intents import (
     unresolved_intent,
     write_intent,
 )
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.queue import submit_request
 from prefect_gptimage.testing import FalEmulator, Fault
 
@@ -175,7 +176,8 @@ _KILLED_RUN = """
 import sys
 from prefect import flow
 from prefect_gptimage.schemas import GptImageRequest
-from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
+from prefect_gptimage.tasks.generate import generate_images
+from prefect_gptimage.tasks.options import GenerationOptions
 
 @flow
 def one(prompt: str, out: str) -> None:

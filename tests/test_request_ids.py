@@ -32,8 +32,9 @@ from prefect_gptimage.fal.client import FalQueueClient, RetryPolicy
 from prefect_gptimage.fal.polling import RequestState
 from prefect_gptimage.ledger import RequestIdLedger, use_request_id_ledger
 from prefect_gptimage.schemas import GenerationResult, GptImageRequest, RequestHandle
-from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
+from prefect_gptimage.tasks.generate import generate_images
 from prefect_gptimage.tasks.intents import OUTCOME_UNKNOWN, read_intent
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.testing import FalEmulator, Fault
 
 FAST = RetryPolicy(attempts=4, initial_delay=0.01, max_delay=0.05)

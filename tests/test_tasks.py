@@ -13,7 +13,8 @@ from prefect import flow
 
 from prefect_gptimage.errors import FalRequestFailed, FalRequestTimeout
 from prefect_gptimage.schemas import GenerationResult, GptImageEditRequest, GptImageRequest
-from prefect_gptimage.tasks.generate import GenerationOptions, generate_images
+from prefect_gptimage.tasks.generate import generate_images
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.queue import submit_request
 from prefect_gptimage.testing import FalEmulator, Fault
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_gptimage.credentials import FalCredentials
-from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.options import GenerationOptions
 
 __all__ = ["RunOptions"]
 

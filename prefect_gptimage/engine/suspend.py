@@ -53,8 +53,8 @@ from prefect_gptimage.schemas import AnyRequest
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import cached_generation
 from prefect_gptimage.tasks.concurrency import local_cap
-from prefect_gptimage.tasks.generate import GenerationOptions
 from prefect_gptimage.tasks.intents import FateStores, fate_stores, submit_fate
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.queue import submit_recorded
 from prefect_gptimage.tasks.waiters import Waiter, read_waiter, suspend_key, write_waiter
 

@@ -28,7 +28,8 @@ from prefect_gptimage.reporting.summary import Failure
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage
 from prefect_gptimage.tasks.cache import request_fingerprint
-from prefect_gptimage.tasks.generate import GenerationOptions, generate
+from prefect_gptimage.tasks.generate import generate
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.rows import row_run_name
 
 __all__ = [

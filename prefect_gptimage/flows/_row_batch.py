@@ -34,7 +34,7 @@ from prefect_gptimage.reporting.wording import counted, dry_run_message
 from prefect_gptimage.s3 import S3Target
 from prefect_gptimage.s3.preflight import probe_bucket
 from prefect_gptimage.schemas import AnyRequest
-from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.prices import load_prices
 from prefect_gptimage.tasks.rows import generate_and_stage
 

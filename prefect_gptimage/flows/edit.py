@@ -33,7 +33,7 @@ from prefect_gptimage.schemas import (
     Quality,
 )
 from prefect_gptimage.settings import get_settings
-from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.rows import generate_and_stage
 
 

@@ -25,7 +25,7 @@ from prefect_gptimage.s3.clients import use_s3_client
 from prefect_gptimage.schemas import GptImageEditRequest, GptImageRequest
 from prefect_gptimage.settings import get_settings
 from prefect_gptimage.tasks.cache import request_fingerprint
-from prefect_gptimage.tasks.generate import GenerationOptions
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.rows import generate_and_stage
 
 

@@ -3,6 +3,7 @@
 * :mod:`~prefect_gptimage.tasks.queue`: submit, wait, fetch result, cancel;
 * :mod:`~prefect_gptimage.tasks.download`: download and verify one image;
 * :mod:`~prefect_gptimage.tasks.generate`: the whole path for one request;
+* :mod:`~prefect_gptimage.tasks.options`: how one request is generated (one frozen object);
 * :mod:`~prefect_gptimage.tasks.rows`: one request generated and staged, the unit pipelines fan out;
 * :mod:`~prefect_gptimage.tasks.cache`: cache keys and cache reads;
 * :mod:`~prefect_gptimage.tasks.concurrency`: the cap on fal requests in flight;

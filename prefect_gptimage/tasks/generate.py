@@ -5,7 +5,8 @@ as its task (:func:`~prefect_gptimage.tasks.queue.submit_recorded`,
 :func:`~prefect_gptimage.tasks.queue.fetch_recorded`), committed the moment it returns, and a
 cache hit is read straight from the result store. :func:`generate_images` is the Prefect task
 around it (one task run per request) and :func:`agenerate_images` its async twin. How a request is
-generated (where files go, deadline, cache behaviour) is one frozen :class:`GenerationOptions`.
+generated (where files go, deadline, cache behaviour) is one frozen
+:class:`~prefect_gptimage.tasks.options.GenerationOptions`.
 
 Example:
     >>> from prefect import flow
@@ -24,9 +25,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.errors import (
     DuplicateRequestId,
     FalError,
@@ -35,7 +34,6 @@ from prefect_gptimage.errors import (
     PermanentFalError,
     RowInterrupted,
 )
-from prefect_gptimage.fal.retention import Retention
 from prefect_gptimage.inputs import resolve_inputs
 from prefect_gptimage.ledger import claim_request_id
 from prefect_gptimage.retry import resubmit_reason
@@ -52,12 +50,12 @@ from prefect_gptimage.tasks.cache import cached_generation, request_fingerprint
 from prefect_gptimage.tasks.concurrency import fal_completed, fal_request_slot
 from prefect_gptimage.tasks.download import download, download_image
 from prefect_gptimage.tasks.intents import NEEDS_SLOT, submit_fate, unresolved_intent
+from prefect_gptimage.tasks.options import GenerationOptions
 from prefect_gptimage.tasks.queue import fetch_recorded, submit_recorded
 
 __all__ = [
     "IN_FLIGHT",
     "NOT_STARTED",
-    "GenerationOptions",
     "RowInterrupted",
     "agenerate_images",
     "expired",
@@ -76,108 +74,6 @@ IN_FLIGHT = "in_flight_interrupted"
 def not_started(what: str = "nothing was submitted for it") -> RowInterrupted:
     """The error of a row (or a row's next request) a stop kept from starting."""
     return RowInterrupted(f"not started (interrupted): {what}", error_type=NOT_STARTED)
-
-
-class GenerationOptions(BaseModel):
-    """How one request is generated. Frozen: pass one object down the whole path.
-
-    Example:
-        >>> GenerationOptions(timeout=600, variant=1).resubmits
-        1
-    """
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-    credentials: FalCredentials | None = Field(
-        default=None, description="fal key (None: FAL_KEY from the environment)."
-    )
-    output_dir: str | None = Field(
-        default=None, description="Where images are written (None: PREFECT_GPTIMAGE_OUTPUT_DIR)."
-    )
-    timeout: float | None = Field(
-        default=None,
-        gt=0,
-        description=(
-            "Seconds to wait for fal (queue and run time) before cancelling the request "
-            "(None: PREFECT_GPTIMAGE_REQUEST_TIMEOUT, default 600)."
-        ),
-    )
-    refresh_cache: bool = Field(default=False, description="Submit anew even if cached.")
-    resubmit_unknown: bool = Field(
-        default=False,
-        description=(
-            "Submit anew a request whose earlier submit's outcome is unknown (possibly billed: "
-            "a dropped connection, a killed run). Off: such a request fails, unpaid, saying so."
-        ),
-    )
-    variant: int = Field(default=0, ge=0, description="Ask for a fresh image of a same request.")
-    resubmits: int = Field(
-        default=1,
-        ge=0,
-        description="Fresh submits after a failure fal did not bill, or a result fal expired.",
-    )
-    resubmit_expired: bool | None = Field(
-        default=None,
-        description=(
-            "Submit anew, paying twice, a request whose result fal no longer has (404 after it "
-            "completed); logged as 'paid twice: fal expired the result'. None: the setting "
-            "PREFECT_GPTIMAGE_RESUBMIT_EXPIRED (default True)."
-        ),
-    )
-    max_in_flight: int | None = Field(
-        default=None, ge=1, description="Lower the local cap on fal requests in flight."
-    )
-    lookahead: int | None = Field(
-        default=None,
-        ge=0,
-        description=(
-            "Requests in flight beyond the local cap, waiting in fal's queue for the next free "
-            "slot (None: PREFECT_GPTIMAGE_LOOKAHEAD). Only when the cap is the account's limit."
-        ),
-    )
-    stop: Any = Field(
-        default=None,
-        exclude=True,
-        description=(
-            "A stop request (an object with a ``requested`` flag: the engine's Stop): once "
-            "requested, a request not yet submitted is not submitted (fails 'not started')."
-        ),
-    )
-    budget_wait: float = Field(
-        default=0.0,
-        ge=0,
-        description="Seconds a submit may wait for the fleet budget to refill (0: fail at once).",
-    )
-    download_tasks: bool = Field(
-        default=False,
-        description="Download each image as its own task run (default: plain calls, one task "
-        "run per request).",
-    )
-    store_io: bool | None = Field(
-        default=None,
-        description="Let fal store the request's payloads; False sends X-Fal-Store-IO: 0 "
-        "(None: PREFECT_GPTIMAGE_STORE_IO).",
-    )
-    media_expires: int | None = Field(
-        default=None,
-        ge=1,
-        description="Seconds fal keeps the generated images on its CDN "
-        "(X-Fal-Object-Lifecycle-Preference; None: PREFECT_GPTIMAGE_MEDIA_EXPIRES).",
-    )
-
-    paid_in_run: frozenset[str] = Field(
-        default_factory=frozenset,
-        description="fal request ids this flow run paid for before it suspended (a resumed "
-        "batch, see engine/suspend): their recorded submits count as paid, not cached.",
-    )
-
-    def retention(self) -> Retention:
-        """What fal may keep of each request: these options, else the settings."""
-        settings = get_settings()
-        return Retention(
-            store_io=settings.store_io if self.store_io is None else self.store_io,
-            media_expires=self.media_expires or settings.media_expires,
-        )
 
 
 #: fal's errors that come after fal ran (or accepted) the request, so it is billed: the row

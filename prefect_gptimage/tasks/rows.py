@@ -21,7 +21,8 @@ from prefect_gptimage.pricing import estimate_cost
 from prefect_gptimage.s3 import S3Target, StagedImage, stage_image
 from prefect_gptimage.s3.clients import client_from_block, use_s3_client
 from prefect_gptimage.schemas import AnyRequest, DownloadedImage, shorten
-from prefect_gptimage.tasks.generate import Accepted, GenerationOptions, generate, paid_for
+from prefect_gptimage.tasks.generate import Accepted, generate, paid_for
+from prefect_gptimage.tasks.options import GenerationOptions
 
 __all__ = ["ROW_NAME_CHARS", "RowOutcome", "generate_and_stage", "row_label", "row_run_name"]
 
