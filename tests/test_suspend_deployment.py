@@ -245,6 +245,8 @@ def _scenario(
         stats = receiver.stats()
         print(f"{name}: receiver {stats}")
         assert stats["resumed"] == WAVES
+        resumed = [ln for ln in receiver.log.read_text().splitlines() if "resumed flow run" in ln]
+        assert len(resumed) == WAVES, tail(receiver.log)  # the receiver's output says so
 
         def run_logs() -> list[str] | None:  # once the engine's "swept N of M" line is in
             messages = flow_run_logs(flow_run.id)

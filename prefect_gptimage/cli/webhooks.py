@@ -12,11 +12,16 @@ as the runs, and the same ``PREFECT_API_URL``: it resumes suspended batch runs t
 from __future__ import annotations
 
 import argparse
+import copy
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
+
+#: The receiver's own logger (callbacks refused, runs resumed): shown beside uvicorn's lines.
+RECEIVER_LOGGER = "prefect_gptimage.webhooks"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     resumer = Resumer() if PREFECT_API_URL.value() else None
     app = create_app(Verifier(JwksKeys(jwks_url)), resumer=resumer)
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, access_log=False, log_level="info", lifespan="off"
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        log_level="info",
+        log_config=_log_config(uvicorn.config.LOGGING_CONFIG),
+        lifespan="off",
     )
     server = uvicorn.Server(config)
     print(
@@ -77,3 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             resumer.stop()
     print(f"# fal webhook receiver stopped ({len(stops)} signal(s))", file=sys.stderr, flush=True)
     return 0
+
+
+def _log_config(uvicorn_config: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn's logging config, with the receiver's logger on uvicorn's console handler (at
+    INFO): what it refuses and which runs it resumes show in the receiver's output."""
+    config = copy.deepcopy(uvicorn_config)
+    config["loggers"][RECEIVER_LOGGER] = {
+        "handlers": ["default"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config
