@@ -1,9 +1,10 @@
 """Cancelling a DEPLOYMENT run of the batch flow through Prefect is a stop (issue 18, item 1).
 
-``deployments/serve.py`` serves the batch deployment against the session's Prefect API (a real
-server), a flow run of it is created with the public client, and once fal has accepted the first
-wave the run is cancelled through the API as ``prefect flow-run cancel`` does. The runner then
-tells the flow-run process to stop (its control channel, then SIGTERM). From then on at most one
+The batch deployment is created on a process work pool of the session's Prefect API (a real
+server) and run by ``prefect worker start --type process``; a flow run of it is created with the
+public client, and once fal has accepted the first wave the run is cancelled through the API as
+``prefect flow-run cancel`` does. The worker then tells the flow-run process to stop (Prefect's
+control channel, then SIGTERM). From then on at most one
 submit may still reach fal, requests waiting in fal's queue are cancelled there, the run ends
 CANCELLED through Prefect's own cancel, its logs with one summary line and no traceback, its
 manifest and results table are written, and a second deployment run pays only for the rows never
@@ -13,7 +14,6 @@ paid.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,14 +30,12 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 from test_deployments import (
-    BATCH_FLOW,
     PROCESS_TIMEOUT,
-    SERVE_SCRIPT,
     clean_env,
+    deploy_to_process_pool,
     final_state,
     flow_run_logs,
-    read_deployment,
-    spawn,
+    start_worker,
     stop,
     tail,
     wait_for,
@@ -49,10 +47,6 @@ from prefect_gptimage.testing.s3 import LocalS3Server
 ROWS = 10
 CAP = 4  # the deployment's ``concurrency``: the first wave
 FAL_SLOTS = 2  # the emulated account runs two at once: the rest of the wave waits in fal's queue
-#: Its own deployment name: the other test serving the batch flow on the session's server
-#: (test_cancel_deployment, test_suspend_deployment) may run at the same time
-DEPLOYMENT = "batch-cancel-served"
-BATCH_NAME = f"{BATCH_FLOW}/{DEPLOYMENT}"
 #: Generous: the runner starts a fresh process per flow run (it imports Prefect: slow under load)
 FINAL_STATE_TIMEOUT = 180.0
 
@@ -63,10 +57,10 @@ CANCELLED_LINE = "cancelled: "
 LOGS_TIMEOUT = 120.0
 
 
-def _run(parameters: dict[str, Any]) -> FlowRun:
-    """A new flow run of the batch deployment, not waited for (what ``prefect deployment run``
+def _run(deployment_id: UUID) -> FlowRun:
+    """A new flow run of the deployment, not waited for (what ``prefect deployment run``
     does)."""
-    flow_run = run_deployment(BATCH_NAME, parameters=parameters, timeout=0)
+    flow_run = run_deployment(deployment_id, timeout=0)
     assert isinstance(flow_run, FlowRun)
     return flow_run
 
@@ -99,7 +93,7 @@ def _artifact_keys(flow_run_id: UUID) -> set[str]:
     return {a.key for a in artifacts if a.key}
 
 
-@pytest.mark.timeout(900)  # serve.py, then two flow runs, each in a fresh process
+@pytest.mark.timeout(900)  # a worker, then two flow runs, each in a fresh process
 def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
@@ -115,38 +109,30 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
         "".join(json.dumps({"prompt": p, "quality": "low"}) + "\n" for p in prompts)
     )
     api_url = str(prefect_harness["api_url"])
-    prefix = f"served-cancel-{unique}"
+    prefix = f"worker-cancel-{unique}"
     out = tmp_path / "out"
-    log = tmp_path / "serve.log"
+    log = tmp_path / "worker.log"
     env = clean_env(
         **local_s3.env(),
         PREFECT_API_URL=api_url,
-        PREFECT_HOME=str(tmp_path / "serve-home"),
+        PREFECT_HOME=str(tmp_path / "worker-home"),
         PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
         PREFECT_RUNNER_POLL_FREQUENCY="1",
         PREFECT_GPTIMAGE_OUTPUT_DIR=str(out),
-        GPTIMAGE_BUCKET=s3_bucket,
-        GPTIMAGE_PROMPT_FILE=str(prompt_file),
-        GPTIMAGE_PREFIX=prefix,
-        GPTIMAGE_CONCURRENCY=str(CAP),
-        GPTIMAGE_BATCH_DEPLOYMENT=DEPLOYMENT,
     )
     assert "FAL_QUEUE_RUN_HOST" in env and "SSL_CERT_FILE" in env and "FAL_KEY" in env
-    proc = spawn([sys.executable, str(SERVE_SCRIPT)], env, tmp_path, log)
+    pool = f"gptimage-cancel-{unique}"
+    parameters = {"prompt_file": str(prompt_file), "bucket": s3_bucket, "prefix": prefix}
+    deployment_id = deploy_to_process_pool(
+        pool, f"cancel-{unique}", {**parameters, "concurrency": CAP}
+    )
+    proc = start_worker(pool, env, tmp_path, log)
     try:
-        wait_for(
-            "the served batch deployment",
-            lambda: read_deployment(api_url, BATCH_NAME),
-            proc,
-            log,
-            PROCESS_TIMEOUT,
-        )
-
         # this test's requests only: the session's emulator serves the other tests of this worker
         def submitted() -> list[Any]:
             return [r for r in fal_emulator.requests() if r.arguments.get("prompt") in prompts]
 
-        first = _run({})
+        first = _run(deployment_id)
 
         wait_for(
             "the first wave accepted at fal",
@@ -187,7 +173,7 @@ def test_cancelling_a_deployment_run_stops_paying_and_a_rerun_pays_only_the_rest
         assert [k for k in keys if k.startswith(f"{prefix}/manifests/")], keys
         assert any(out.rglob("manifest.jsonl")), list(out.rglob("*"))
 
-        second = _run({})
+        second = _run(deployment_id)
         again = final_state(second.id, proc, log, FINAL_STATE_TIMEOUT)
         assert again.is_completed(), f"{again}\n{tail(log)}"
     finally:

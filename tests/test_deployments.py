@@ -48,6 +48,7 @@ SERVE_SCRIPT = REPO / "deployments" / "serve.py"
 PREFECT_CLI = Path(sys.executable).with_name("prefect")
 
 BATCH_FLOW = "gptimage-batch-to-s3"
+BATCH_ENTRYPOINT = "flows/batch_to_s3.py:batch_to_s3"
 SCHEDULED_FLOW = "gptimage-scheduled-content"
 # generous: a loaded 2-core machine has needed ~62 s (3.9.1) to answer /api/health
 SERVER_START_TIMEOUT = 240.0
@@ -136,6 +137,32 @@ def flow_run_logs(flow_run_id: UUID) -> list[str]:
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
         )
     return [entry.message for entry in entries]
+
+
+def deploy_to_process_pool(pool: str, name: str, parameters: dict[str, Any]) -> UUID:
+    """The process work pool ``pool`` and a batch deployment ``name`` on it, made through the
+    public client (the current API) as ``prefect deploy`` with deployments/prefect.yaml makes
+    them: a worker runs the flow from this checkout."""
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        deployment_id: UUID = client.create_deployment(
+            flow_id=client.create_flow_from_name(BATCH_FLOW),
+            name=name,
+            work_pool_name=pool,
+            entrypoint=BATCH_ENTRYPOINT,
+            path=str(REPO),
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "."}}],
+            job_variables={"working_dir": str(REPO)},
+            parameters=parameters,
+        )
+    return deployment_id
+
+
+def start_worker(pool: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``prefect worker start`` on the process pool ``pool``, polling every second; ``env`` is
+    its flow runs' environment too."""
+    command = [str(PREFECT_CLI), "worker", "start", "--pool", pool, "--type", "process"]
+    return spawn(command, {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, cwd, log)
 
 
 def read_deployment(api_url: str, name: str) -> DeploymentResponse | None:

@@ -36,22 +36,19 @@ from uuid import UUID, uuid4
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.states import Cancelled, Running, Suspended
 from real_services import free_port
 from test_deployments import (
-    BATCH_FLOW,
-    PREFECT_CLI,
     PROCESS_TIMEOUT,
-    REPO,
     clean_env,
+    deploy_to_process_pool,
     final_state,
     flow_run_logs,
     flow_run_state,
-    spawn,
+    start_worker,
     stop,
     tail,
     wait_for,
@@ -71,7 +68,6 @@ CAP = 3  # the deployment's ``concurrency``: a wave
 WAVES = -(-ROWS // CAP)  # 3 rows, then 2
 #: Seconds fal runs each request: the run suspends well inside it (a deadline, not a bound)
 FAL_LATENCY = 30.0
-ENTRYPOINT = "flows/batch_to_s3.py:batch_to_s3"
 #: Generous: every flow-run process imports Prefect (slow on a loaded machine)
 STATE_TIMEOUT = 300.0
 #: The sweep delay of the lost-callbacks case (runs and receiver): long enough to see the run
@@ -130,25 +126,6 @@ def _completed_event(flow_run_id: UUID) -> Any:
     return events[0] if events else None
 
 
-def _deploy(pool: str, name: str, parameters: dict[str, Any]) -> UUID:
-    """The process work pool ``pool`` and the batch deployment on it, made through the public
-    client (the session's API) as ``prefect deploy`` with deployments/prefect.yaml makes them:
-    the worker runs the flow from this checkout."""
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        deployment_id: UUID = client.create_deployment(
-            flow_id=client.create_flow_from_name(BATCH_FLOW),
-            name=f"suspend-{name}",
-            work_pool_name=pool,
-            entrypoint=ENTRYPOINT,
-            path=str(REPO),
-            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "."}}],
-            job_variables={"working_dir": str(REPO)},
-            parameters=parameters,
-        )
-    return deployment_id
-
-
 def _scenario(
     fal_emulator: FalEmulator,
     local_s3: LocalS3Server,
@@ -185,21 +162,21 @@ def _scenario(
     ).start()
     pool = f"gptimage-suspend-{name}"
     parameters = {"prompt_file": str(prompt_file), "bucket": s3_bucket, "prefix": prefix}
-    deployment_id = _deploy(pool, name, {**parameters, "concurrency": CAP})
+    deployment_id = deploy_to_process_pool(
+        pool, f"suspend-{name}", {**parameters, "concurrency": CAP}
+    )
     log = tmp_path / "worker.log"
     env = clean_env(  # the worker's environment is its flow runs'
         **local_s3.env(),
         PREFECT_API_URL=api_url,
         PREFECT_HOME=str(tmp_path / "worker-home"),
         PREFECT_LOCAL_STORAGE_PATH=str(results),
-        PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_GPTIMAGE_OUTPUT_DIR=str(tmp_path / "out"),
         PREFECT_GPTIMAGE_WEBHOOK_URL=receiver.url,
         PREFECT_GPTIMAGE_WEBHOOK_SUSPEND="true",
         **settings,
     )
-    command = [str(PREFECT_CLI), "worker", "start", "--pool", pool, "--type", "process"]
-    proc = spawn(command, env, tmp_path, log)
+    proc = start_worker(pool, env, tmp_path, log)
     try:
         flow_run = run_deployment(deployment_id, timeout=0)
         assert isinstance(flow_run, FlowRun)
