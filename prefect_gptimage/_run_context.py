@@ -5,7 +5,8 @@ plain scripts and tests. They share three needs, gathered here so each is writte
 
 * log through the Prefect run logger when there is a run (so lines reach the UI), else through a
   plain module logger (:func:`run_logger`);
-* know whether there is a run at all: artifacts may only be created inside one (:func:`in_run`);
+* know whether there is a run at all: artifacts may only be created inside one (:func:`in_run`),
+  and which flow run it is (:func:`current_flow_run`);
 * call Prefect's async artifact functions (``acreate_table_artifact``, ...) synchronously, even
   from an async flow (:func:`call_sync`).
 """
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["call_sync", "in_run", "run_logger"]
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+__all__ = ["call_sync", "current_flow_run", "in_run", "run_logger"]
 
 
 def run_logger(fallback: logging.Logger) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -40,6 +44,14 @@ def in_run() -> bool:
     except MissingContextError:
         return False
     return True
+
+
+def current_flow_run() -> FlowRun | None:
+    """The flow run this code runs in (its flow's context, copied into threads), else None."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context.flow_run if context is not None else None
 
 
 def call_sync(afn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:

@@ -43,10 +43,10 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.logging import get_logger
 
+from prefect_gptimage._run_context import current_flow_run
 from prefect_gptimage.credentials import FalCredentials
 from prefect_gptimage.engine.stop import CANCELLED, Stop
 from prefect_gptimage.fal.polling import RequestState
@@ -86,7 +86,8 @@ class CancelWatch:
 
     def __init__(self, stop: Stop, every: float = CANCEL_POLL_S) -> None:
         self.stop, self.every = stop, every
-        self.flow_run_id = _flow_run_id()
+        run = current_flow_run()
+        self.flow_run_id = run.id if run is not None else None
         self._over = threading.Event()  # the run is over: stop watching
         self._thread = threading.Thread(
             # in the flow's context: its settings say which API to ask
@@ -101,9 +102,7 @@ class CancelWatch:
             return
         with get_client(sync_client=True) as client:
             while not self.stop.requested and not self._over.wait(self.every):
-                if _is_cancelling(client, self.flow_run_id):
-                    _log_cancel()
-                    self.stop.request(CANCELLED)
+                if _stop_if_cancelling(client, self.stop, self.flow_run_id):
                     return
 
     def __enter__(self) -> CancelWatch:
@@ -119,28 +118,23 @@ class CancelWatch:
         self._over.set()
 
 
-def _flow_run_id() -> UUID | None:
-    context = FlowRunContext.get()
-    run = context.flow_run if context is not None else None
-    return run.id if run is not None else None
-
-
-def _is_cancelling(client: Any, flow_run_id: UUID) -> bool:
-    """Whether Prefect shows the run CANCELLING or CANCELLED (False if it cannot be read)."""
+def _stop_if_cancelling(client: Any, stop: Stop, flow_run_id: UUID) -> bool:
+    """Stop the run (``CANCELLED``) if Prefect shows it CANCELLING or CANCELLED; whether it did
+    (False too when the state cannot be read: the caller asks again, or it is no cancel)."""
     try:
         state = client.read_flow_run(flow_run_id).state
     except Exception as exc:  # the next poll asks again
         logger.debug("could not read the flow run's state: %s", exc)
         return False
-    return state is not None and (state.is_cancelling() or state.is_cancelled())
-
-
-def _log_cancel() -> None:
+    if state is None or not (state.is_cancelling() or state.is_cancelled()):
+        return False
     logger.warning(
         "the flow run is being cancelled: no new request is submitted; requests queued at fal "
         "are cancelled there, those running are left to finish and a re-run collects them "
         "without paying again"
     )
+    stop.request(CANCELLED)
+    return True
 
 
 def _stop_for_signal(stop: Stop, flow_run_id: UUID) -> None:
@@ -148,11 +142,8 @@ def _stop_for_signal(stop: Stop, flow_run_id: UUID) -> None:
     if stop.requested:
         return
     with get_client(sync_client=True) as client:
-        cancelling = _is_cancelling(client, flow_run_id)
-    if cancelling:
-        _log_cancel()
-        stop.request(CANCELLED)
-        return
+        if _stop_if_cancelling(client, stop, flow_run_id):
+            return
     logger.warning(
         "SIGTERM: no new request is submitted; requests at fal are left there and a re-run "
         "collects them without paying again"
@@ -168,8 +159,7 @@ def run_beside_sigterm(
     ``stop``, and once it has settled, a cancel is handed back to Prefect as its
     :class:`~prefect.exceptions.TerminationSignal` (``handing_over(result)`` first: the run's
     state message is then Prefect's, so the caller logs its own). Elsewhere a plain call."""
-    context = FlowRunContext.get()
-    run = context.flow_run if context is not None else None
+    run = current_flow_run()
     if run is None or run.deployment_id is None:
         return body()
     if threading.current_thread() is not threading.main_thread():
@@ -190,24 +180,21 @@ def run_beside_sigterm(
         target=contextvars.copy_context().run, args=(target,), name="gptimage-row-engine"
     )
     engine.start()
-    received: TerminationSignal | None = None
-    while not done.is_set():
-        try:
-            done.wait(_WAIT_SLICE_S)
-        except TerminationSignal as signal_:  # the engine settles; a repeat changes nothing
-            if received is None:  # which stop: asked off this thread (a signal may come again)
-                threading.Thread(
-                    target=contextvars.copy_context().run,
-                    args=(_stop_for_signal, stop, run.id),
-                    name="gptimage-sigterm",
-                    daemon=True,
-                ).start()
-            received = received or signal_
+    received = _signal_during(done)
+    if received is not None:  # which stop: asked off this thread (a signal may come again)
+        threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(_stop_for_signal, stop, run.id),
+            name="gptimage-sigterm",
+            daemon=True,
+        ).start()
+        while not done.is_set():  # the engine settles; a repeated signal changes nothing
+            _signal_during(done)
     engine.join()
     if errors:
         raise errors[0]
     if stop.cancelled:
-        received = received or _await_signal(RUNNER_SIGNAL_WAIT_S)
+        received = received or _signal_during(threading.Event(), RUNNER_SIGNAL_WAIT_S)
         if received is not None:
             if handing_over is not None:
                 handing_over(results[0])
@@ -215,14 +202,15 @@ def run_beside_sigterm(
     return results[0]
 
 
-def _await_signal(timeout: float) -> TerminationSignal | None:
-    """Wait up to ``timeout`` seconds in the main thread for Prefect's SIGTERM handler to raise
-    (the runner's cancel); the signal, or None."""
-    over = threading.Event()
+def _signal_during(
+    event: threading.Event, timeout: float | None = None
+) -> TerminationSignal | None:
+    """Wait in the main thread until ``event`` is set (or ``timeout`` seconds pass), in slices
+    so that Prefect's SIGTERM handler can raise between them: the signal if it came, else None."""
     waited = 0.0
-    while waited < timeout:
+    while not event.is_set() and (timeout is None or waited < timeout):
         try:
-            over.wait(_WAIT_SLICE_S)
+            event.wait(_WAIT_SLICE_S)
         except TerminationSignal as signal_:
             return signal_
         waited += _WAIT_SLICE_S

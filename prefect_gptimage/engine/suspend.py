@@ -41,10 +41,10 @@ from itertools import count
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 from prefect.logging import get_run_logger
 
+from prefect_gptimage._run_context import current_flow_run
 from prefect_gptimage.engine.options import RunOptions
 from prefect_gptimage.errors import GptImageError
 from prefect_gptimage.pricing import estimate_cost
@@ -75,11 +75,10 @@ class Waves(NamedTuple):
     paid for (its rows count them as paid, :attr:`GenerationOptions.paid_in_run`, not as
     cached), and ``earlier_cost``, the estimate of those paid by an earlier execution of the run
     (before it suspended): the plan of a resumed run counts them as cached, so the run adds it
-    back to its estimate. ``waves``: how many it submitted."""
+    back to its estimate."""
 
     paid: frozenset[str] = frozenset()
     earlier_cost: float = 0.0
-    waves: int = 0
 
 
 class _Wave(NamedTuple):
@@ -98,8 +97,7 @@ def suspending_run(options: RunOptions) -> UUID | None:
         return None
     if options.refresh or options.cluster:
         return None
-    context = FlowRunContext.get()
-    run = context.flow_run if context is not None else None
+    run = current_flow_run()
     if run is None or run.deployment_id is None or run.parent_task_run_id is not None:
         return None
     return run.id
@@ -218,7 +216,7 @@ def suspend_in_waves(
         if recorded is None:  # a new wave: submit it
             wave = _submit_wave(rows, start, request_of, generation, size, stores, log)
             if not wave.ids:
-                return Waves(frozenset(paid), earlier, number)
+                return Waves(frozenset(paid), earlier)
             fresh = Waiter(
                 flow_run_id=str(flow_run_id),
                 wave=number,
@@ -237,6 +235,6 @@ def suspend_in_waves(
         if following is None:  # the wave the run is at
             _wait_for(waiter, log)
         if last:
-            return Waves(frozenset(paid), earlier, number + 1)
+            return Waves(frozenset(paid), earlier)
         start, recorded = waiter.next_row, following
     raise AssertionError("unreachable: count() never ends")  # pragma: no cover

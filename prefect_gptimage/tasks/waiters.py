@@ -106,10 +106,10 @@ def suspend_key(wave: int) -> str:
 
 def wave_of_key(pause_key: str | None) -> int | None:
     """The wave a suspend with ``pause_key`` waits on; None if it is no key of ours."""
-    number = (pause_key or "").removeprefix(SUSPEND_KEY_PREFIX)
-    if pause_key is None or number == pause_key or not number.isdigit():
+    if pause_key is None or not pause_key.startswith(SUSPEND_KEY_PREFIX):
         return None
-    return int(number)
+    number = pause_key[len(SUSPEND_KEY_PREFIX) :]
+    return int(number) if number.isdigit() else None
 
 
 def waiter_key(flow_run_id: str | UUID, wave: int = 0) -> str:
